@@ -1,0 +1,145 @@
+"""Same-modality bucketing: every batch holds one modality and, for text, one length bucket.
+
+Two forms of one idea: :class:`BucketBatcher`, a stream stage for iterable datasets (it runs inside the
+DataLoader workers and yields lists of samples), and :class:`ModalityBucketBatchSampler`, a ``batch_sampler``
+for map-style datasets (cf. LLaVA's modality-grouped sampler). Both feed :class:`~mmload.PaddedCollator`.
+
+NOTE [bounded buckets]: a stream stage cannot wait for a bucket to fill: with 1% text, a text bucket may wait
+thousands of samples, and a dead modality would hold memory forever. So the stage keeps at most
+``max_buffered`` samples in all buckets together (flushing the fullest when full) and flushes any bucket whose
+oldest sample has waited ``max_wait`` arrivals. Every sample comes out exactly once; the end of the stream
+flushes what is left.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Sampler
+
+from mmload.sample import Modality, Sample
+
+# Bucket upper bounds in tokens: 8 apart up to 64, then about 12-25% apart, so that padding within a
+# bucket stays small on heavy-tailed text lengths.
+DEFAULT_BOUNDARIES: tuple[int, ...] = (*range(8, 65, 8), 72, 80, 96, 112, 128, 144, 160, 192, 224, 256, 320, 384,
+                                       448, 512)
+
+BucketKey = tuple[str, int]
+
+
+def bucket_key(modality: Modality | str, num_tokens: int, boundaries: Sequence[int]) -> BucketKey:
+    """Images share one bucket; texts (and paired samples) are bucketed by token count."""
+    if modality == Modality.IMAGE:
+        return (Modality.IMAGE.value, 0)
+    return (Modality(modality).value, bisect.bisect_left(boundaries, num_tokens))
+
+
+def _check_boundaries(boundaries: Sequence[int]) -> None:
+    if not boundaries or any(b <= a for a, b in zip(boundaries, boundaries[1:])) or boundaries[0] < 1:
+        raise ValueError(f"boundaries must be strictly increasing positive token counts, got {tuple(boundaries)}")
+
+
+@dataclass
+class BucketBatcher:
+    """Stream stage: ``samples -> lists of samples`` of one modality and length bucket.
+
+    Use as ``ShardDataset(..., batcher=BucketBatcher(32))`` and
+    ``DataLoader(ds, batch_size=None, collate_fn=PaddedCollator())``.
+    """
+
+    batch_size: int
+    boundaries: Sequence[int] = DEFAULT_BOUNDARIES
+    max_buffered: int | None = None  # default: 4 full batches
+    max_wait: int | None = None  # default: 16 batches' worth of arrivals
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _check_boundaries(self.boundaries)
+        self.boundaries = tuple(self.boundaries)
+        if self.max_buffered is None:
+            self.max_buffered = 4 * self.batch_size
+        if self.max_wait is None:
+            self.max_wait = 16 * self.batch_size
+        if self.max_buffered < self.batch_size:
+            raise ValueError(f"max_buffered must be >= batch_size ({self.batch_size}), got {self.max_buffered}")
+        if self.max_wait < 1:
+            raise ValueError(f"max_wait must be >= 1, got {self.max_wait}")
+
+    def __call__(self, samples: Iterable[Sample]) -> Iterator[list[Sample]]:
+        buckets: dict[BucketKey, list[Sample]] = {}
+        arrived: dict[BucketKey, int] = {}  # arrival number of each bucket's oldest sample
+        buffered = 0
+        for n, sample in enumerate(samples):
+            key = bucket_key(sample.modality, sample.num_text_tokens, self.boundaries)
+            bucket = buckets.setdefault(key, [])
+            if not bucket:
+                arrived[key] = n
+            bucket.append(sample)
+            buffered += 1
+            if len(bucket) == self.batch_size:
+                buffered -= len(bucket)
+                yield buckets.pop(key)
+            stale = [k for k, first in arrived.items() if k in buckets and n - first >= self.max_wait]
+            if buffered > self.max_buffered:
+                stale.append(max(buckets, key=lambda k: len(buckets[k])))
+            for k in dict.fromkeys(stale):
+                if k in buckets:
+                    buffered -= len(buckets[k])
+                    yield buckets.pop(k)
+        for k in sorted(buckets, key=arrived.__getitem__):
+            yield buckets[k]
+
+
+class ModalityBucketBatchSampler(Sampler[list[int]]):
+    """``batch_sampler`` for map-style datasets: index batches of one modality and length bucket.
+
+    Args:
+        modalities: the modality of each dataset index.
+        lengths: the token count of each index (ignored for images).
+        shuffle: shuffle within buckets and the order of batches, seeded by ``seed`` and :meth:`set_epoch`.
+        drop_last: drop each bucket's last partial batch (default keeps it, so nothing is lost).
+    """
+
+    def __init__(self, modalities: Sequence[Modality | str], lengths: Sequence[int], batch_size: int,
+                 boundaries: Sequence[int] = DEFAULT_BOUNDARIES, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        if len(modalities) != len(lengths):
+            raise ValueError(f"modalities ({len(modalities)}) and lengths ({len(lengths)}) must have one entry "
+                             "per dataset index")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_boundaries(boundaries)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+        self.buckets: dict[BucketKey, list[int]] = {}
+        for i, (m, n) in enumerate(zip(modalities, lengths)):
+            self.buckets.setdefault(bucket_key(m, n, boundaries), []).append(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for key in sorted(self.buckets):
+            idx = self.buckets[key]
+            if self.shuffle:
+                idx = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+            for lo in range(0, len(idx), self.batch_size):
+                chunk = idx[lo:lo + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    batches.append(chunk)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        full, rem = zip(*(divmod(len(v), self.batch_size) for v in self.buckets.values())) if self.buckets else ((), ())
+        return sum(full) + (0 if self.drop_last else sum(1 for r in rem if r))

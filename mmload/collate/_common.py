@@ -1,0 +1,57 @@
+"""Helpers the collators share: validation and splitting a sample list by modality."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mmload.batch import ImageBatch
+from mmload.sample import IGNORE_INDEX, Sample
+
+ID_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def check_ids_dtype(dtype: torch.dtype) -> None:
+    if dtype not in ID_DTYPES:
+        raise ValueError(f"ids_dtype must be one of {ID_DTYPES}, got {dtype}")
+
+
+def check_samples(samples: Sequence[Sample]) -> None:
+    if len(samples) == 0:
+        raise ValueError("cannot collate an empty list of samples")
+    if not isinstance(samples[0], Sample):
+        raise TypeError(f"mmload collators take a list of mmload.Sample, got {type(samples[0]).__name__}; "
+                        "read the shards with mmload.ShardDataset")
+
+
+def cast_ids(ids: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """Narrow token ids for the transfer; refuse ids that do not fit rather than wrap them around."""
+    if dtype != torch.int64 and ids.numel() and int(ids.max()) > torch.iinfo(dtype).max:
+        raise ValueError(f"sample {key!r}: token id {int(ids.max())} does not fit {dtype}; use ids_dtype=torch.int32")
+    return ids.to(dtype)
+
+
+def image_batch(samples: Sequence[Sample]) -> ImageBatch | None:
+    rows = [(i, s) for i, s in enumerate(samples) if s.pixels is not None]
+    if not rows:
+        return None
+    shapes = {tuple(s.pixels.shape) for _, s in rows}
+    if len(shapes) > 1:
+        raise ValueError(f"images of one batch must share a size, got {sorted(shapes)}; "
+                         "decode them with a single image_size")
+    return ImageBatch(
+        pixels=torch.stack([s.pixels for _, s in rows]),  # uint8 (N, 3, H, W)
+        labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
+        index=torch.tensor([i for i, _ in rows], dtype=torch.int64),
+    )
+
+
+def text_rows(samples: Sequence[Sample]) -> list[tuple[int, Sample]]:
+    return [(i, s) for i, s in enumerate(samples) if s.ids is not None]
+
+
+def mlm_or_ignore(sample: Sample) -> torch.Tensor:
+    if sample.mlm_labels is not None:
+        return sample.mlm_labels
+    return torch.full_like(sample.ids, IGNORE_INDEX)

@@ -1,0 +1,49 @@
+"""Nested (jagged) batching: all texts of a batch packed end to end, offsets instead of padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmload.batch import JaggedText, NestedBatch
+from mmload.collate._common import cast_ids, check_ids_dtype, check_samples, image_batch, mlm_or_ignore, text_rows
+from mmload.sample import Sample
+from mmload.staging import PackedBatch, pack
+
+
+@dataclass
+class NestedCollator:
+    """``collate_fn`` for the nested strategy: zero padded tokens.
+
+    ``pack`` defaults to True: a nested batch is a handful of tensors (ids, offsets, labels, pixels) and
+    moving them as one buffer makes the transfer a single copy.
+    """
+
+    ids_dtype: torch.dtype = torch.int32
+    pack: bool = True
+
+    def __post_init__(self) -> None:
+        check_ids_dtype(self.ids_dtype)
+
+    def __call__(self, samples: Sequence[Sample]) -> NestedBatch | PackedBatch:
+        check_samples(samples)
+        batch = NestedBatch(image=image_batch(samples), text=self._text(samples), keys=[s.key for s in samples])
+        return pack(batch) if self.pack else batch
+
+    def _text(self, samples: Sequence[Sample]) -> JaggedText | None:
+        rows = text_rows(samples)
+        if not rows:
+            return None
+        lengths = torch.tensor([s.num_text_tokens for _, s in rows], dtype=torch.int64)  # (N,)
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)  # (N+1,)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return JaggedText(
+            values=torch.cat([cast_ids(s.ids, self.ids_dtype, s.key) for _, s in rows]),  # (sum T,)
+            offsets=offsets,
+            mlm_labels=torch.cat([mlm_or_ignore(s) for _, s in rows]).to(self.ids_dtype),  # (sum T,)
+            labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
+            index=torch.tensor([i for i, _ in rows], dtype=torch.int64),
+            max_len=int(lengths.max()),
+        )

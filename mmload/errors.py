@@ -1,0 +1,64 @@
+"""Named kinds of bad input, and the counting that keeps skipped input from going unnoticed."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from enum import StrEnum
+
+log = logging.getLogger("mmload")
+
+
+class ErrorKind(StrEnum):
+    IMAGE_DECODE = "image_decode"  # not an image PIL can read, or truncated
+    IMAGE_TOO_LARGE = "image_too_large"  # more pixels than max_pixels (decompression bomb guard)
+    TEXT_DECODE = "text_decode"  # not UTF-8
+    EMPTY_TEXT = "empty_text"  # caption or text with nothing but whitespace
+    MISSING_PAYLOAD = "missing_payload"  # no image/text/embedding member, or metadata names one that is absent
+    BAD_METADATA = "bad_metadata"  # .json or .cls that does not parse
+    EMB_DECODE = "emb_decode"  # .emb.npy that numpy cannot read
+    MEMBER_TOO_LARGE = "member_too_large"  # a tar member larger than max_member_bytes
+    DUPLICATE_MEMBER = "duplicate_member"  # two members with the same key and extension
+    SHARD_READ = "shard_read"  # a shard that cannot be opened or ends early (truncated, not a tar)
+
+
+class SampleError(Exception):
+    """A bad sample or shard: ``kind`` names what went wrong, the message names the shard and the key."""
+
+    def __init__(self, kind: ErrorKind, message: str, url: str = "", key: str = "") -> None:
+        self.kind, self.url, self.key = ErrorKind(kind), url, key
+        where = f"{url}" + (f" key {key!r}" if key else "")
+        super().__init__(f"[{self.kind}] {where}: {message}")
+
+
+class TooManyErrors(RuntimeError):
+    """Raised after ``max_consecutive_errors`` bad samples in a row: a dead source should not spin forever."""
+
+
+class ErrorCounter:
+    """Counts skipped input by kind and logs it: the first few of each kind in full, then every 1000th."""
+
+    LOG_FIRST = 5
+
+    def __init__(self, max_consecutive: int | None = None) -> None:
+        if max_consecutive is not None and max_consecutive < 1:
+            raise ValueError(f"max_consecutive_errors must be >= 1 or None, got {max_consecutive}")
+        self.counts: Counter[str] = Counter()
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+
+    def add(self, err: SampleError) -> None:
+        self.counts[err.kind.value] += 1
+        n = self.counts[err.kind.value]
+        if n <= self.LOG_FIRST or n % 1000 == 0:
+            log.warning("skipped bad input (%s #%d): %s", err.kind.value, n, err)
+        self.consecutive += 1
+        if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
+            raise TooManyErrors(f"{self.consecutive} bad samples in a row, the last: {err}. Check the shard URLs "
+                                "and data, or raise max_consecutive_errors") from err
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def total(self) -> int:
+        return sum(self.counts.values())

@@ -1,0 +1,57 @@
+"""The five batching strategies as ready DataLoaders over the same shards and sample schema."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmload.bucketing import BucketBatcher
+from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
+from mmload.dataset import open_data
+from mmload.sample import Sample
+
+STRATEGIES = ("per-sample", "padded", "bucketed", "embeddings", "nested")
+
+
+def make_collator(strategy: str, *, pack: bool | None = None, ids_dtype: torch.dtype = torch.int32) -> Callable:
+    """The collator of ``strategy``; ``pack=None`` keeps each collator's default (only nested packs)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    opts = {} if pack is None else {"pack": pack}
+    if strategy == "per-sample":
+        return PerSampleCollator(single=PaddedCollator(ids_dtype=ids_dtype), **opts)
+    if strategy in ("padded", "bucketed"):
+        return PaddedCollator(ids_dtype=ids_dtype, **opts)
+    if strategy == "embeddings":
+        return EmbeddingCollator(**opts)
+    return NestedCollator(ids_dtype=ids_dtype, **opts)
+
+
+def make_loader(strategy: str, data: str | Sequence[str], *, batch_size: int = 32, num_workers: int = 2,
+                pin_memory: bool | None = None, pack: bool | None = None, stateful: bool = False,
+                transform: Callable[[Sample], Sample] | None = None, seed: int = 0,
+                prefetch_factor: int | None = None, **dataset_kwargs: Any) -> DataLoader:
+    """A DataLoader that yields batches of ``strategy`` from ``data`` (``--data`` specs, see ``open_data``).
+
+    ``embeddings`` expects shards written by ``mmload precompute``. ``stateful=True`` returns torchdata's
+    ``StatefulDataLoader`` (same arguments, plus ``state_dict()`` / ``load_state_dict()`` to resume).
+    ``dataset_kwargs`` go to :class:`~mmload.ShardDataset` (``image_size``, ``tokenizer``, ``shuffle``, ...).
+    """
+    collate = make_collator(strategy, pack=pack)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batcher = BucketBatcher(batch_size) if strategy == "bucketed" else None
+    dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **dataset_kwargs)
+    if pin_memory is None:
+        pin_memory = torch.accelerator.is_available()
+    loader_cls: type[DataLoader] = DataLoader
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        loader_cls = StatefulDataLoader
+    extra = {} if num_workers == 0 else {"persistent_workers": False, "prefetch_factor": prefetch_factor or 4}
+    return loader_cls(dataset, batch_size=None if batcher else batch_size, collate_fn=collate,
+                      num_workers=num_workers, pin_memory=pin_memory, **extra)

@@ -1,0 +1,258 @@
+"""``mmload precompute``: run a frozen encoder over shards once and write shards of embeddings.
+
+Each output sample keeps its key, modality and label and gets ``KEY.emb.npy`` (float16): the pooled
+vector ``(D,)`` (the class / [CLS] token) or, with ``tokens=True``, every token ``(L, D)``; per-token text
+embeddings also keep their ids (``KEY.ids.npy``) so that masked-token labels can be made from them.
+Read the output with ``ShardDataset`` and batch it with ``EmbeddingCollator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mmload.batch import PaddedBatch
+from mmload.collate import PaddedCollator
+from mmload.dataset import ShardDataset
+from mmload.sample import IGNORE_INDEX
+
+
+class FeatureEncoder(Protocol):
+    """What ``precompute`` needs of an encoder; token 0 of each output is the pooled vector."""
+
+    name: str
+    image_size: int | None  # None: this encoder takes no images
+    tokenizer: Any  # None: this encoder takes no texts
+
+    def images(self, pixels: torch.Tensor) -> torch.Tensor: ...  # uint8 (N, 3, H, W) -> (N, L, D)
+
+    def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...  # (B, T), (B, T) -> (B, T, D)
+
+
+@dataclass
+class MMLoadFeatures:
+    """The image and text towers of an mmload ViT-BERT (a model object or a checkpoint path)."""
+
+    model: nn.Module
+    tokenizer: Any = None
+    name: str = "mmload"
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixels)
+
+    def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids, mask)
+
+
+@dataclass
+class ModuleImageFeatures:
+    """Any torch module mapping normalized float images ``(N, 3, H, W)`` to ``(N, D)`` or ``(N, L, D)``."""
+
+    module: nn.Module
+    image_size: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    name: str = "module"
+    tokenizer: Any = None
+
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = _normalize(pixels, self.mean, self.std)
+        out = self.module(x)
+        out = getattr(out, "last_hidden_state", out)
+        return out if out.dim() == 3 else out.unsqueeze(1)
+
+    def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"encoder {self.name!r} takes images only")
+
+
+class HFFeatures:
+    """A local (or cached) Hugging Face model: a text model (BERT-like) or a vision model (ViT-like)."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(path)
+        self.name = str(path)
+        self.model = AutoModel.from_pretrained(path)
+        self.vision = hasattr(config, "image_size") and hasattr(config, "num_channels")
+        self.image_size = int(config.image_size) if self.vision else None
+        self.tokenizer = None
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViT's processor default
+        if self.vision:
+            cfg = Path(path) / "preprocessor_config.json"
+            if cfg.exists():
+                pre = json.loads(cfg.read_text())
+                self.mean, self.std = tuple(pre.get("image_mean", self.mean)), tuple(pre.get("image_std", self.std))
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.vision:
+            raise ValueError(f"{self.name} is a text model; give images a vision encoder (--encoder image=PATH)")
+        return self.model(pixel_values=_normalize(pixels, self.mean, self.std)).last_hidden_state
+
+    def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.vision:
+            raise ValueError(f"{self.name} is a vision model; give texts a text encoder (--encoder text=PATH)")
+        return self.model(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
+
+
+def _normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - m) / s  # (N, 3, H, W)
+
+
+def load_encoder(spec: str, device: torch.device | str = "cpu") -> FeatureEncoder:
+    """An encoder from a path: an mmload checkpoint file (``.pt``) or a Hugging Face model directory."""
+    path = Path(spec)
+    if path.is_file():
+        from models.checkpoint import load_model
+
+        model, tokenizer = load_model(path, map_location=device)
+        return MMLoadFeatures(model.eval(), tokenizer, name=str(path))
+    enc = HFFeatures(spec)
+    enc.model.to(device).eval()
+    return enc
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _records(batch: PaddedBatch, image_enc: FeatureEncoder | None, text_enc: FeatureEncoder | None,
+             tokens: bool, device: torch.device) -> Iterator[dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    if batch.image is not None:
+        if image_enc is None:
+            raise ValueError(f"shards hold images (e.g. key {batch.keys[int(batch.image.index[0])]!r}) but no "
+                             "image encoder was given; pass --encoder image=PATH or an mmload checkpoint")
+        feats = image_enc.images(batch.image.pixels.to(device)).float().cpu()  # (N, L, D)
+        for row, i in enumerate(batch.image.index.tolist()):
+            emb = feats[row] if tokens else feats[row, 0]
+            out[i] = {"json": {"modality": "image", "encoder": image_enc.name, "tokens": tokens},
+                      "emb.npy": _npy(emb.half().numpy())}
+            label = int(batch.image.labels[row])
+            if label != IGNORE_INDEX:
+                out[i]["cls"] = label
+    if batch.text is not None:
+        if text_enc is None:
+            raise ValueError(f"shards hold texts (e.g. key {batch.keys[int(batch.text.index[0])]!r}) but no "
+                             "text encoder was given; pass --encoder text=PATH or an mmload checkpoint")
+        feats = text_enc.texts(batch.text.ids.to(device), batch.text.mask.to(device)).float().cpu()  # (B, T, D)
+        for row, i in enumerate(batch.text.index.tolist()):
+            n = int(batch.text.mask[row].sum())
+            if i in out:
+                raise ValueError(f"sample {batch.keys[i]!r} is an image_text pair; precompute one modality per "
+                                 "sample (split the pair when making the shards)")
+            rec = {"json": {"modality": "text", "encoder": text_enc.name, "tokens": tokens},
+                   "emb.npy": _npy((feats[row, :n] if tokens else feats[row, 0]).half().numpy())}
+            if tokens:
+                rec["ids.npy"] = _npy(batch.text.ids[row, :n].numpy().astype(np.int32))
+            out[i] = rec
+    for i in sorted(out):
+        yield {"__key__": batch.keys[i], **out[i]}
+
+
+@torch.no_grad()
+def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: FeatureEncoder | None = None,
+               text_encoder: FeatureEncoder | None = None, tokens: bool = False, batch_size: int = 64,
+               num_workers: int = 0, device: torch.device | str | None = None, maxcount: int = 1000,
+               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Embed every sample of ``urls`` with the frozen encoders and write shards to ``out``; returns the manifest."""
+    from mmload.shards.writer import write_shards
+
+    if image_encoder is None and text_encoder is None:
+        raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = text_encoder.tokenizer if text_encoder is not None and text_encoder.tokenizer is not None else None
+    image_size = image_encoder.image_size if image_encoder is not None else 32
+    ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, shuffle=False)
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
+                        num_workers=num_workers)
+    bar = tqdm(desc="precompute", unit=" samples", disable=not progress)
+
+    def records() -> Iterator[dict[str, Any]]:
+        for batch in loader:
+            yield from _records(batch, image_encoder, text_encoder, tokens, device)
+            bar.update(len(batch.keys))
+
+    names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None)}
+    try:
+        manifest = write_shards(records(), out, maxcount=maxcount,
+                                info={"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens,
+                                      "errors": dict(ds.errors.counts)})
+    finally:
+        bar.close()
+    if tokenizer is None and ds.tokenizer is not None:
+        ds.tokenizer.save_pretrained(out)  # keep the shards' tokenizer beside the embeddings, for ids.npy
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return manifest
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("precompute", help="embed shards once with a frozen encoder",
+                              description="Run a frozen encoder over shards once (batched, on the GPU when "
+                                          "present) and write shards with KEY.emb.npy (float16) beside the labels.")
+    p.add_argument("shards", nargs="+", help="input shards (paths, brace patterns or directories)")
+    p.add_argument("out", help="output directory for the embedding shards")
+    p.add_argument("--encoder", action="append", required=True, metavar="[image=|text=]PATH",
+                   help="an mmload checkpoint (.pt: both modalities) or a HF model directory (a text model for "
+                        "texts, a vision model for images); prefix image= or text= to give each its own")
+    p.add_argument("--tokens", action="store_true", help="keep every token's embedding, not only the pooled one")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per encoder batch (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the input (default 0)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--max-samples-per-shard", type=int, default=1000, help="output shard size (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image_enc = text_enc = None
+    for spec in args.encoder:
+        kind, sep, path = spec.partition("=")
+        if not sep:
+            kind, path = "both", spec
+        if kind not in ("image", "text", "both"):
+            raise SystemExit(f"--encoder {spec!r}: the prefix must be image= or text=")
+        if not os.path.exists(path):
+            raise SystemExit(f"--encoder {spec!r}: {path} does not exist")
+        enc = load_encoder(path, device)
+        if kind in ("image", "both") and enc.image_size is not None:
+            image_enc = enc
+        if kind in ("text", "both") and (enc.tokenizer is not None or isinstance(enc, MMLoadFeatures)):
+            text_enc = enc
+    manifest = precompute(args.shards, args.out, image_encoder=image_enc, text_encoder=text_enc, tokens=args.tokens,
+                          batch_size=args.batch_size, num_workers=args.workers, device=device,
+                          maxcount=args.max_samples_per_shard, overwrite=args.overwrite)
+    print(json.dumps({"out": args.out, "samples": manifest["samples"], "shards": len(manifest["shards"])}))
+    return 0

@@ -1,0 +1,513 @@
+"""Joint ViT-BERT: modality-specific tokenizers, one shared transformer encoder, one head per task.
+
+After "Towards a Unified Foundation Model: Jointly Pre-Training Transformers on Unpaired Images and Text"
+(Li et al., 2021): an image becomes a class token plus patch tokens, a text becomes word-piece tokens, and the
+same encoder blocks process both. No modality-type embedding: the tokenizers alone tell the modalities apart.
+
+Built bottom-up: attention, MLP, block, encoder, tokenizers, heads, output, model. Shapes use B for
+sequences in a batch, T for a padded length, ``sum T`` for packed tokens, P for patches, D for d_model,
+nh for heads and hs for the head size. ``(B, j, D)`` marks a jagged tensor whose ragged dim is j.
+
+NOTE [two encoder paths]: the encoder runs either dense, ``(B, T, D)`` with an optional key-padding mask, or
+packed, ``(sum T, D)`` values with ``offsets (B+1,)`` and a host ``max_len``. Linear, LayerNorm and GELU act
+per token, so on packed tokens they are plain dense ops on the values (and backward-safe); only attention needs
+the sequence boundaries. On CUDA with fp16/bf16 it calls ``varlen_attn`` with the offsets as cu_seqlens; elsewhere
+it wraps the values as a ``torch.nested`` jagged tensor for ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmload.batch import (
+    AnyBatch,
+    EmbeddingBatch,
+    ImageBatch,
+    NestedBatch,
+    PaddedBatch,
+    PerSampleBatch,
+    TextBatch,
+)
+from mmload.sample import IGNORE_INDEX
+from models.config import ModelConfig
+
+try:  # torch >= 2.9; flash-attention over packed sequences, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    varlen_attn = None
+
+FREEZE_GROUPS = ("embeddings", "position_embeddings", "layer_norms", "heads", "encoder")
+
+
+@dataclass
+class Packed:
+    """Sequence boundaries of packed tokens ``(sum T, D)``; ``offsets`` double as cu_seqlens."""
+
+    offsets: torch.Tensor  # int64 (B+1,), offsets[0] == 0
+    max_len: int  # on the host: no device sync to read it
+
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.offsets.to(torch.int32)  # (B+1,), made once per encoder call, not once per layer
+
+
+def _use_varlen(q: torch.Tensor, dropout_p: float) -> bool:
+    # varlen_attn is flash attention: CUDA, half precision, no attention dropout (falls back to SDPA otherwise)
+    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_head = config.n_head
+        # three projections, not one fused qkv: jagged SDPA on the CPU needs contiguous q, k, v (DESIGN.md)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, packed: Packed | None = None) -> torch.Tensor:
+        p = self.attn_dropout if self.training else 0.0
+        y = self._packed(x, packed, p) if packed is not None else self._dense(x, mask, p)
+        return self.resid_dropout(self.proj(y))
+
+    def _dense(self, x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T), True = attend to this key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
+        return y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+
+    def _packed(self, x: torch.Tensor, packed: Packed, p: float) -> torch.Tensor:
+        N, D = x.shape
+        q = self.q(x).view(N, self.n_head, -1)  # (sum T, nh, hs), contiguous
+        k = self.k(x).view(N, self.n_head, -1)  # (sum T, nh, hs)
+        v = self.v(x).view(N, self.n_head, -1)  # (sum T, nh, hs)
+        if _use_varlen(q, p):
+            L = packed.max_len
+            y = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, L, L)  # (sum T, nh, hs)
+        else:
+            def nest(t: torch.Tensor) -> torch.Tensor:
+                t = torch.nested.nested_tensor_from_jagged(t, packed.offsets, max_seqlen=packed.max_len)
+                return t.transpose(1, 2)  # (B, nh, j, hs)
+
+            y = F.scaled_dot_product_attention(nest(q), nest(k), nest(v), dropout_p=p)  # (B, nh, j, hs)
+            y = y.transpose(1, 2).values()  # (sum T, nh, hs)
+        return y.reshape(N, D)  # (sum T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_mlp)
+        self.proj = nn.Linear(config.d_mlp, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (..., D)
+
+
+class Block(nn.Module):
+    """Pre-LN (``norm_first``, ViT) or post-LN (BERT) transformer block; works on (B, T, D) and (sum T, D)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, packed: Packed | None = None) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.attn(self.ln_1(x), mask, packed)
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            x = self.ln_1(x + self.attn(x, mask, packed))
+            x = self.ln_2(x + self.mlp(x))
+        return x
+
+
+class Encoder(nn.Module):
+    """The shared part: every modality goes through the same blocks."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # pre-LN residual streams are unnormalized at the top; post-LN blocks already end in a LayerNorm
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, packed: Packed | None = None) -> torch.Tensor:
+        """``x`` (B, T, D) with ``mask`` (B, T) bool (True = real token), or (sum T, D) with ``packed``."""
+        for block in self.blocks:
+            x = block(x, mask, packed)
+        return self.ln_f(x)
+
+
+def resize_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Class + square-grid positions (1, 1 + g*g, D) -> (1, 1 + h*w, D), the grid resized bicubically (as ViT/DINO)."""
+    cls_pos, grid_pos = pos[:, :1], pos[:, 1:]  # (1, 1, D), (1, g*g, D)
+    D, g = pos.shape[-1], round(grid_pos.shape[1] ** 0.5)
+    grid_pos = grid_pos.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid_pos = F.interpolate(grid_pos.float(), size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
+    grid_pos = grid_pos.to(pos.dtype).flatten(2).transpose(1, 2)  # (1, h*w, D)
+    return torch.cat([cls_pos, grid_pos], dim=1)  # (1, 1 + h*w, D)
+
+
+class ImageTokenizer(nn.Module):
+    """uint8 pixels -> class token + patch tokens with learned 2-D positions."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.grid = config.image_size // config.patch_size
+        self.register_buffer("mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+        self.patch = nn.Conv2d(3, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, d))
+        self.dropout = nn.Dropout(config.dropout)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float (N, 3, H, W); done here so pixels travel as uint8 (4x fewer bytes)."""
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4:
+            raise TypeError(f"pixels must be uint8 (N, 3, H, W), got {pixels.dtype} {tuple(pixels.shape)}; "
+                            f"the model normalizes on the device, so do not normalize in the loader")
+        x = pixels.to(self.patch.weight.dtype) / 255.0  # (N, 3, H, W)
+        return (x - self.mean) / self.std  # (N, 3, H, W)
+
+    def position_embeddings(self, h: int, w: int) -> torch.Tensor:
+        """(1, 1 + h*w, D): the learned grid, bicubically resized when the patch grid is not the trained one."""
+        if (h, w) == (self.grid, self.grid):
+            return self.pos
+        return resize_positions(self.pos, h, w)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch(self.normalize(pixels))  # (N, D, h, w)
+        N, _, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (N, P, D), P = h*w
+        x = torch.cat([self.cls.expand(N, -1, -1), x], dim=1)  # (N, 1+P, D)
+        return self.dropout(x + self.position_embeddings(h, w))  # (N, 1+P, D)
+
+
+class TextTokenizer(nn.Module):
+    """BERT embeddings: word + position + segment, then LayerNorm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_text_len, config.d_model)
+        self.wtt = nn.Embedding(config.type_vocab_size, config.d_model)
+        self.ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``ids`` and ``positions`` long, same shape: (B, T) or (sum T,) -> (..., D)."""
+        # one segment per sample: type 0 everywhere, so add its row instead of looking up a tensor of zeros
+        x = self.wte(ids) + self.wpe(positions) + self.wtt.weight[0]  # (..., D)
+        return self.dropout(self.ln(x))
+
+
+class EmbeddingInput(nn.Module):
+    """Precomputed (frozen-encoder) token embeddings -> encoder tokens; replaces the tokenizers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(config.emb_dim, config.d_model)
+        self.mask_emb = nn.Parameter(torch.zeros(config.d_model))
+        self.ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, values: torch.Tensor, masked: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+        """``values`` (sum L, E) float16, ``masked`` (sum L,) bool, ``pos_emb`` (sum L, D) -> (sum L, D)."""
+        x = self.proj(values.to(self.proj.weight.dtype))  # (sum L, D)
+        # Embeddings were made offline, before this epoch's masking: a masked token's embedding still encodes
+        # the answer, so it is replaced (not added to) by the learned mask embedding.
+        x = torch.where(masked[:, None], self.mask_emb.to(x.dtype), x)  # (sum L, D)
+        return self.dropout(self.ln(x + pos_emb))
+
+
+class Head(nn.Module):
+    """Linear d->d, GELU, optional LayerNorm, Linear d->out."""
+
+    def __init__(self, config: ModelConfig, out: int) -> None:
+        super().__init__()
+        d = config.d_model
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.head_norm else nn.Identity()
+        self.out = nn.Linear(d, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(F.gelu(self.fc(x))))  # (N, out)
+
+
+@dataclass
+class ModelOutput:
+    """Logits of one batch, rows in ascending sample index (MLM rows: sample index, then token position).
+
+    Loss methods return sums, not means, so that strategies that split a batch differently add up to the same
+    number; divide by the counts (summed over a step, or all-reduced) to get means.
+    """
+
+    image_logits: torch.Tensor  # (Ni, C)
+    image_labels: torch.Tensor  # int64 (Ni,), IGNORE_INDEX when unlabelled
+    mlm_logits: torch.Tensor  # (M, V), masked positions only
+    mlm_labels: torch.Tensor  # int64 (M,)
+    image_index: torch.Tensor  # int64 (Ni,), sample index of each image row
+    mlm_index: torch.Tensor  # int64 (M,), sample index of each MLM row
+
+    def image_loss_sum(self) -> torch.Tensor:
+        return F.cross_entropy(self.image_logits.float(), self.image_labels, reduction="sum",
+                               ignore_index=IGNORE_INDEX)
+
+    def mlm_loss_sum(self) -> torch.Tensor:
+        return F.cross_entropy(self.mlm_logits.float(), self.mlm_labels, reduction="sum", ignore_index=IGNORE_INDEX)
+
+    def image_count(self) -> torch.Tensor:
+        return (self.image_labels != IGNORE_INDEX).sum()
+
+    def mlm_count(self) -> torch.Tensor:
+        return (self.mlm_labels != IGNORE_INDEX).sum()
+
+    def image_correct(self) -> torch.Tensor:
+        return ((self.image_logits.argmax(-1) == self.image_labels) & (self.image_labels != IGNORE_INDEX)).sum()
+
+    def mlm_correct(self) -> torch.Tensor:
+        return ((self.mlm_logits.argmax(-1) == self.mlm_labels) & (self.mlm_labels != IGNORE_INDEX)).sum()
+
+    @staticmethod
+    def cat(parts: list[ModelOutput], index_offsets: list[int]) -> ModelOutput:
+        """Concatenate outputs of consecutive sub-batches; ``index_offsets[i]`` shifts part i's sample indices."""
+        return ModelOutput(
+            image_logits=torch.cat([p.image_logits for p in parts]),
+            image_labels=torch.cat([p.image_labels for p in parts]),
+            mlm_logits=torch.cat([p.mlm_logits for p in parts]),
+            mlm_labels=torch.cat([p.mlm_labels for p in parts]),
+            image_index=torch.cat([p.image_index + o for p, o in zip(parts, index_offsets)]),
+            mlm_index=torch.cat([p.mlm_index + o for p, o in zip(parts, index_offsets)]),
+        )
+
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logits, labels, sample index) of one task
+
+
+def _token_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens: the row (B,) each token belongs to and its position inside that row, both (sum T,)."""
+    lengths = offsets.diff()  # (B,)
+    rows = torch.arange(lengths.shape[0], device=offsets.device)  # (B,)
+    row = torch.repeat_interleave(rows, lengths, output_size=total)  # (sum T,); output_size: no device sync
+    pos = torch.arange(total, device=offsets.device) - offsets[row]  # (sum T,)
+    return row, pos
+
+
+class ViTBERT(nn.Module):
+    """``model(batch) -> ModelOutput`` for every batch type of :mod:`mmload.batch`."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.image = ImageTokenizer(config)
+        self.text = TextTokenizer(config)
+        self.emb_in = EmbeddingInput(config) if config.emb_dim is not None else None
+        self.encoder = Encoder(config)
+        self.image_head = Head(config, config.num_classes)
+        self.mlm_head = Head(config, config.vocab_size)
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """BERT/ViT initialization (normal, std 0.02; LayerNorm 1, 0) from ``generator``, not global state."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.image.cls, std=0.02, generator=generator)
+        nn.init.trunc_normal_(self.image.pos, std=0.02, generator=generator)
+        if self.emb_in is not None:
+            nn.init.normal_(self.emb_in.mask_emb, std=0.02, generator=generator)
+
+    # ---- parameter groups for the trainer ----
+
+    def shared_encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the shared encoder (its blocks and, pre-LN, its final LayerNorm)."""
+        return self.encoder.parameters()
+
+    def parameter_names(self, group: str) -> list[str]:
+        """Names (as in ``named_parameters()``) of one of ``FREEZE_GROUPS``; groups may overlap."""
+        if group not in FREEZE_GROUPS:
+            raise ValueError(f"unknown parameter group {group!r}; choose one of {FREEZE_GROUPS}")
+        names = [n for n, _ in self.named_parameters()]
+        if group == "embeddings":
+            return [n for n in names if n.startswith(("image.", "text.", "emb_in."))]
+        if group == "position_embeddings":
+            return ["image.pos", "text.wpe.weight"]
+        if group == "heads":
+            return [n for n in names if n.startswith(("image_head.", "mlm_head."))]
+        if group == "encoder":
+            return [n for n in names if n.startswith("encoder.")]
+        return [f"{m}.{p}" for m, mod in self.named_modules() if isinstance(mod, nn.LayerNorm)
+                for p, _ in mod.named_parameters(recurse=False)]
+
+    # ---- encoders: final hidden states, no heads ----
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, 1+P, D); token 0 is the class token."""
+        return self.encoder(self.image(pixels))
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) with ``mask`` (B, T) bool, True on real tokens -> (B, T, D)."""
+        B, T = ids.shape
+        self._check_text_len(T)
+        pos = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        return self.encoder(self.text(ids.long(), pos), mask=mask)  # (B, T, D)
+
+    def encode_text_packed(self, ids: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Packed ids (sum T,) with ``offsets`` (B+1,) and host ``max_len`` -> (sum T, D), no padding."""
+        x, _, _ = self._embed_text_packed(ids, offsets, max_len)  # (sum T, D)
+        return self.encoder(x, packed=Packed(offsets, max_len))
+
+    def _embed_text_packed(self, ids: torch.Tensor, offsets: torch.Tensor,
+                           max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text tokens (sum T, D), plus each token's row and position (sum T,)."""
+        self._check_text_len(max_len)
+        row, pos = _token_positions(offsets, ids.shape[0])  # (sum T,), (sum T,)
+        return self.text(ids.long(), pos), row, pos
+
+    # ---- forward, one method per batch type ----
+
+    def forward(self, batch: AnyBatch) -> ModelOutput:
+        if isinstance(batch, PerSampleBatch):
+            return self._forward_per_sample(batch)
+        if isinstance(batch, PaddedBatch):
+            return self._forward_padded(batch)
+        if isinstance(batch, NestedBatch):
+            return self._forward_nested(batch)
+        if isinstance(batch, EmbeddingBatch):
+            return self._forward_embeddings(batch)
+        raise TypeError(f"ViTBERT cannot consume {type(batch).__name__}; expected one of PerSampleBatch, "
+                        f"PaddedBatch, NestedBatch, EmbeddingBatch (a PackedBatch must be .to(device) first)")
+
+    def _forward_per_sample(self, batch: PerSampleBatch) -> ModelOutput:
+        """The slow baseline by design: one encoder call per item; item indices are local to the item."""
+        if not batch.items:
+            raise ValueError("PerSampleBatch has no items")
+        parts = [self._forward_padded(item) for item in batch.items]
+        starts = [0]
+        for item in batch.items[:-1]:
+            starts.append(starts[-1] + len(item.keys))
+        return ModelOutput.cat(parts, starts)
+
+    def _forward_padded(self, batch: PaddedBatch) -> ModelOutput:
+        """One dense encoder call per modality present (a bucketed batch holds one)."""
+        images = self._images_dense(batch.image) if batch.image is not None else None
+        mlm = self._text_dense(batch.text) if batch.text is not None else None
+        return self._output(images, mlm)
+
+    def _forward_nested(self, batch: NestedBatch) -> ModelOutput:
+        """Image patch sequences and texts joined into one packed sequence batch: one encoder call, no padding."""
+        xs, offsets, max_len, n_img_tokens = [], [], 0, 0
+        if batch.image is not None:
+            xi = self.image(batch.image.pixels)  # (Ni, L, D), L = 1+P
+            Ni, L, D = xi.shape
+            n_img_tokens, max_len = Ni * L, L
+            xs.append(xi.reshape(Ni * L, D))  # (Ni*L, D)
+            offsets.append(torch.arange(0, n_img_tokens + 1, L, device=xi.device))  # (Ni+1,)
+        if batch.text is not None:
+            text = batch.text
+            xt, row, pos = self._embed_text_packed(text.values, text.offsets, text.max_len)  # (sum T, D)
+            xs.append(xt)
+            text_offsets = text.offsets + n_img_tokens  # (Nt+1,)
+            offsets.append(text_offsets[1:] if offsets else text_offsets)
+            max_len = max(max_len, text.max_len)
+        if not xs:
+            raise ValueError("NestedBatch has neither images nor texts")
+        packed = Packed(torch.cat(offsets), max_len)  # offsets (Ni+Nt+1,)
+        x = self.encoder(torch.cat(xs), packed=packed)  # (Ni*L + sum T, D)
+
+        images = mlm = None
+        if batch.image is not None:
+            cls = x[:n_img_tokens:L]  # (Ni, D): token 0 of every image sequence
+            images = self._classify(cls, batch.image.labels, batch.image.index)
+        if batch.text is not None:
+            sample = text.index.long()[row]  # (sum T,)
+            mlm = self._mlm(x[n_img_tokens:], text.mlm_labels.long(), sample, pos, stride=text.max_len)
+        return self._output(images, mlm)
+
+    def _forward_embeddings(self, batch: EmbeddingBatch) -> ModelOutput:
+        """Precomputed embeddings: projected, mask embedding at MLM positions, then the packed encoder path."""
+        if self.emb_in is None:
+            raise ValueError("an EmbeddingBatch needs a projection: build the model with "
+                             "ModelConfig(emb_dim=<width of the precomputed embeddings>)")
+        if batch.values.shape[-1] != self.config.emb_dim:
+            raise ValueError(f"embeddings are {batch.values.shape[-1]} wide but config.emb_dim is "
+                             f"{self.config.emb_dim}; set emb_dim to the width of the precomputed embeddings")
+        self._check_text_len(batch.max_len)  # embedding rows take the text tokenizer's positions
+        N = batch.values.shape[0]
+        row, pos = _token_positions(batch.offsets, N)  # (sum L,), (sum L,); rows are sample indices
+        labels = torch.where(batch.is_text[row], batch.mlm_labels.long(), IGNORE_INDEX)  # (sum L,)
+        x = self.emb_in(batch.values, labels != IGNORE_INDEX, self.text.wpe(pos))  # (sum L, D)
+        x = self.encoder(x, packed=Packed(batch.offsets, batch.max_len))  # (sum L, D)
+
+        image_rows = (~batch.is_text).nonzero().squeeze(1)  # (Ni,), ascending
+        images = None
+        if image_rows.numel():
+            images = self._classify(x[batch.offsets[image_rows]], batch.labels[image_rows], image_rows)
+        mlm = self._mlm(x, labels, row, pos, stride=batch.max_len)
+        return self._output(images, mlm)
+
+    # ---- pieces shared by the paths ----
+
+    def _images_dense(self, images: ImageBatch) -> Rows:
+        x = self.encode_images(images.pixels)  # (Ni, 1+P, D)
+        return self._classify(x[:, 0], images.labels, images.index)
+
+    def _text_dense(self, text: TextBatch) -> Rows:
+        B, T = text.ids.shape
+        x = self.encode_text(text.ids, text.mask)  # (B, T, D)
+        pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+        labels = torch.where(text.mask, text.mlm_labels.long(), IGNORE_INDEX)  # (B, T), never a loss on padding
+        sample = text.index.long()[:, None].expand(B, T)  # (B, T)
+        return self._mlm(x.reshape(B * T, -1), labels.reshape(-1), sample.reshape(-1), pos.reshape(-1), stride=T)
+
+    def _classify(self, cls: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> Rows:
+        """Class tokens (Ni, D) -> logits in ascending sample index."""
+        order = index.argsort()  # (Ni,)
+        return self.image_head(cls[order]), labels.long()[order], index.long()[order]
+
+    def _mlm(self, h: torch.Tensor, labels: torch.Tensor, sample: torch.Tensor, pos: torch.Tensor,
+             stride: int) -> Rows:
+        """Flat tokens h (N, D) -> MLM logits at labelled positions only, in (sample index, position) order.
+
+        Gathering the M << N masked rows before the vocab projection saves (N - M) * D * V multiply-adds.
+        """
+        sel = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+        sel = sel[(sample[sel] * stride + pos[sel]).argsort()]  # (M,), stride > every position
+        return self.mlm_head(h[sel]), labels[sel], sample[sel]
+
+    def _check_text_len(self, length: int) -> None:
+        if length > self.config.max_text_len:
+            raise ValueError(f"a sequence of {length} tokens exceeds max_text_len={self.config.max_text_len}; "
+                             f"truncate in the tokenizer or raise max_text_len")
+
+    def _output(self, images: Rows | None, mlm: Rows | None) -> ModelOutput:
+        w = self.mlm_head.out.weight
+        none = w.new_zeros(0, dtype=torch.long)  # (0,): labels and indices of an absent modality
+        images = images or (w.new_zeros(0, self.config.num_classes), none, none)
+        mlm = mlm or (w.new_zeros(0, self.config.vocab_size), none, none)
+        return ModelOutput(image_logits=images[0], image_labels=images[1], image_index=images[2],
+                           mlm_logits=mlm[0], mlm_labels=mlm[1], mlm_index=mlm[2])

@@ -1,0 +1,185 @@
+"""The shard reader: exactly once per epoch across workers and ranks, seeded order, bad input counted."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmload import BlendedDataset, PackedBatch, SampleError, ShardDataset, TooManyErrors, open_data
+from mmload.dataset import expand_urls, parse_data
+from mmload.inspect import inspect_shards
+from mmload.loader import STRATEGIES, make_loader
+
+
+def keys_of(batches) -> list[str]:
+    out = []
+    for b in batches:
+        out.extend((b.unpack() if isinstance(b, PackedBatch) else b).keys)
+    return out
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "embeddings"])
+def test_every_key_exactly_once_per_epoch_with_two_workers(strategy: str, builtin_shards: list[str]) -> None:
+    want = [s.key for s in ShardDataset(builtin_shards, image_size=32)]
+    assert len(want) == 300 and len(set(want)) == 300
+    loader = make_loader(strategy, builtin_shards, batch_size=16, num_workers=2, image_size=32)
+    got = keys_of(loader)
+    assert sorted(got) == sorted(want)
+
+
+def test_two_ranks_split_the_epoch(builtin_shards: list[str]) -> None:
+    seen = []
+    for rank in range(2):
+        loader = make_loader("padded", builtin_shards, batch_size=16, num_workers=2, image_size=32, rank=rank,
+                             world_size=2, shuffle=True, seed=3)
+        seen.append(keys_of(loader))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(s.key for s in ShardDataset(builtin_shards, image_size=32))
+
+
+def test_same_seed_same_stream_other_seed_other_order(builtin_shards: list[str]) -> None:
+    def order(seed: int, epoch: int = 0) -> list[str]:
+        ds = ShardDataset(builtin_shards, image_size=32, shuffle=True, shuffle_buffer=50, seed=seed)
+        ds.set_epoch(epoch)
+        return [s.key for s in ds]
+
+    a = order(1)
+    assert a == order(1)
+    assert a != order(2) and sorted(a) == sorted(order(2))
+    assert a != order(1, epoch=1)
+    assert a != sorted(a)  # shuffled within shards too, not only shard order
+
+
+def test_samples_decode_to_the_schema(builtin_shards: list[str]) -> None:
+    ds = ShardDataset(builtin_shards, image_size=48, max_text_len=64)
+    samples = list(ds)
+    images = [s for s in samples if s.pixels is not None]
+    texts = [s for s in samples if s.ids is not None]
+    assert images and texts
+    assert all(s.pixels.shape == (3, 48, 48) and s.pixels.dtype == torch.uint8 for s in images)
+    assert all(0 <= s.label < 10 for s in images)
+    tok = ds.tokenizer
+    assert all(s.ids[0] == tok.cls_token_id and s.ids[-1] == tok.sep_token_id for s in texts)
+    assert max(s.num_text_tokens for s in texts) == 64  # heavy tail reaches the truncation length
+
+
+def test_blend_by_weight_is_deterministic_and_loses_nothing(builtin_shards: list[str]) -> None:
+    a, b = builtin_shards[:3], builtin_shards[3:]
+    blended = open_data([f"{'{'}{','.join(a)}{'}'}@8", f"{'{'}{','.join(b)}{'}'}@1"], image_size=32, seed=5)
+    assert isinstance(blended, BlendedDataset)
+    keys = [s.key for s in blended]
+    assert keys == [s.key for s in blended]
+    assert sorted(keys) == sorted(s.key for s in ShardDataset(builtin_shards, image_size=32))
+    keys_b = {s.key for s in ShardDataset(b, image_size=32)}
+    first_b = [i for i, k in enumerate(keys) if k in keys_b]
+    # With weights 8:1 the second set is drawn rarely while both are live.
+    assert sum(1 for i in first_b if i < 90) < 30
+    assert parse_data(["x.tar@2.5", "pipe:cat a@b.tar"]) == [("x.tar", 2.5), ("pipe:cat a@b.tar", 1.0)]
+    with pytest.raises(ValueError, match="weights"):
+        BlendedDataset([ShardDataset(a, image_size=32)], [0.0])
+
+
+def test_urls_expand_braces_directories_and_pipes(builtin_shards: list[str]) -> None:
+    folder = str(Path(builtin_shards[0]).parent)
+    assert expand_urls(folder) == sorted(builtin_shards)
+    pipe = [f"pipe:cat {u}" for u in builtin_shards[:2]]
+    got = [s.key for s in ShardDataset(pipe, image_size=32, tokenizer=ShardDataset(builtin_shards).tokenizer)]
+    assert got == [s.key for s in ShardDataset(builtin_shards[:2], image_size=32)]
+    empty = Path(folder) / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
+        expand_urls(str(empty))  # a directory without shards is an error, not an empty epoch
+
+
+def jpeg(color: int = 128) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (color, 0, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def meta(modality: str) -> bytes:
+    return json.dumps({"modality": modality}).encode()
+
+
+@pytest.fixture
+def bad_shards(tmp_path: Path, builtin_shards: list[str]) -> list[str]:
+    """Known damage: 2 corrupt images, 1 empty caption, 1 invalid UTF-8, 1 missing payload, 2 truncated shards."""
+    good = [(f"g{i:03d}.jpg", jpeg(i)) for i in range(4)] + [(f"g{i:03d}.cls", b"1") for i in range(4)]
+    good.sort()
+    members = good + [
+        ("b000.jpg", b"not a jpeg at all"), ("b000.json", meta("image")),
+        ("b001.jpg", jpeg()[:40]), ("b001.json", meta("image")),
+        ("b002.txt", b"   "), ("b002.json", meta("text")),
+        ("b003.txt", b"\xff\xfe bad utf-8"), ("b003.json", meta("text")),
+        ("b004.json", meta("image")),
+        ("t000.txt", b"a perfectly fine sentence"), ("t000.json", meta("text")),
+    ]
+    one = write_tar(tmp_path / "bad-000.tar", members)
+    full = write_tar(tmp_path / "bad-001.tar", [(f"h{i:03d}.jpg", jpeg(i)) for i in range(6)])
+    data = Path(full).read_bytes()
+    cut = data.index(b"h003.jpg")  # keep h000..h002 whole, cut inside the header of h003
+    Path(full).write_bytes(data[:cut + 100])
+    body = write_tar(tmp_path / "bad-002.tar", [(f"m{i:03d}.jpg", jpeg(i)) for i in range(3)])
+    data = Path(body).read_bytes()
+    Path(body).write_bytes(data[:data.index(b"m001.jpg") + 512 + 200])  # cut inside the payload of m001
+    tok_dir = Path(builtin_shards[0]).parent
+    for f in tok_dir.iterdir():
+        if f.suffix == ".json" and f.name != "manifest.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    return [one, full, body]
+
+
+def test_bad_input_is_skipped_and_counted_by_kind(bad_shards: list[str]) -> None:
+    report = inspect_shards(bad_shards)
+    assert report == {
+        "shards": 3, "samples": 4 + 1 + 3 + 1,
+        "modalities": {"image": 8, "text": 1, "image_text": 0},
+        "errors": {"empty_text": 1, "image_decode": 2, "missing_payload": 1, "shard_read": 2, "text_decode": 1},
+    }
+
+
+def test_strict_mode_raises_naming_shard_and_key(bad_shards: list[str]) -> None:
+    with pytest.raises(SampleError, match=r"bad-000\.tar key 'b000'") as info:
+        list(ShardDataset(bad_shards, strict=True))
+    assert info.value.kind == "image_decode" and info.value.key == "b000"
+
+
+def test_bad_input_never_crashes_a_loader_with_workers(bad_shards: list[str]) -> None:
+    loader = make_loader("nested", bad_shards, batch_size=3, num_workers=2, image_size=32)
+    assert sorted(keys_of(loader)) == ["g000", "g001", "g002", "g003", "h000", "h001", "h002", "m000", "t000"]
+
+
+def test_consecutive_errors_stop_the_run(tmp_path: Path) -> None:
+    junk = write_tar(tmp_path / "junk.tar", [(f"k{i:03d}.jpg", b"junk") for i in range(20)])
+    with pytest.raises(TooManyErrors, match="10 bad samples in a row"):
+        list(ShardDataset(junk, tokenizer=None, max_consecutive_errors=10))
+
+
+def test_unreadable_shard_is_counted_and_the_rest_goes_on(tmp_path: Path, builtin_shards: list[str]) -> None:
+    missing = str(tmp_path / "does-not-exist.tar")
+    ds = ShardDataset([missing, builtin_shards[0]], image_size=32, tokenizer=ShardDataset(builtin_shards).tokenizer)
+    n = sum(1 for _ in ds)
+    assert n == sum(1 for _ in ShardDataset(builtin_shards[0], image_size=32)) and ds.errors.counts["shard_read"] == 1
+
+
+def test_image_only_shards_need_no_tokenizer(tmp_path: Path) -> None:
+    shard = write_tar(tmp_path / "img.tar", [("a.jpg", jpeg()), ("b.jpg", jpeg(3))])
+    assert [s.key for s in ShardDataset(shard, tokenizer=None)] == ["a", "b"]
+    text = write_tar(tmp_path / "txt.tar", [("c.txt", b"words")])
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        list(ShardDataset(text, tokenizer=None))
