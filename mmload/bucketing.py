@@ -69,16 +69,26 @@ class BucketBatcher:
         if self.max_wait < 1:
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait}")
 
-    def __call__(self, samples: Iterable[Sample]) -> Iterator[list[Sample]]:
+    def __call__(self, samples: Iterable[Sample], pending: Sequence[tuple[int, Sample]] = (),
+                 start: int = 0) -> Iterator[list[Sample]]:
+        """Batches from ``samples``; to resume, ``pending`` gives back the held samples with their arrival
+        numbers (in arrival order) and ``start`` the arrival number of the first new sample."""
         buckets: dict[BucketKey, list[Sample]] = {}
         arrived: dict[BucketKey, int] = {}  # arrival number of each bucket's oldest sample
-        buffered = 0
-        for n, sample in enumerate(samples):
+
+        def put(n: int, sample: Sample) -> tuple[BucketKey, list[Sample]]:
             key = bucket_key(sample.modality, sample.num_text_tokens, self.boundaries)
             bucket = buckets.setdefault(key, [])
             if not bucket:
                 arrived[key] = n
             bucket.append(sample)
+            return key, bucket
+
+        for n, sample in pending:
+            put(n, sample)
+        buffered = len(pending)
+        for n, sample in enumerate(samples, start=start):
+            key, bucket = put(n, sample)
             buffered += 1
             if len(bucket) == self.batch_size:
                 buffered -= len(bucket)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,86 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ShardDataset(IterableDataset):
+Position = tuple[int, ...]  # where a sample sits in this worker's stream: (shard, raw sample) or (source, ...)
+
+
+class StreamDataset(IterableDataset):
+    """What ShardDataset and BlendedDataset share: the optional batcher stage and resumable state.
+
+    NOTE [resumable state]: ``state_dict()`` describes the stream after the last item it gave out: the position
+    of the next raw sample, error counts and, with a batcher, the samples it holds (``pending``, by position and
+    arrival number). ``load_state_dict`` makes the next ``iter()`` re-read the pending samples, hand them back
+    to a fresh batcher in their old buckets, and go on from the position, skipping finished shards unread.
+    torchdata's ``StatefulDataLoader`` calls both in each worker, so a loader resumes mid-epoch with workers
+    and yields exactly the rest of the uninterrupted run. A batcher resumes exactly when it takes
+    ``pending=`` and ``start=`` (``BucketBatcher`` does).
+    """
+
+    batcher: Callable[..., Iterator[list[Sample]]] | None
+    STATE_FED, STATE_PENDING, STATE_STREAM = "fed", "pending", "stream"
+
+    def _init_state(self) -> None:
+        self._resume: dict[str, Any] | None = None
+        self._fed = 0
+        self._pending: dict[int, tuple[Position, int]] = {}  # id(sample) -> (position, arrival number)
+
+    def _positioned(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
+        raise NotImplementedError
+
+    def _reread(self, positions: Iterable[Position]) -> dict[Position, Sample]:
+        raise NotImplementedError
+
+    def _position_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_position_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def samples(self) -> Iterator[Sample]:
+        """Decoded samples of this rank and worker, in order; bad ones skipped and counted (or raised)."""
+        for _, sample in self._positioned(None):
+            yield sample
+
+    def __iter__(self) -> Iterator[Sample] | Iterator[list[Sample]]:
+        resume, self._resume = self._resume, None
+        stream = self._positioned(None if resume is None else resume[self.STATE_STREAM])
+        self._fed, self._pending = 0, {}
+        if self.batcher is None:
+            return (sample for _, sample in stream)
+        restored: list[tuple[int, Sample]] = []
+        if resume is not None:
+            self._fed = resume[self.STATE_FED]
+            pending = [(tuple(pos), arrival) for pos, arrival in resume[self.STATE_PENDING]]
+            samples = self._reread(pos for pos, _ in pending)
+            for pos, arrival in pending:
+                restored.append((arrival, samples[pos]))
+                self._pending[id(samples[pos])] = (pos, arrival)
+        return self._batched(stream, restored)
+
+    def _batched(self, stream: Iterator[tuple[Position, Sample]],
+                 restored: list[tuple[int, Sample]]) -> Iterator[list[Sample]]:
+        def feed() -> Iterator[Sample]:
+            for pos, sample in stream:
+                self._pending[id(sample)] = (pos, self._fed)
+                self._fed += 1
+                yield sample
+
+        kwargs = {"pending": restored, "start": self._fed} if restored or self._fed else {}
+        for batch in self.batcher(feed(), **kwargs):
+            for sample in batch:
+                self._pending.pop(id(sample), None)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.STATE_STREAM: self._position_state(), self.STATE_FED: self._fed,
+                self.STATE_PENDING: sorted(self._pending.values(), key=lambda v: v[1])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = state
+        self._load_position_state(state[self.STATE_STREAM])
+
+
+class ShardDataset(StreamDataset):
     """An ``IterableDataset`` of :class:`Sample` over webdataset shards.
 
     Args:
@@ -186,6 +265,9 @@ class ShardDataset(IterableDataset):
         self.transform, self.batcher = transform, batcher
         self.errors = ErrorCounter(max_consecutive_errors)
         self.epoch = 0
+        self._shard = self._sample = 0
+        self._where = {"worker": 0, "num_workers": 1}
+        self._init_state()
 
     @property
     def tokenizer(self) -> Any:
@@ -227,29 +309,77 @@ class ShardDataset(IterableDataset):
             raise err
         self.errors.add(err)
 
-    def samples(self) -> Iterator[Sample]:
-        """Decoded samples of this rank and worker, in order; bad ones skipped and counted (or raised)."""
+    def _decode(self, raw: dict[str, Any]) -> Sample | None:
+        """The sample of ``raw``, or None when it is bad (then counted, or raised in strict mode)."""
+        if "__errors__" in raw:
+            self._bad(raw["__errors__"][0])
+            return None
+        try:
+            sample = self.decoder(raw)
+        except SampleError as e:
+            self._bad(e)
+            return None
+        self.errors.ok()
+        return self.transform(sample) if self.transform is not None else sample
+
+    def _positioned(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
         worker, num_workers = self._worker()
-        for url in self.shards(worker, num_workers):
-            rng = random.Random(f"{self.seed}/{self.epoch}/{url}")  # string seeds hash stably across processes
-            for raw in self._raw(url, rng):
-                if "__errors__" in raw:
-                    self._bad(raw["__errors__"][0])
-                    continue
-                try:
-                    sample = self.decoder(raw)
-                except SampleError as e:
-                    self._bad(e)
-                    continue
-                self.errors.ok()
-                yield self.transform(sample) if self.transform is not None else sample
+        self._check_resume(resume, worker, num_workers)
+        self._where = {"worker": worker, "num_workers": num_workers}
+        start_shard, start_sample = (resume["shard"], resume["sample"]) if resume else (0, 0)
+        shards = self.shards(worker, num_workers)
+        self._shard, self._sample = start_shard, start_sample
+        for k in range(start_shard, len(shards)):
+            for j, raw in enumerate(self._raw(shards[k], self._rng(shards[k]))):
+                if k == start_shard and j < start_sample:
+                    continue  # resuming: finished raw samples are skipped undecoded
+                self._shard, self._sample = k, j + 1
+                sample = self._decode(raw)
+                if sample is not None:
+                    yield (k, j), sample
+            self._shard, self._sample = k + 1, 0
 
-    def __iter__(self) -> Iterator[Sample] | Iterator[list[Sample]]:
-        stream = self.samples()
-        return self.batcher(stream) if self.batcher is not None else stream
+    def _rng(self, url: str) -> random.Random:
+        return random.Random(f"{self.seed}/{self.epoch}/{url}")  # string seeds hash stably across processes
+
+    def _reread(self, positions: Iterable[Position]) -> dict[Position, Sample]:
+        wanted = set(positions)
+        worker, num_workers = self._worker()
+        shards = self.shards(worker, num_workers)
+        out: dict[Position, Sample] = {}
+        for k in sorted({k for k, _ in wanted}):
+            last = max(j for kk, j in wanted if kk == k)
+            for j, raw in enumerate(self._raw(shards[k], self._rng(shards[k]))):
+                if (k, j) in wanted:
+                    out[(k, j)] = self._decode(raw)
+                if j >= last:
+                    break
+        return out
+
+    def _position_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "rank": self.rank, "world_size": self.world_size, **self._where,
+                "shard": self._shard, "sample": self._sample, "errors": dict(self.errors.counts)}
+
+    def _check_resume(self, resume: dict[str, Any] | None, worker: int, num_workers: int) -> None:
+        if resume is None:
+            return
+        # NOTE [resume policy]: shards are split by rank and worker, so a position means something only for the
+        # same split. Resuming on another world size or worker count would repeat or skip samples: refuse.
+        were = (resume["world_size"], resume["num_workers"], resume["rank"], resume["worker"])
+        now = (self.world_size, num_workers, self.rank, worker)
+        if were != now:
+            raise ValueError(f"cannot resume a stream saved as (world_size, num_workers, rank, worker)={were} as "
+                             f"{now}: shards are split by rank and worker, so another split would repeat or skip "
+                             "samples. Resume with the same number of ranks and DataLoader workers, or start the "
+                             "epoch over")
+        self.epoch = resume["epoch"]
+
+    def _load_position_state(self, state: dict[str, Any]) -> None:
+        self.errors.counts.clear()
+        self.errors.counts.update(state["errors"])
 
 
-class BlendedDataset(IterableDataset):
+class BlendedDataset(StreamDataset):
     """Several shard sets blended by weight into one stream, deterministically per seed.
 
     At each step a source is drawn with probability proportional to its weight among those not yet
@@ -269,6 +399,9 @@ class BlendedDataset(IterableDataset):
         self.sources, self.weights = list(sources), list(weights)
         self.seed, self.stop, self.batcher = seed, stop, batcher
         self.epoch = 0
+        self._rng = random.Random(f"{seed}/0/0")
+        self._live = list(range(len(self.sources)))
+        self._init_state()
 
     @property
     def tokenizer(self) -> Any:
@@ -286,36 +419,62 @@ class BlendedDataset(IterableDataset):
         for s in self.sources:
             s.set_epoch(epoch)
 
-    def samples(self) -> Iterator[Sample]:
+    def _positioned(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
         info = get_worker_info()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{0 if info is None else info.id}")
-        streams = [s.samples() for s in self.sources]
-        weights = list(self.weights)
-        live = list(range(len(streams)))
-        while live:
-            i = rng.choices(live, weights=[weights[j] for j in live])[0]
+        self._rng = random.Random(f"{self.seed}/{self.epoch}/{0 if info is None else info.id}")
+        self._live = list(range(len(self.sources)))
+        subs: list[dict[str, Any] | None] = [None] * len(self.sources)
+        if resume is not None:
+            self._rng.setstate(_as_tuple(resume["rng"]))
+            self._live, subs = list(resume["live"]), resume["sources"]
+        streams = [src._positioned(sub) for src, sub in zip(self.sources, subs)]
+        while self._live:
+            i = self._rng.choices(self._live, weights=[self.weights[j] for j in self._live])[0]
             try:
-                yield next(streams[i])
+                pos, sample = next(streams[i])
             except StopIteration:
                 if self.stop == "first":
                     return
-                live.remove(i)
+                self._live.remove(i)
+                continue
+            yield (i, *pos), sample
 
-    def __iter__(self) -> Iterator[Sample] | Iterator[list[Sample]]:
-        stream = self.samples()
-        return self.batcher(stream) if self.batcher is not None else stream
+    def _reread(self, positions: Iterable[Position]) -> dict[Position, Sample]:
+        positions = list(positions)
+        out: dict[Position, Sample] = {}
+        for i, src in enumerate(self.sources):
+            mine = [p[1:] for p in positions if p[0] == i]
+            out.update({(i, *p): smp for p, smp in src._reread(mine).items()})
+        return out
+
+    def _position_state(self) -> dict[str, Any]:
+        return {"rng": self._rng.getstate(), "live": list(self._live),
+                "sources": [src._position_state() for src in self.sources]}
+
+    def _load_position_state(self, state: dict[str, Any]) -> None:
+        for src, sub in zip(self.sources, state["sources"]):
+            src._load_position_state(sub)
 
 
-def parse_data(specs: str | Sequence[str]) -> list[tuple[str, float]]:
-    """``--data`` values: ``SHARDS`` or ``SHARDS@WEIGHT`` (e.g. ``images/{000..009}.tar@8``)."""
-    out = []
-    for spec in [specs] if isinstance(specs, str) else specs:
+def _as_tuple(x: Any) -> Any:
+    """``random.Random.getstate()`` after a round trip through JSON-like containers (lists) again."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def parse_data(specs: str | Sequence[str]) -> list[tuple[list[str], float]]:
+    """``--data`` values: ``SHARDS`` or ``SHARDS@WEIGHT`` (e.g. ``images/{000..009}.tar@8``).
+
+    Without any ``@WEIGHT`` the values are one shard set (their union); with weights, each value is a set of
+    its own (a value without a weight weighs 1) and the sets are blended.
+    """
+    specs = [os.fspath(specs)] if isinstance(specs, str | os.PathLike) else [os.fspath(x) for x in specs]
+    parsed = []
+    for spec in specs:
         urls, sep, weight = spec.rpartition("@")
-        if sep and _is_number(weight):
-            out.append((urls, float(weight)))
-        else:
-            out.append((spec, 1.0))
-    return out
+        parsed.append(([urls], float(weight)) if sep and _is_number(weight) else ([spec], None))
+    if all(w is None for _, w in parsed):
+        return [([u for urls, _ in parsed for u in urls], 1.0)]
+    return [(urls, 1.0 if w is None else w) for urls, w in parsed]
 
 
 def _is_number(s: str) -> bool:

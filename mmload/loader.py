@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmload.bucketing import BucketBatcher
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
@@ -36,8 +37,9 @@ def make_loader(strategy: str, data: str | Sequence[str], *, batch_size: int = 3
                 prefetch_factor: int | None = None, **dataset_kwargs: Any) -> DataLoader:
     """A DataLoader that yields batches of ``strategy`` from ``data`` (``--data`` specs, see ``open_data``).
 
-    ``embeddings`` expects shards written by ``mmload precompute``. ``stateful=True`` returns torchdata's
-    ``StatefulDataLoader`` (same arguments, plus ``state_dict()`` / ``load_state_dict()`` to resume).
+    ``embeddings`` expects shards written by ``mmload precompute``. ``stateful=True`` returns a
+    :class:`StatefulLoader` (torchdata's ``StatefulDataLoader``: the same arguments, plus ``state_dict()`` and
+    ``load_state_dict()`` to resume mid-epoch).
     ``dataset_kwargs`` go to :class:`~mmload.ShardDataset` (``image_size``, ``tokenizer``, ``shuffle``, ...).
     """
     collate = make_collator(strategy, pack=pack)
@@ -47,11 +49,25 @@ def make_loader(strategy: str, data: str | Sequence[str], *, batch_size: int = 3
     dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **dataset_kwargs)
     if pin_memory is None:
         pin_memory = torch.accelerator.is_available()
-    loader_cls: type[DataLoader] = DataLoader
-    if stateful:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        loader_cls = StatefulDataLoader
+    loader_cls: type[DataLoader] = StatefulLoader if stateful else DataLoader
     extra = {} if num_workers == 0 else {"persistent_workers": False, "prefetch_factor": prefetch_factor or 4}
     return loader_cls(dataset, batch_size=None if batcher else batch_size, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory, **extra)
+
+
+def saved_num_workers(state: dict[str, Any]) -> int:
+    """The worker count a ``StatefulDataLoader`` state was saved with (0: the main process)."""
+    snapshot = state.get("_snapshot")
+    return 0 if snapshot is None else int(snapshot["_main_snapshot"]["_num_workers"])
+
+
+
+class StatefulLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader``, with a clear refusal to resume on another worker count."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and saved_num_workers(state_dict) != self.num_workers:
+            raise ValueError(f"this loader state was saved with num_workers={saved_num_workers(state_dict)}, "
+                             f"this loader has {self.num_workers}: shards are split by rank and worker, so "
+                             "resume with the same number of ranks and DataLoader workers")
+        super().load_state_dict(state_dict)

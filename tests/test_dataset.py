@@ -80,7 +80,8 @@ def test_blend_by_weight_is_deterministic_and_loses_nothing(builtin_shards: list
     first_b = [i for i, k in enumerate(keys) if k in keys_b]
     # With weights 8:1 the second set is drawn rarely while both are live.
     assert sum(1 for i in first_b if i < 90) < 30
-    assert parse_data(["x.tar@2.5", "pipe:cat a@b.tar"]) == [("x.tar", 2.5), ("pipe:cat a@b.tar", 1.0)]
+    assert parse_data(["x.tar@2.5", "pipe:cat a@b.tar"]) == [(["x.tar"], 2.5), (["pipe:cat a@b.tar"], 1.0)]
+    assert parse_data(["x.tar", "y.tar"]) == [(["x.tar", "y.tar"], 1.0)]  # no weights: one set
     with pytest.raises(ValueError, match="weights"):
         BlendedDataset([ShardDataset(a, image_size=32)], [0.0])
 

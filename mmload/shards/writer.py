@@ -1,0 +1,147 @@
+"""Write records to webdataset shards in the img2dataset layout, plus ``manifest.json``.
+
+A record is a dict in webdataset's sample form, one entry per tar member::
+
+    {"__key__": "000000123",              # unique within the write
+     "jpg" | "png" | "webp": bytes,        # encoded image, written as is
+     "txt": str,                           # UTF-8 caption or text
+     "json": {"modality": "image" | "text" | "image_text", ...},
+     "cls": int,                           # class label, images only
+     "emb.npy": bytes, ...}                # any other member: bytes, written as is
+
+NOTE [deterministic shards]: webdataset's TarWriter stamps every member with ``time.time()`` unless given
+``mtime``; we pass ``mtime=0`` and encode every member to bytes ourselves (json with sorted keys), so the same
+records give byte-identical tars.
+
+NOTE [maxsize]: webdataset's ShardWriter starts a new shard once the payload bytes of the current one reach
+``maxsize``; the check runs before each record, so a shard may exceed ``maxsize`` by one record plus the tar
+headers (512 bytes a member). ``maxcount`` is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from mmload.sample import Modality
+
+SHARD_PATTERN = "shard-%06d.tar"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "mmload-shards/1"
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def mmload_version() -> str:
+    """The installed mmload version, or ``0+unknown`` when running from a source tree without metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmload")
+    except PackageNotFoundError:
+        import mmload
+
+        return getattr(mmload, "__version__", "0+unknown")
+
+
+def encode_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Check one record against the layout and encode its members to bytes (see the module docstring)."""
+    key = record.get("__key__")
+    if not isinstance(key, str) or not key.rpartition("/")[2] or "." in key.rpartition("/")[2]:
+        raise ValueError(f"record key must be a non-empty str with no '.' after its last '/' (webdataset splits "
+                         f"member names at the first dot), got {key!r}")
+    meta = record.get("json")
+    if not isinstance(meta, Mapping) or "modality" not in meta:
+        raise ValueError(f"record {key!r}: 'json' must be a dict with a 'modality', got {meta!r}")
+    modality = Modality(meta["modality"])
+    images = [ext for ext in IMAGE_EXTS if ext in record]
+    if len(images) > 1:
+        raise ValueError(f"record {key!r}: one image member per record, got {images}")
+    if (images and modality == Modality.TEXT) or ("txt" in record and modality == Modality.IMAGE):
+        raise ValueError(f"record {key!r}: modality {modality.value!r} does not match its members {sorted(record)}")
+    if "cls" in record and modality == Modality.TEXT:
+        raise ValueError(f"record {key!r}: 'cls' is an image label, got it on a text record")
+    out: dict[str, Any] = {"__key__": key}
+    for ext, value in record.items():
+        if ext.startswith("_"):  # __key__, and webdataset's metadata (__url__, ...), which is not written
+            continue
+        if ext == "json":
+            value = json.dumps(dict(meta), sort_keys=True)
+        elif ext == "cls":
+            value = str(int(value))
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ValueError(f"record {key!r}: member {ext!r} must be bytes (or str), got {type(value).__name__}")
+        out[ext] = value
+    if len(out) < 3:
+        raise ValueError(f"record {key!r} has no payload beside its json; give an image, a txt or an emb.npy")
+    return out
+
+
+def write_shards(
+    records: Iterable[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    maxcount: int = 1000,
+    maxsize: int = 256 * 2**20,
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``records`` to ``out/shard-%06d.tar`` and ``out/manifest.json``; return the manifest.
+
+    The manifest holds ``info`` (source, seed, creation args: whatever the caller passes), the mmload version,
+    the sample counts (``total`` and per modality) and the shard list ``[{"name", "samples", "bytes"}]`` with
+    names relative to ``out``, which is created if missing.
+    """
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    if maxsize < 1:
+        raise ValueError(f"maxsize must be >= 1 byte, got {maxsize}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {m.value: 0 for m in Modality}
+    per_shard: dict[str, int] = {}
+    seen: set[str] = set()
+    pattern = str(out).replace("%", "%%") + os.sep + SHARD_PATTERN  # '%' in the directory must not format
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False, mtime=0) as sink:
+        for record in records:
+            sample = encode_record(record)
+            if sample["__key__"] in seen:
+                raise ValueError(f"record key {sample['__key__']!r} is not unique")
+            seen.add(sample["__key__"])
+            sink.write(sample)
+            per_shard[sink.fname] = per_shard.get(sink.fname, 0) + 1
+            counts[Modality(record["json"]["modality"]).value] += 1
+    if not per_shard:
+        Path(pattern % 0).unlink(missing_ok=True)  # ShardWriter opens its first shard before any record
+        raise ValueError(f"no records to write to {out}")
+    shards = [{"name": Path(f).name, "samples": n, "bytes": Path(f).stat().st_size} for f, n in per_shard.items()]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        **(info or {}),
+        "mmload_version": mmload_version(),
+        "samples": {"total": sum(counts.values()), **counts},
+        "shards": shards,
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a shard folder; FileNotFoundError or ValueError (bad JSON) otherwise."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}; make the shards with `mmload make-shards`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{path} is not valid JSON ({exn}); make the shards again with `mmload make-shards`") from exn
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline)."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

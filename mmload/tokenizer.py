@@ -1,0 +1,110 @@
+"""The default text tokenizer: a BERT-style WordPiece trained offline, saved beside the shards.
+
+``make-shards`` trains one (``train_wordpiece``) and saves it into the shard folder; ``load_tokenizer`` finds it
+there when no ``--tokenizer`` is given. Any Hugging Face tokenizer (hub name or local folder) works instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 1
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
+    """Train a lowercasing BERT WordPiece on ``texts``; encodings come out as ``[CLS] ... [SEP]``.
+
+    ``[PAD]`` is id 0, then ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[MASK]``. The vocabulary may end up smaller than
+    ``vocab_size`` when the texts are small; the same texts give the same vocabulary, byte for byte.
+
+    NOTE [deterministic WordPiece]: the tokenizers trainer (0.23) creates the ``##c`` continuation tokens in
+    hash-map order, so their ids, and with them the tie-breaks between equally frequent merges, change from run
+    to run (huggingface/tokenizers#1794). We hand it every ``##c`` up front, sorted, as extra special tokens, then
+    rebuild the tokenizer from the trained vocabulary so that only the five real special tokens stay special.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (the special tokens and more), got {vocab_size}")
+    texts = list(texts)
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    if not any(text.strip() for text in texts):
+        raise ValueError("cannot train a tokenizer on no text; give it at least one non-empty text")
+    continuations = sorted({c for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(
+        normalizer.normalize_str(text)) for c in word[1:]})
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in continuations)],
+        show_progress=False)
+    tok = _bert_wordpiece(models.WordPiece(unk_token="[UNK]"), normalizer, pre_tokenizer)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok = _bert_wordpiece(models.WordPiece(tok.get_vocab(with_added_tokens=False), unk_token="[UNK]"),
+                          normalizer, pre_tokenizer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _bert_wordpiece(model: models.WordPiece, normalizer: normalizers.Normalizer,
+                    pre_tokenizer: pre_tokenizers.PreTokenizer) -> Tokenizer:
+    tok = Tokenizer(model)
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece(prefix="##")
+    return tok
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str | Path) -> None:
+    """``save_pretrained`` into ``out`` (tokenizer.json + tokenizer_config.json), loadable by ``AutoTokenizer``.
+
+    The config names the class ``PreTrainedTokenizerFast``, which transformers 4.x and 5.x both load; 5.x
+    alone would write ``TokenizersBackend``, which 4.x does not know.
+    """
+    tokenizer.save_pretrained(out)
+    config_path = Path(out) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(name_or_path: str | None, shard_urls: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Load ``name_or_path`` (a local folder or a hub name), else the tokenizer saved beside the first shard.
+
+    Loads are cached per resolved path, so DataLoader workers and repeated calls share one object: do not
+    mutate it (``add_tokens`` and the like); load your own copy with ``AutoTokenizer`` for that.
+    """
+    if name_or_path is not None:
+        path = Path(name_or_path).expanduser()
+        return _load(str(path.resolve()) if path.exists() else name_or_path)
+    folder = _local_folder(shard_urls[0]) if shard_urls else None
+    if folder is not None and (folder / TOKENIZER_FILE).is_file():
+        return _load(str(folder.resolve()))
+    where = f"beside the shards in {folder}" if folder is not None else (
+        f"beside the first shard {shard_urls[0]!r} (not a local file)" if shard_urls else "(no shards given)")
+    raise ValueError(f"no tokenizer given and none found {where}; pass --tokenizer NAME_OR_PATH (a local folder "
+                     "or a Hugging Face hub name) or make the shards with `mmload make-shards`, which saves one")
+
+
+@functools.lru_cache(maxsize=8)
+def _load(resolved: str) -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(resolved)
+
+
+def _local_folder(url: str) -> Path | None:
+    """The folder of a local shard url (plain path, ``file:`` url, or a brace pattern); None for remote urls."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(parsed.path).parent
+    if parsed.scheme and len(parsed.scheme) > 1:  # pipe:, http:, s3:, ...; one letter is a Windows drive
+        return None
+    return Path(os.path.expanduser(url)).parent
