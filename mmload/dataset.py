@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from mmload.decode import Decoder
-from mmload.errors import ErrorCounter, ErrorKind, SampleError
+from mmload.errors import ErrorCounter, ErrorKind, SampleError, log, write_trace
 from mmload.sample import Sample
 from mmload.tokenizer import load_tokenizer
 
@@ -55,18 +56,40 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2,
+               backoff: float = 0.5) -> Iterator[dict[str, Any]]:
     """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one tar (local path, ``pipe:`` or URL).
 
     Members are grouped by key (everything before the first dot of the file name). A bad member (too large,
-    duplicated) is listed under ``"__errors__"`` of its sample; a shard that cannot be opened or ends early
-    raises :class:`SampleError` of kind ``shard_read`` after the samples read before the damage.
+    duplicated) or a key seen earlier in the shard is listed under ``"__errors__"`` of its sample; a shard
+    that cannot be opened or ends early raises :class:`SampleError` of kind ``shard_read`` after the samples
+    read before the damage. A shard that fails before its first sample is tried ``retries`` more times,
+    ``backoff`` seconds apart, doubling (a flaky remote); one that fails later is not re-read, since that
+    would repeat samples.
     """
+    for attempt in range(retries + 1):
+        started = False
+        try:
+            for raw in _read_tar(url, max_member_bytes):
+                started = True
+                yield raw
+            return
+        except SampleError as e:
+            if started or attempt == retries:
+                if attempt:
+                    e.args = (f"{e.args[0]} (after {attempt + 1} attempts)",)
+                raise
+            log.info("retrying %s after: %s", url, e)
+            time.sleep(backoff * 2**attempt)
+
+
+def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
     try:
         stream = webdataset.gopen(url, "rb")
     except Exception as e:
         raise SampleError(ErrorKind.SHARD_READ, f"cannot open: {type(e).__name__}: {e}", url) from e
     current: dict[str, Any] | None = None
+    seen: set[str] = set()
     counted = _TailReader(stream)
     try:
         with tarfile.open(fileobj=counted, mode="r|*") as tar:
@@ -81,6 +104,11 @@ def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[d
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
+                    if key in seen:
+                        current["__errors__"] = [SampleError(ErrorKind.DUPLICATE_KEY, "key seen earlier in the "
+                                                             "shard (members of one sample must be adjacent)",
+                                                             url, key)]
+                    seen.add(key)
                 ext = ext.lower()
                 if info.size > max_member_bytes:
                     current.setdefault("__errors__", []).append(
@@ -154,6 +182,7 @@ class StreamDataset(IterableDataset):
     """
 
     batcher: Callable[..., Iterator[list[Sample]]] | None
+    trace: torch.Tensor | None = None  # see NOTE [worker trace] in mmload.errors; set by the loader
     STATE_FED, STATE_PENDING, STATE_STREAM = "fed", "pending", "stream"
 
     def _init_state(self) -> None:
@@ -249,7 +278,7 @@ class ShardDataset(StreamDataset):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
         elif tokenizer is None:
             try:
-                tokenizer = load_tokenizer(None, self.urls)
+                tokenizer = load_tokenizer(None, [u for u in self.urls if os.path.exists(u)] or self.urls)
             except ValueError:
                 tokenizer = None  # image-only shards need none; a text sample then fails with a clear message
         if shuffle_buffer < 1:
@@ -334,6 +363,8 @@ class ShardDataset(StreamDataset):
                 if k == start_shard and j < start_sample:
                     continue  # resuming: finished raw samples are skipped undecoded
                 self._shard, self._sample = k, j + 1
+                if self.trace is not None:
+                    write_trace(self.trace, worker, shards[k], raw["__key__"])
                 sample = self._decode(raw)
                 if sample is not None:
                     yield (k, j), sample
@@ -427,6 +458,8 @@ class BlendedDataset(StreamDataset):
         if resume is not None:
             self._rng.setstate(_as_tuple(resume["rng"]))
             self._live, subs = list(resume["live"]), resume["sources"]
+        for src in self.sources:
+            src.trace = self.trace
         streams = [src._positioned(sub) for src, sub in zip(self.sources, subs)]
         while self._live:
             i = self._rng.choices(self._live, weights=[self.weights[j] for j in self._live])[0]

@@ -6,6 +6,8 @@ import logging
 from collections import Counter
 from enum import StrEnum
 
+import torch
+
 log = logging.getLogger("mmload")
 
 
@@ -19,6 +21,7 @@ class ErrorKind(StrEnum):
     EMB_DECODE = "emb_decode"  # .emb.npy that numpy cannot read
     MEMBER_TOO_LARGE = "member_too_large"  # a tar member larger than max_member_bytes
     DUPLICATE_MEMBER = "duplicate_member"  # two members with the same key and extension
+    DUPLICATE_KEY = "duplicate_key"  # a key that comes back later in the same shard
     SHARD_READ = "shard_read"  # a shard that cannot be opened or ends early (truncated, not a tar)
 
 
@@ -62,3 +65,35 @@ class ErrorCounter:
 
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class WorkerDied(RuntimeError):
+    """A DataLoader worker process died; the message names the shard and key each worker was reading."""
+
+
+TRACE_BYTES = 512
+
+
+def new_trace(num_workers: int) -> torch.Tensor:
+    """One shared-memory row per worker, where each worker writes the shard and key it is about to decode.
+
+    NOTE [worker trace]: a worker that segfaults in a decoder or is killed for memory runs no Python on its
+    way out, so it cannot say where it was. A shared tensor (inherited on fork, passed by handle on spawn)
+    costs one small copy per sample and survives the worker.
+    """
+    return torch.zeros(max(num_workers, 1), TRACE_BYTES, dtype=torch.uint8).share_memory_()
+
+
+def write_trace(trace: torch.Tensor, worker: int, url: str, key: str) -> None:
+    data = f"{url} key {key!r}".encode()[: TRACE_BYTES - 1]
+    row = trace[worker]
+    row[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    row[len(data)] = 0
+
+
+def read_trace(trace: torch.Tensor) -> list[str]:
+    rows = []
+    for row in trace:
+        data = bytes(row.tolist())
+        rows.append(data[: data.index(0)].decode(errors="replace") if 0 in data else data.decode(errors="replace"))
+    return rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmload.bucketing import BucketBatcher
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
-from mmload.dataset import open_data
+from mmload.dataset import StreamDataset, open_data
+from mmload.errors import WorkerDied, new_trace, read_trace
 from mmload.sample import Sample
 
 STRATEGIES = ("per-sample", "padded", "bucketed", "embeddings", "nested")
@@ -49,7 +50,7 @@ def make_loader(strategy: str, data: str | Sequence[str], *, batch_size: int = 3
     dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **dataset_kwargs)
     if pin_memory is None:
         pin_memory = torch.accelerator.is_available()
-    loader_cls: type[DataLoader] = StatefulLoader if stateful else DataLoader
+    loader_cls: type[DataLoader] = StatefulLoader if stateful else Loader
     extra = {} if num_workers == 0 else {"persistent_workers": False, "prefetch_factor": prefetch_factor or 4}
     return loader_cls(dataset, batch_size=None if batcher else batch_size, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory, **extra)
@@ -62,7 +63,31 @@ def saved_num_workers(state: dict[str, Any]) -> int:
 
 
 
-class StatefulLoader(StatefulDataLoader):
+class _ReportsDeadWorkers:
+    """DataLoader mixin: when a worker process dies, say which shard and key each worker was reading."""
+
+    def __iter__(self) -> Iterator[Any]:
+        dataset = self.dataset
+        if self.num_workers > 0 and isinstance(dataset, StreamDataset):
+            dataset.trace = new_trace(self.num_workers)  # set before super() starts (and pickles to) the workers
+        return _reporting(super().__iter__(), getattr(dataset, "trace", None))
+
+
+def _reporting(batches: Iterator[Any], trace: torch.Tensor | None) -> Iterator[Any]:
+    try:
+        yield from batches
+    except RuntimeError as e:
+        if trace is None or "DataLoader worker" not in str(e):
+            raise
+        where = "; ".join(f"worker {i}: {w or 'not started'}" for i, w in enumerate(read_trace(trace)))
+        raise WorkerDied(f"{e} The workers were decoding: {where}") from e
+
+
+class Loader(_ReportsDeadWorkers, DataLoader):
+    """``torch.utils.data.DataLoader`` that names the shard and key of a worker that died."""
+
+
+class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
     """torchdata's ``StatefulDataLoader``, with a clear refusal to resume on another worker count."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

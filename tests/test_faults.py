@@ -1,0 +1,61 @@
+"""Faults: a dead worker is named with its shard and key; unreachable shards are retried, then counted."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import webdataset
+
+from mmload import ShardDataset
+from mmload.errors import WorkerDied, new_trace, read_trace, write_trace
+from mmload.loader import make_loader
+from mmload.sample import Sample
+
+
+class DieOn:
+    """A transform that kills its worker process when it meets one key (as a segfaulting decoder would)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, sample: Sample) -> Sample:
+        if sample.key == self.key:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return sample
+
+
+def test_a_dead_worker_is_reported_with_its_shard_and_key(builtin_shards: list[str]) -> None:
+    victim = [s.key for s in ShardDataset(builtin_shards[1], image_size=16)][3]
+    loader = make_loader("padded", builtin_shards, batch_size=4, num_workers=2, image_size=16,
+                         transform=DieOn(victim))
+    with pytest.raises(WorkerDied, match=rf"shard-000001\.tar key '{victim}'"):
+        for _ in loader:
+            pass
+
+
+def test_trace_round_trip() -> None:
+    trace = new_trace(2)
+    write_trace(trace, 1, "a/shard.tar", "k1")
+    write_trace(trace, 1, "b.tar", "k")  # shorter text overwrites the longer one cleanly
+    assert read_trace(trace) == ["", "b.tar key 'k'"]
+
+
+def test_unreachable_shard_is_retried_a_bounded_number_of_times_then_counted(monkeypatch, tmp_path,
+                                                                            builtin_shards: list[str]) -> None:
+    calls = []
+    real = webdataset.gopen
+
+    def counting(url, *args, **kwargs):
+        calls.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(webdataset, "gopen", counting)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    missing = str(tmp_path / "gone.tar")
+    ds = ShardDataset([missing, builtin_shards[0]], image_size=16)
+    n = sum(1 for _ in ds)
+    assert calls.count(missing) == 3  # first try + 2 retries
+    assert ds.errors.counts == {"shard_read": 1}
+    assert n == sum(1 for _ in ShardDataset(builtin_shards[0], image_size=16))
