@@ -265,6 +265,8 @@ class ShardDataset(StreamDataset):
         rank, world_size: this process's share; default from ``torch.distributed`` when initialised.
         max_pixels: images with more pixels are skipped as ``image_too_large``.
         max_consecutive_errors: stop with ``TooManyErrors`` after this many bad samples in a row.
+        max_member_bytes: a tar member larger than this is skipped unread (``member_too_large``).
+        retries: a shard that fails before its first sample is tried this many more times.
     """
 
     def __init__(self, urls: str | Sequence[str], *, tokenizer: Any = None, image_size: int = 224,
@@ -272,7 +274,8 @@ class ShardDataset(StreamDataset):
                  strict: bool = False, transform: Callable[[Sample], Sample] | None = None,
                  batcher: Callable[[Iterator[Sample]], Iterator[list[Sample]]] | None = None,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int | None = None,
-                 max_consecutive_errors: int | None = 1000) -> None:
+                 max_consecutive_errors: int | None = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
+                 retries: int = 2) -> None:
         self.urls = expand_urls(urls)
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
@@ -292,6 +295,9 @@ class ShardDataset(StreamDataset):
         self.decoder = Decoder(tokenizer, image_size=image_size, max_text_len=max_text_len, **decoder_args)
         self.shuffle, self.shuffle_buffer, self.seed, self.strict = shuffle, shuffle_buffer, seed, strict
         self.transform, self.batcher = transform, batcher
+        if max_member_bytes < 1 or retries < 0:
+            raise ValueError(f"max_member_bytes must be >= 1 and retries >= 0, got {max_member_bytes}, {retries}")
+        self.max_member_bytes, self.retries = max_member_bytes, retries
         self.errors = ErrorCounter(max_consecutive_errors)
         self.epoch = 0
         self._shard = self._sample = 0
@@ -321,7 +327,7 @@ class ShardDataset(StreamDataset):
         """Raw samples of one shard, buffer-shuffled when shuffling; a shard error ends the shard."""
         buffer: list[dict[str, Any]] = []
         try:
-            for raw in read_shard(url):
+            for raw in read_shard(url, self.max_member_bytes, self.retries):
                 if not self.shuffle:
                     yield raw
                     continue

@@ -60,6 +60,10 @@ class PackedBatch:
     def tensors(self) -> list[torch.Tensor]:
         return [self.buffer]
 
+    @property
+    def keys(self) -> list[str]:
+        return self.template.keys
+
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmload import BlendedDataset, PackedBatch, SampleError, ShardDataset, TooManyErrors, open_data
+from mmload import BlendedDataset, SampleError, ShardDataset, TooManyErrors, open_data
 from mmload.dataset import expand_urls, parse_data
 from mmload.inspect import inspect_shards
 from mmload.loader import STRATEGIES, make_loader
@@ -20,7 +20,7 @@ from mmload.loader import STRATEGIES, make_loader
 def keys_of(batches) -> list[str]:
     out = []
     for b in batches:
-        out.extend((b.unpack() if isinstance(b, PackedBatch) else b).keys)
+        out.extend(b.keys)
     return out
 
 

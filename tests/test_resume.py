@@ -7,12 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from mmload import PackedBatch
 from mmload.loader import make_loader
 
 
 def batch_keys(batch) -> list[str]:
-    return list((batch.unpack() if isinstance(batch, PackedBatch) else batch).keys)
+    return list(batch.keys)
 
 
 def assert_resumes_exactly(make: Callable[[], object], stop_after: int) -> None:

@@ -1,0 +1,43 @@
+"""Epoch coverage: every key seen once, repeats and losses reported, worker error counts gathered."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from mmload.coverage import Coverage, loader_errors
+from mmload.loader import make_loader
+
+
+def test_one_epoch_with_workers_sees_every_key_once(builtin_shards: list[str]) -> None:
+    loader = make_loader("bucketed", builtin_shards, batch_size=8, num_workers=2, stateful=True, image_size=16)
+    cov = Coverage()
+    for batch in loader:
+        cov.add(batch)
+    report = cov.report(expected=300, errors=loader_errors(loader.state_dict()))
+    assert report["samples"] == report["unique"] == 300
+    assert report["repeats"] == 0 and report["lost"] == 0 and report["errors"] == {}
+
+
+def test_repeats_and_losses_are_reported() -> None:
+    cov = Coverage()
+    cov.update(["a", "b", "a"])
+    report = cov.report(expected=5, errors={"image_decode": 1, "shard_read": 1})
+    assert report["repeats"] == 1 and report["repeated_keys"] == ["a"]
+    assert report["lost"] == 5 - 2 - 1
+
+
+def test_worker_error_counts_reach_the_main_process(tmp_path: Path, builtin_shards: list[str]) -> None:
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"x{i}.jpg")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"junk"))
+    tok = str(Path(builtin_shards[0]).parent)
+    loader = make_loader("padded", [str(bad), *builtin_shards[:3]], batch_size=8, num_workers=2, stateful=True,
+                         image_size=16, tokenizer=tok)
+    n = sum(len(b.keys) for b in loader)
+    assert loader_errors(loader.state_dict()) == {"image_decode": 3}
+    assert n == 120
