@@ -33,6 +33,16 @@ def make_samples(n: int = 24, seed: int = 0, image_size: int = 32, vocab: int = 
     return out
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: skip them cleanly elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def samples() -> list[Sample]:
     return make_samples(24, paired_every=7)
