@@ -27,6 +27,7 @@ from mmload.batch import PaddedBatch
 from mmload.collate import PaddedCollator
 from mmload.dataset import ShardDataset
 from mmload.sample import IGNORE_INDEX
+from mmload.tokenizer import save_tokenizer
 
 
 class FeatureEncoder(Protocol):
@@ -35,6 +36,7 @@ class FeatureEncoder(Protocol):
     name: str
     image_size: int | None  # None: this encoder takes no images
     tokenizer: Any  # None: this encoder takes no texts
+    max_text_len: int  # texts are truncated to this many tokens
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor: ...  # uint8 (N, 3, H, W) -> (N, L, D)
 
@@ -53,6 +55,10 @@ class MMLoadFeatures:
     def image_size(self) -> int:
         return self.model.config.image_size
 
+    @property
+    def max_text_len(self) -> int:
+        return self.model.config.max_text_len
+
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixels)
 
@@ -70,6 +76,7 @@ class ModuleImageFeatures:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     name: str = "module"
     tokenizer: Any = None
+    max_text_len: int = 512
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
         x = _normalize(pixels, self.mean, self.std)
@@ -92,6 +99,7 @@ class HFFeatures:
         self.model = AutoModel.from_pretrained(path)
         self.vision = hasattr(config, "image_size") and hasattr(config, "num_channels")
         self.image_size = int(config.image_size) if self.vision else None
+        self.max_text_len = int(getattr(config, "max_position_embeddings", 512))
         self.tokenizer = None
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViT's processor default
         if self.vision:
@@ -193,7 +201,8 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = text_encoder.tokenizer if text_encoder is not None and text_encoder.tokenizer is not None else None
     image_size = image_encoder.image_size if image_encoder is not None else 32
-    ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, shuffle=False)
+    max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
+    ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len, shuffle=False)
     loader = DataLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
                         num_workers=num_workers)
     bar = tqdm(desc="precompute", unit=" samples", disable=not progress)
@@ -210,10 +219,8 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
                                       "errors": dict(ds.errors.counts)})
     finally:
         bar.close()
-    if tokenizer is None and ds.tokenizer is not None:
-        ds.tokenizer.save_pretrained(out)  # keep the shards' tokenizer beside the embeddings, for ids.npy
-    elif tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    if ds.tokenizer is not None:
+        save_tokenizer(ds.tokenizer, out)  # beside the embeddings: it made their ids.npy
     return manifest
 
 

