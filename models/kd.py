@@ -1,0 +1,210 @@
+"""Knowledge distillation: the KD loss and the teachers that give logits row for row with ``ModelOutput``.
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+summed over labelled rows, like every loss of ``ModelOutput``, so the trainer divides by the same counts. With
+``alpha = 0`` the KL term is multiplied by an exact zero: the loss and its gradient equal plain CE bit for bit.
+
+Teachers see the same inputs as the student: the text teacher (a Hugging Face masked LM, e.g. BertForMaskedLM)
+gets the masked ids and gives logits at the masked positions; the image teacher (a Hugging Face image classifier
+or an mmload checkpoint) gets the uint8 pixels. Rows come out in ``ModelOutput`` order: images by sample index,
+MLM positions by (sample index, position). Precomputed embedding batches carry neither ids nor pixels, so they
+cannot be distilled from a live teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmload.batch import AnyBatch, EmbeddingBatch, NestedBatch, PaddedBatch, PerSampleBatch
+from mmload.sample import IGNORE_INDEX
+
+
+def kd_loss_sum(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                alpha: float, temperature: float) -> torch.Tensor:
+    """Summed KD objective over the rows whose label is not ``IGNORE_INDEX``; plain CE without a teacher."""
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="sum", ignore_index=IGNORE_INDEX)
+    if teacher_logits is None:
+        return ce
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match student logits "
+                         f"{tuple(student_logits.shape)}; the teacher needs the same classes / vocabulary")
+    keep = labels != IGNORE_INDEX  # (N,)
+    T = temperature
+    kl = F.kl_div(F.log_softmax(student_logits[keep].float() / T, dim=-1),
+                  F.log_softmax(teacher_logits[keep].float() / T, dim=-1), reduction="sum", log_target=True)
+    return (1.0 - alpha) * ce + alpha * T * T * kl
+
+
+# ---- the rows of a batch, in ModelOutput order ----
+
+def _parts(batch: AnyBatch) -> list[tuple[int, PaddedBatch | NestedBatch]]:
+    """(first sample index, sub-batch) pairs; a per-sample batch's items have item-local indices."""
+    if isinstance(batch, EmbeddingBatch):
+        raise ValueError("precomputed-embedding batches carry no pixels or ids for a teacher; distill with the "
+                         "padded, bucketed, per-sample or nested strategy")
+    if isinstance(batch, PerSampleBatch):
+        out, start = [], 0
+        for item in batch.items:
+            out.append((start, item))
+            start += len(item.keys)
+        return out
+    if isinstance(batch, PaddedBatch | NestedBatch):
+        return [(0, batch)]
+    raise TypeError(f"cannot read teacher inputs from {type(batch).__name__}; move a PackedBatch to the device "
+                    "first (.to(device) unpacks it)")
+
+
+def image_rows(batch: AnyBatch) -> torch.Tensor | None:
+    """uint8 pixels (Ni, 3, H, W) of every image of ``batch``, by ascending sample index; None without images."""
+    pixels, index = [], []
+    for start, part in _parts(batch):
+        if part.image is not None:
+            pixels.append(part.image.pixels)
+            index.append(part.image.index.long() + start)
+    if not pixels:
+        return None
+    order = torch.cat(index).argsort()  # (Ni,)
+    return torch.cat(pixels)[order]  # (Ni, 3, H, W)
+
+
+def text_rows(batch: AnyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Padded ``ids`` (B, T), ``mask`` (B, T) and ``mlm_labels`` (B, T) (IGNORE_INDEX on padding), rows by
+    ascending sample index; None without texts."""
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # ids, mask, labels, index
+    for start, part in _parts(batch):
+        text = part.text
+        if text is None:
+            continue
+        if isinstance(part, NestedBatch):
+            n, total = len(text), text.values.shape[0]
+            lengths = text.offsets.diff()  # (n,)
+            row = torch.repeat_interleave(torch.arange(n, device=lengths.device), lengths, output_size=total)
+            pos = torch.arange(total, device=lengths.device) - text.offsets[row]  # (sum T,)
+            ids = text.values.new_zeros(n, text.max_len)  # (n, T)
+            ids[row, pos] = text.values
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[row, pos] = text.mlm_labels
+            mask = torch.zeros(n, text.max_len, dtype=torch.bool, device=ids.device)
+            mask[row, pos] = True
+            rows.append((ids, mask, labels, text.index.long() + start))
+        else:
+            rows.append((text.ids, text.mask, text.mlm_labels, text.index.long() + start))
+    if not rows:
+        return None
+    T = max(r[0].shape[1] for r in rows)
+    ids = torch.cat([F.pad(r[0].long(), (0, T - r[0].shape[1])) for r in rows])  # (B, T)
+    mask = torch.cat([F.pad(r[1], (0, T - r[1].shape[1])) for r in rows])  # (B, T)
+    labels = torch.cat([F.pad(r[2].long(), (0, T - r[2].shape[1]), value=IGNORE_INDEX) for r in rows])  # (B, T)
+    order = torch.cat([r[3] for r in rows]).argsort()  # (B,)
+    labels = torch.where(mask, labels, IGNORE_INDEX)  # as the model: never a loss on padding
+    return ids[order], mask[order], labels[order]
+
+
+# ---- teachers ----
+
+class TextTeacher(nn.Module):
+    """A Hugging Face masked LM (``AutoModelForMaskedLM``) giving MLM logits (M, V) at the masked positions."""
+
+    def __init__(self, path: str | Path, vocab_size: int) -> None:
+        super().__init__()
+        from transformers import AutoModelForMaskedLM
+
+        self.model = AutoModelForMaskedLM.from_pretrained(path).eval().requires_grad_(False)
+        theirs = self.model.config.vocab_size
+        if theirs != vocab_size:
+            raise ValueError(f"text teacher {path} has vocab_size {theirs} but our tokenizer has {vocab_size}: "
+                             "the teacher must read the same word-piece ids; tokenize the shards with the "
+                             f"teacher's tokenizer (--tokenizer {path}) or pick a teacher with our vocabulary")
+
+    @torch.no_grad()
+    def forward(self, batch: AnyBatch) -> torch.Tensor | None:
+        rows = text_rows(batch)
+        if rows is None:
+            return None
+        ids, mask, labels = rows
+        sel = labels != IGNORE_INDEX  # (B, T); row-major order = (sample index, position) order
+        if hasattr(self.model, "bert") and hasattr(self.model, "cls"):  # BertForMaskedLM: head on masked rows only
+            h = self.model.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, T, D)
+            return self.model.cls(h[sel])  # (M, V)
+        return self.model(input_ids=ids, attention_mask=mask.long()).logits[sel]  # (M, V)
+
+
+class ImageTeacher(nn.Module):
+    """Image logits (Ni, C): a Hugging Face image classifier folder or an mmload checkpoint file."""
+
+    def __init__(self, path: str | Path, num_classes: int) -> None:
+        super().__init__()
+        path = Path(path)
+        if path.is_file():
+            from models.checkpoint import load_model
+
+            self.model, _ = load_model(path)
+            self.hf = False
+            theirs = self.model.config.num_classes
+        else:
+            from transformers import AutoModelForImageClassification
+
+            self.model = AutoModelForImageClassification.from_pretrained(path)
+            self.hf = True
+            theirs = self.model.config.num_labels
+            self.size = self.model.config.image_size
+            pre = path / "preprocessor_config.json"
+            stats = json.loads(pre.read_text()) if pre.is_file() else {}
+            self.register_buffer("mean", torch.tensor(stats.get("image_mean", [0.5] * 3)).view(1, 3, 1, 1), False)
+            self.register_buffer("std", torch.tensor(stats.get("image_std", [0.5] * 3)).view(1, 3, 1, 1), False)
+        self.model.eval().requires_grad_(False)
+        if theirs != num_classes:
+            raise ValueError(f"image teacher {path} has {theirs} classes, the student {num_classes}; KD needs the "
+                             "same classes in the same order")
+
+    @torch.no_grad()
+    def forward(self, batch: AnyBatch) -> torch.Tensor | None:
+        pixels = image_rows(batch)
+        if pixels is None:
+            return None
+        if not self.hf:
+            return self.model.image_head(self.model.encode_images(pixels)[:, 0])  # (Ni, C)
+        x = pixels.float() / 255.0  # (Ni, 3, H, W)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.model(pixel_values=(x - self.mean) / self.std).logits  # (Ni, C)
+
+
+@dataclass
+class Distiller:
+    """The KD settings and teachers of a run; ``teacher_logits(batch)`` -> (image logits, MLM logits) or Nones."""
+
+    alpha: float = 0.0
+    temperature: float = 1.0
+    text: TextTeacher | None = None
+    image: ImageTeacher | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"kd alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
+
+    @property
+    def active(self) -> bool:
+        return self.alpha > 0 and (self.text is not None or self.image is not None)
+
+    def teacher_logits(self, batch: AnyBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.active:
+            return None, None
+        image = self.image(batch) if self.image is not None else None
+        text = self.text(batch) if self.text is not None else None
+        return image, text
+
+    def to(self, device: torch.device | str) -> Distiller:
+        for teacher in (self.text, self.image):
+            if teacher is not None:
+                teacher.to(device)
+        return self

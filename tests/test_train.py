@@ -1,0 +1,325 @@
+"""The trainer: it learns, masks gradients as Algorithm 1 says, freezes what it names, distills, resumes exactly."""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_samples
+
+from mmload.collate import NestedCollator, PaddedCollator, PerSampleCollator
+from mmload.dataset import open_data
+from mmload.masking import MLMMasking
+from mmload.sample import IGNORE_INDEX, Modality
+from mmload.tokenizer import load_tokenizer
+from models.checkpoint import load_checkpoint, model_state, save_checkpoint
+from models.gradmask import GradientMasker, MaskSchedule, modality_grads
+from models.kd import Distiller, ImageTeacher, TextTeacher, kd_loss_sum
+from models.train import (
+    FREEZE_MODES,
+    FROZEN_TRAINABLE,
+    StepOptions,
+    apply_freeze,
+    build_model,
+    build_parser,
+    evaluate,
+    loss_terms,
+    make_optimizer,
+    step_phases,
+    train,
+    train_step,
+)
+
+VOCAB = 100  # make_samples draws ids below 100
+
+
+def tiny_model(seed: int = 0):
+    return build_model("tiny", VOCAB, seed=seed)
+
+
+def batches(seed: int = 0):
+    """A mixed padded batch (images, texts, pairs) and its text-only and image-only halves."""
+    samples = make_samples(24, seed=seed, paired_every=7)
+    collate = PaddedCollator()
+    texts = [s for s in samples if s.modality == Modality.TEXT]
+    images = [s for s in samples if s.modality == Modality.IMAGE]
+    return collate(samples), collate(texts), collate(images)
+
+
+def data_dir(shards: list[str]) -> str:
+    return os.path.dirname(shards[0])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads slow a run
+    down tenfold; one thread keeps the timings steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- learning ----
+
+@pytest.fixture(scope="module")
+def learn_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Training shards with two texts per image (MLM needs text) and held-out shards from another seed."""
+    from mmload.make_shards import make_shards
+
+    root = tmp_path_factory.mktemp("learn")
+    make_shards(root / "train", samples=600, seed=0, image_text_ratio=0.5, maxcount=50, progress=False)
+    make_shards(root / "eval", samples=200, seed=1, image_text_ratio=1.0, maxcount=50, progress=False)
+    return str(root / "train"), str(root / "eval")
+
+
+def masked_tokens(data: str, tokenizer) -> collections.Counter:
+    ds = open_data(data, tokenizer=tokenizer, transform=MLMMasking.from_tokenizer(tokenizer), image_size=32,
+                   max_text_len=64)
+    counts: collections.Counter = collections.Counter()
+    for sample in ds.samples():
+        if sample.mlm_labels is not None:
+            counts.update(t for t in sample.mlm_labels.tolist() if t != IGNORE_INDEX)
+    return counts
+
+
+def unigram_cross_entropy(train: collections.Counter, held_out: collections.Counter, vocab: int) -> float:
+    """What a context-free predictor learnt from the training stream's masked tokens scores on held-out ones
+    (add-alpha smoothing, the best of three alphas: the baseline is given every advantage)."""
+    n, m = sum(train.values()), sum(held_out.values())
+    return min(-sum(c * math.log((train[t] + a) / (n + a * vocab)) for t, c in held_out.items()) / m
+               for a in (0.01, 0.1, 1.0))
+
+
+def test_joint_training_learns_both_tasks(learn_data: tuple[str, str], tmp_path: Path) -> None:
+    train_dir, eval_dir = learn_data
+    result = train({"data": train_dir, "preset": "tiny", "steps": 160, "batch_size": 32, "lr": 5e-3, "warmup": 10,
+                    "num_workers": 0, "progress": False, "log_every": 40, "out": str(tmp_path)})
+    tokenizer = load_tokenizer(None, [str(next(Path(train_dir).glob("*.tar")))])
+    metrics = evaluate(result["model"], eval_dir, "padded", tokenizer=tokenizer, limit_samples=200)
+    baseline = unigram_cross_entropy(masked_tokens(train_dir, tokenizer), masked_tokens(eval_dir, tokenizer),
+                                     len(tokenizer))
+    print(f"held-out: image acc {metrics['image_acc']:.3f}, MLM {metrics['mlm_loss']:.3f} nats "
+          f"(unigram {baseline:.3f}), MLM acc {metrics['mlm_acc']:.3f}")
+    assert metrics["images"] == 100 and metrics["mlm_tokens"] > 500
+    assert metrics["image_acc"] > 0.5  # chance is 0.1
+    assert metrics["mlm_loss"] < baseline - 0.1
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and any((tmp_path / "tb").iterdir())
+
+
+# ---- gradient masking ----
+
+def test_mask_ratio_grows_on_schedule_and_the_mask_is_recomputed_only_then() -> None:
+    schedule = MaskSchedule(step=0.1, interval=3, final=0.25)
+    assert [schedule.ratio(i) for i in range(9)] == pytest.approx([0.1] * 3 + [0.2] * 3 + [0.25] * 3)
+    params = [torch.nn.Parameter(torch.zeros(40, 5)), torch.nn.Parameter(torch.zeros(100))]
+    masker = GradientMasker(params, schedule)
+    updated = []
+    for i in range(9):
+        g = torch.Generator().manual_seed(i)
+        grads = [torch.randn(p.shape, generator=g) for p in params]  # no ties
+        if masker.update(i, grads):
+            updated.append(i)
+            flat = torch.cat([g.abs().flatten() for g in grads])
+            top = flat >= flat.kthvalue(flat.numel() - round(masker.ratio * flat.numel()) + 1).values
+            assert torch.equal(torch.cat([m.flatten() for m in masker.masks]), top)  # top-k by |text grad|
+        assert masker.masked_fraction() == pytest.approx(schedule.ratio(i))
+    assert updated == [0, 3, 6]
+
+
+def test_text_gradient_updates_masked_shared_entries_image_gradient_the_rest() -> None:
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-3)
+    shared = list(model.shared_encoder_parameters())
+    others = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    masker = GradientMasker(shared, MaskSchedule(step=0.3, interval=100, final=0.6), others)
+    mixed, texts, images = batches()
+    train_step(model, [mixed], optimizer, masker=masker, step=0)
+    assert masker.ratio == pytest.approx(0.3) and masker.masked_fraction() == pytest.approx(0.3, abs=1e-4)
+    masks = [m.clone() for m in masker.masks]
+
+    # a mixed batch: shared grads are where(M, text grad, image grad); both sides nonzero
+    terms = loss_terms(model(mixed))
+    g_text, g_image = modality_grads(terms.text, terms.image, shared)
+    train_step(model, [mixed], optimizer, masker=masker, step=1)
+    for p, m, gt, gi in zip(shared, masks, g_text, g_image):
+        torch.testing.assert_close(p.grad, torch.where(m, gt, gi), rtol=1e-5, atol=1e-8)
+
+    # text only: the shared gradient lives inside the mask; image only: outside it
+    for batch, inside in ((texts, True), (images, False)):
+        train_step(model, [batch], optimizer, masker=masker, step=1)
+        assert all(torch.equal(a, b) for a, b in zip(masks, masker.masks)), "mask must not change between growths"
+        touched_inside = sum(int((p.grad[m] != 0).sum()) for p, m in zip(shared, masks))
+        touched_outside = sum(int((p.grad[~m] != 0).sum()) for p, m in zip(shared, masks))
+        assert (touched_inside > 0, touched_outside > 0) == (inside, not inside)
+    # non-shared parameters get their own modality's gradient: the image-only step leaves the MLM head alone
+    assert all(p.grad.abs().sum() == 0 for p in model.mlm_head.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.image_head.parameters())
+
+
+# ---- freezing and distillation ----
+
+@pytest.mark.parametrize("mode", FREEZE_MODES)
+def test_freeze_modes_train_exactly_the_parameters_they_name(mode: str) -> None:
+    model = tiny_model()
+    trainable = set(apply_freeze(model, mode))
+    all_names = {n for n, _ in model.named_parameters()}
+    if mode == "frozen":
+        assert trainable == {n for g in FROZEN_TRAINABLE for n in model.parameter_names(g)}
+        assert "encoder.blocks.0.ln_1.weight" in trainable and "encoder.blocks.0.attn.q.weight" not in trainable
+        assert {"image.pos", "text.wpe.weight", "text.wte.weight", "image_head.out.weight"} <= trainable
+    else:
+        assert trainable == all_names
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, [batches()[0]], make_optimizer(model, lr=1e-2))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def test_scratch_refuses_pretrained_init() -> None:
+    with pytest.raises(ValueError, match="scratch"):
+        train({"freeze": "scratch", "init_bert": "/nonexistent"})
+
+
+def test_kd_with_alpha_zero_is_plain_cross_entropy_exactly() -> None:
+    model = tiny_model()
+    out = model(batches()[0])
+    g = torch.Generator().manual_seed(0)
+    teacher = (torch.randn(out.image_logits.shape, generator=g), torch.randn(out.mlm_logits.shape, generator=g))
+    plain = loss_terms(out)
+    kd0 = loss_terms(out, teacher=teacher, distiller=Distiller(alpha=0.0, temperature=3.0))
+    assert torch.equal(kd0.total, plain.total)
+    params = list(model.parameters())
+    grads_plain = torch.autograd.grad(plain.total, params, retain_graph=True, allow_unused=True)
+    grads_kd0 = torch.autograd.grad(kd0.total, params, retain_graph=True, allow_unused=True)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_plain, grads_kd0))
+
+    # alpha > 0: the formula, row by row, over labelled rows only
+    alpha, T = 0.3, 2.0
+    s, t, y = out.image_logits, teacher[0], out.image_labels
+    keep = y != IGNORE_INDEX
+    p_t = torch.softmax(t[keep] / T, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s[keep] / T, -1))).sum()
+    ce = torch.nn.functional.cross_entropy(s, y, reduction="sum", ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(kd_loss_sum(s, y, t, alpha, T), (1 - alpha) * ce + alpha * T * T * kl)
+
+
+@pytest.fixture(scope="module")
+def bert_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    path = tmp_path_factory.mktemp("bert_teacher")
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+def test_teachers_give_logits_row_for_row_with_the_student(bert_teacher: Path, tmp_path: Path) -> None:
+    samples = make_samples(18, seed=3, paired_every=5)
+    ways = [PaddedCollator()(samples), NestedCollator()(samples).to("cpu"), PerSampleCollator()(samples)]
+    model = tiny_model().eval()
+    text_teacher = TextTeacher(bert_teacher, VOCAB)
+    logits = [text_teacher(b) for b in ways]
+    assert logits[0].shape == model(ways[0]).mlm_logits.shape
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_size 100 but our tokenizer has 5000"):
+        TextTeacher(bert_teacher, 5000)
+
+    # a teacher that is the student itself: same logits in the same rows, so the KL term vanishes
+    path = save_checkpoint(tmp_path / "teacher.pt", model_state(model))
+    image_teacher = ImageTeacher(path, num_classes=10)
+    for batch in ways:
+        out = model(batch)
+        torch.testing.assert_close(image_teacher(batch), out.image_logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- resume, evaluation, CLI ----
+
+@pytest.mark.parametrize("num_workers,strategy,mask_ratio", [(0, "nested", 0.5), (2, "bucketed", 0.0)])
+def test_resume_gives_the_same_weights_as_a_straight_run(builtin_shards: list[str], tmp_path: Path,
+                                                          num_workers: int, strategy: str, mask_ratio: float) -> None:
+    # 24 steps of 16 cross the first epoch's end (300 samples); the mask grows at steps 0, 5, 10 (ratio 0.5)
+    opts = {"data": data_dir(builtin_shards), "preset": "tiny", "steps": 24, "batch_size": 16, "lr": 3e-3,
+            "warmup": 4, "num_workers": num_workers, "strategy": strategy, "mask_ratio": mask_ratio,
+            "mask_step": 0.2, "mask_interval": 5, "progress": False, "save_every": 12, "log_every": 6}
+    straight = train({**opts, "out": str(tmp_path / "straight")})
+    half = tmp_path / "straight" / "checkpoint-0000012.pt"
+    assert load_checkpoint(half)["step"] == 12
+    resumed = train({**opts, "out": str(tmp_path / "resumed"), "resume": str(half)})
+    assert resumed["step"] == straight["step"] == 24
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_eval_only_gives_every_strategy_the_same_samples(builtin_shards: list[str], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    data = data_dir(builtin_shards)
+    ckpt = train({"data": data, "preset": "tiny", "steps": 3, "batch_size": 8, "num_workers": 0, "progress": False,
+                  "out": str(tmp_path)})["checkpoint"]
+    capsys.readouterr()
+    results = {}
+    for strategy in ("padded", "per-sample", "nested", "bucketed"):
+        results[strategy] = train({"data": data, "strategy": strategy, "eval_only": True, "limit_samples": 60,
+                                   "batch_size": 16, "resume": ckpt})
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 and '"image_acc"' in lines[0] and '"mlm_acc"' in lines[0]
+    ref = results["padded"]
+    assert ref["samples"] == 60 and ref["images"] > 0 and ref["mlm_tokens"] > 0
+    for r in results.values():
+        assert (r["images"], r["mlm_tokens"]) == (ref["images"], ref["mlm_tokens"])
+        for key in ("image_loss", "mlm_loss", "image_acc", "mlm_acc"):
+            assert r[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (r["strategy"], key)
+
+
+def test_step_phases_times_one_step() -> None:
+    model = tiny_model()
+    phases = step_phases(model, batches()[0], make_optimizer(model, 1e-3), text_loss_weight=0.5)
+    assert {"forward_s", "backward_s", "optimizer_s", "loss", "images", "mlm_tokens"} <= set(phases)
+    assert all(phases[k] > 0 for k in ("forward_s", "backward_s", "optimizer_s"))
+
+
+def test_grad_accumulation_of_identical_halves_equals_one_step() -> None:
+    mixed = batches()[0]
+    models = [tiny_model(), tiny_model()]
+    opts = [make_optimizer(m, 1e-3) for m in models]
+    train_step(models[0], [mixed], opts[0], StepOptions(grad_clip=1.0))
+    train_step(models[1], [mixed, mixed], opts[1], StepOptions(grad_clip=1.0))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_help_explains_every_option() -> None:
+    parser = build_parser()
+    assert all(action.help for action in parser._actions), "every CLI option needs a help text"
+    text = parser.format_help()
+    for option in ("--data", "--strategy", "--preset", "--steps", "--batch-size", "--lr", "--out", "--kd-alpha",
+                   "--mask-ratio", "--freeze", "--resume", "--eval-only", "--limit-samples", "--grad-accum"):
+        assert option in text
+
+
+def test_hf_vit_initializes_the_model_and_teaches_it(builtin_shards: list[str], tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=8, num_labels=10)
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    vit = str(tmp_path / "vit")
+    result = train({"data": data_dir(builtin_shards), "preset": "tiny", "init_vit": vit, "freeze": "frozen",
+                    "kd_alpha": 0.5, "kd_temperature": 2.0, "image_teacher": vit, "steps": 2, "batch_size": 8,
+                    "num_workers": 0, "progress": False})
+    model = result["model"]
+    sd = ViTForImageClassification.from_pretrained(vit).vit.state_dict()
+    key = next(k for k in sd if k.endswith(("layers.1.attention.q_proj.weight",  # transformers 5, then 4
+                                            "layer.1.attention.attention.query.weight")))
+    assert torch.equal(model.get_parameter("encoder.blocks.1.attn.q.weight"), sd[key])  # frozen: the checkpoint's
+    assert result["step"] == 2 and result["image_loss"] is not None
