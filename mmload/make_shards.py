@@ -35,6 +35,7 @@ from mmload.shards import (
 from mmload.tokenizer import MIN_VOCAB_SIZE, TOKENIZER_FILE, save_tokenizer, train_wordpiece
 
 SOURCES = ("builtin", "folder", "text")
+TEXT_LEN = (48.0, 0.9)  # builtin texts: lognormal word counts, (median, sigma in log space)
 DEFAULT_MAXSIZE = 256 * 2**20
 CLASSES_FILE = "classes.json"
 MIN_TOKENIZER_TEXTS = 1000  # fewer texts than this: train the tokenizer on them plus the pydoc corpus
@@ -54,6 +55,7 @@ def make_shards(
     vocab_size: int = 8192,
     overwrite: bool = False,
     progress: bool = True,
+    text_len: tuple[float, float] = TEXT_LEN,
 ) -> dict[str, Any]:
     """Write shards, manifest and tokenizer into ``out``; return the manifest.
 
@@ -72,9 +74,10 @@ def make_shards(
         raise ValueError(f"--source {source} needs a PATH: --source {source} PATH (or --path PATH)")
     if vocab_size < MIN_VOCAB_SIZE:  # checked again by train_wordpiece, but before the shards, not after them
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
-    args = _creation_args(source, path, samples, seed, image_text_ratio, maxcount, maxsize, vocab_size)
+    args = _creation_args(source, path, samples, seed, image_text_ratio, maxcount, maxsize, vocab_size, text_len)
     if source == "builtin":
-        records: Iterable[dict] = builtin_records(samples, seed, image_text_ratio)  # validates its arguments
+        records: Iterable[dict] = builtin_records(samples, seed, image_text_ratio, text_len_median=text_len[0],
+                                                  text_len_sigma=text_len[1])  # validates its arguments
         classes: list[str] = list(CLASS_NAMES)
     elif source == "folder":
         records, classes = folder_records(path), folder_classes(path)
@@ -113,6 +116,7 @@ def cached_builtin_shards(
     maxsize: int = DEFAULT_MAXSIZE,
     vocab_size: int = 8192,
     progress: bool = True,
+    text_len: tuple[float, float] = TEXT_LEN,
 ) -> list[str]:
     """Paths of builtin shards, made once into ``cache_dir`` and reused while its manifest matches the arguments.
 
@@ -124,8 +128,10 @@ def cached_builtin_shards(
     if cache_dir is None:
         root = Path(os.environ.get("MMLOAD_CACHE") or "~/.cache/mmload").expanduser()
         cache_dir = root / f"builtin-{samples}-{seed}-{image_text_ratio:g}"
+        if tuple(text_len) != TEXT_LEN:
+            cache_dir = cache_dir.with_name(f"{cache_dir.name}-text{text_len[0]:g},{text_len[1]:g}")
     target = Path(cache_dir)
-    want = _creation_args("builtin", None, samples, seed, image_text_ratio, maxcount, maxsize, vocab_size)
+    want = _creation_args("builtin", None, samples, seed, image_text_ratio, maxcount, maxsize, vocab_size, text_len)
     if (urls := _cached_urls(target, want)) is not None:
         return urls
     occupied = target.exists() and (not target.is_dir() or any(target.iterdir()))
@@ -136,7 +142,7 @@ def cached_builtin_shards(
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     try:
         make_shards(tmp, "builtin", None, samples, seed, image_text_ratio, maxcount, maxsize, vocab_size,
-                    progress=progress)
+                    progress=progress, text_len=text_len)
         try:
             tmp.rename(target)  # atomic; fails when target exists and is not empty
         except OSError:
@@ -240,13 +246,16 @@ def _byte_size(text: str) -> int:
 
 
 def _creation_args(source: str, path: str | Path | None, samples: int, seed: int, image_text_ratio: float,
-                   maxcount: int, maxsize: int, vocab_size: int) -> dict[str, Any]:
+                   maxcount: int, maxsize: int, vocab_size: int,
+                   text_len: tuple[float, float] | None = None) -> dict[str, Any]:
     """The arguments that decide what make-shards writes, as saved in the manifest (``args``)."""
     args: dict[str, Any] = {"source": source, "path": None if path is None else str(Path(path).resolve()),
                             "maxcount": maxcount, "maxsize": maxsize, "vocab_size": vocab_size}
     if source == "builtin":
         args.update(samples=samples, seed=seed, image_text_ratio=float(image_text_ratio),
                     generator_version=GENERATOR_VERSION)
+        if text_len is not None and tuple(text_len) != TEXT_LEN:  # default caches keep their old key
+            args.update(text_len_median=float(text_len[0]), text_len_sigma=float(text_len[1]))
     return args
 
 

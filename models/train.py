@@ -21,7 +21,8 @@ Functions for tests and benchmarks (no subprocess needed):
   device batches (DDP, KD and gradient masking aware); returns the summed statistics (``STAT_NAMES``).
 * ``step_phases(model, batch, optimizer, text_loss_weight) -> dict``: one plain optimizer step on one device
   batch, timed per phase for the benchmark: ``forward_s`` (forward and loss), ``backward_s``, ``optimizer_s``
-  (the device is synchronized before each clock read), plus ``loss``, ``images`` and ``mlm_tokens``.
+  (the device is synchronized before each clock read; each phase is a ``record_function`` range for the
+  profiler), plus ``loss``, ``images`` and ``mlm_tokens``.
 * ``evaluate(model, data, strategy, tokenizer=..., limit_samples=K) -> dict``: mean losses and accuracies.
 
 NOTE [loss normalization]: each micro-batch's summed losses are divided by that micro-batch's counts summed over
@@ -52,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 from mmload.bucketing import BucketBatcher
 from mmload.dataset import expand_urls, open_data, parse_data
@@ -358,15 +360,18 @@ def step_phases(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer, 
     optimizer.zero_grad(set_to_none=True)
     _sync(device)
     t0 = time.perf_counter()
-    with _autocast(device, precision):
+    with record_function("forward"), _autocast(device, precision):
         out = model(batch)
-    terms = loss_terms(out, text_loss_weight)
+        terms = loss_terms(out, text_loss_weight)
     _sync(device)
     t1 = time.perf_counter()
-    terms.total.backward()
+    with record_function("backward"):
+        if terms.total.requires_grad:  # a batch with no loss target (e.g. texts without a masked token)
+            terms.total.backward()
     _sync(device)
     t2 = time.perf_counter()
-    optimizer.step()
+    with record_function("optimizer"):
+        optimizer.step()
     _sync(device)
     t3 = time.perf_counter()
     stats = terms.stats.tolist()

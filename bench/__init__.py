@@ -1,0 +1,1 @@
+"""Benchmarks of mmload: ``python bench/throughput.py`` (see its ``--help``); results go to ``results/``."""

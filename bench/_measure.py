@@ -1,0 +1,302 @@
+"""Timing pieces of the throughput benchmark: clocks, copies, loader-only and training-step loops.
+
+NOTE [honest clocks]: on CUDA every wall-clock read is preceded by ``torch.cuda.synchronize()`` (``Clock``) and
+copies are timed with CUDA events; warm-up steps run but are not recorded. The model step is the trainer's own
+``models.train.step_phases`` (forward + loss, backward, optimizer, each timed after a device sync), so the
+benchmark times exactly what training runs. On the CPU there is no host-to-device copy: ``batch.to("cpu")``
+returns the same tensors, so the transfer phase is near zero and copies are timed as host memcpy instead.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mmload.batch import can_pin_memory, collect_tensors, map_tensors
+from mmload.staging import PackedBatch, pack
+from models.train import step_phases
+
+PHASES = ("data_wait", "transfer", "forward", "backward", "optimizer")
+STAT_FIELDS = ("samples", "images", "texts", "real_tokens", "padded_tokens", "bytes", "tensors")
+REFERENCE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
+
+
+class Clock:
+    """``clock()`` -> seconds, after waiting for the device's queued work (CUDA) so the read is honest."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def cuda_ms(fn: Callable[[], Any]) -> float:
+    """Device time of ``fn`` in ms between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def host_ms(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+# ---- memory ----
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    """Peak RSS over the process's life (RUSAGE_CHILDREN: the largest finished child, e.g. a loader worker)."""
+    peak = resource.getrusage(who).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+# ---- copies ----
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> tuple[Any, int, int]:
+    """``batch`` on ``device``, plus the copies and bytes this issued (counted here, not taken from stats)."""
+    if isinstance(batch, PackedBatch):
+        return batch.to(device, non_blocking=non_blocking), 1, batch.buffer.numel() * batch.buffer.element_size()
+    sizes: list[int] = []
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel() * t.element_size())
+        return t.to(device, non_blocking=non_blocking)
+
+    return map_tensors(batch, move), len(sizes), sum(sizes)
+
+
+def reference_bandwidth(device: torch.device) -> dict[str, Any]:
+    """The machine's own copy bandwidth: a large pinned buffer host-to-device (CUDA), else a host memcpy."""
+    n = REFERENCE_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    if device.type == "cuda":
+        src = torch.empty(n, dtype=torch.uint8).pin_memory()
+        dst = torch.empty(n, dtype=torch.uint8, device=device)
+        times = [cuda_ms(lambda: dst.copy_(src, non_blocking=True)) for _ in range(6)][1:]
+        kind = "pinned host-to-device memcpy"
+    else:
+        src, dst = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+        times = [host_ms(lambda: dst.copy_(src)) for _ in range(6)][1:]
+        kind = "host memcpy (no accelerator: nothing crosses a bus)"
+    ms = statistics.median(times)
+    return {"kind": kind, "bytes": n, "ms": ms, "GBps": n / ms / 1e6}
+
+
+def time_copies(batches: Sequence[Any], device: torch.device) -> dict[str, Any]:
+    """Per-batch copy time of ``batches`` (unpacked) as many tensors vs one packed buffer, pageable vs pinned.
+
+    CUDA: host-to-device with CUDA events. CPU: the same bytes and tensor count cloned in host memory (a
+    stand-in for per-copy overhead; no transfer happens on the CPU), and no pinned variant (pinning needs an
+    accelerator).
+    """
+    packed = [pack(b) for b in batches]
+    variants: dict[str, list[Any]] = {"unpacked_pageable": list(batches), "packed_pageable": packed}
+    if can_pin_memory() and device.type != "cpu":
+        variants["unpacked_pinned"] = [b.pin_memory() for b in batches]
+        variants["packed_pinned"] = [p.pin_memory() for p in packed]
+    out: dict[str, Any] = {"kind": "host-to-device (CUDA events)" if device.type == "cuda" else
+                           "host memcpy stand-in (CPU: no host-to-device copy exists)"}
+    for name, items in variants.items():
+        if device.type == "cuda":
+            def copy(b: Any) -> None:
+                to_device(b, device)
+            timer = cuda_ms
+        else:
+            def copy(b: Any) -> None:
+                for t in (b.tensors() if isinstance(b, PackedBatch) else collect_tensors(b)):
+                    t.clone()
+            timer = host_ms
+        copy(items[0])  # warm-up: allocator, first-touch
+        ms = [timer(lambda b=b: copy(b)) for b in items]
+        nbytes = [b.stats().bytes for b in items]
+        copies = [b.stats().tensors for b in items]
+        out[name] = {"ms_per_batch": statistics.median(ms), "bytes_per_batch": statistics.mean(nbytes),
+                     "copies_per_batch": statistics.mean(copies),
+                     "GBps": sum(nbytes) / max(sum(ms), 1e-9) / 1e6}
+    return out
+
+
+# ---- collation ----
+
+def time_collate(collate: Callable[[list], Any], groups: Sequence[list]) -> dict[str, Any]:
+    """Time ``collate`` on each pre-decoded group of samples (after one warm-up call)."""
+    collate(groups[0])
+    times = []
+    for group in groups:
+        t0 = time.perf_counter()
+        collate(group)
+        times.append(time.perf_counter() - t0)
+    samples = sum(len(g) for g in groups)
+    return {"batches": len(groups), "samples": samples, "ms_per_batch": 1e3 * statistics.mean(times),
+            "ms_per_batch_median": 1e3 * statistics.median(times), "us_per_sample": 1e6 * sum(times) / samples}
+
+
+def batch_stats(batches: Sequence[Any]) -> dict[str, Any]:
+    """Totals and per-batch means of ``stats()`` over ``batches``."""
+    stats = [b.stats() for b in batches]
+    total = {f: sum(getattr(s, f) for s in stats) for f in STAT_FIELDS}
+    tokens = total["real_tokens"] + total["padded_tokens"]
+    return {**total, "batches": len(stats), "padding_fraction": total["padded_tokens"] / tokens if tokens else 0.0,
+            "bytes_per_batch": total["bytes"] / len(stats), "copies_per_batch": total["tensors"] / len(stats)}
+
+
+# ---- loops ----
+
+def time_loader(stream: Iterator[Any], warmup: int, steps: int, desc: str, progress: bool) -> dict[str, Any]:
+    """Batches per second of the loader alone (no model, no copy), after ``warmup`` batches."""
+    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False, disable=not progress):
+        next(stream)
+    samples = tokens = 0
+    t0 = time.perf_counter()
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
+        s = next(stream).stats()
+        samples, tokens = samples + s.samples, tokens + s.real_tokens
+    seconds = time.perf_counter() - t0
+    return {"batches": steps, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
+            "real_tokens_per_s": tokens / seconds, "batches_per_s": steps / seconds}
+
+
+def train_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device, *, warmup: int, steps: int, text_loss_weight: float, precision: str,
+                desc: str, progress: bool) -> dict[str, Any]:
+    """Loader -> copy -> trainer step, ``warmup + steps`` times; per-phase times of the last ``steps``."""
+    clock = Clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows: list[dict[str, Any]] = []
+    start = rss_start = None
+    for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
+        t0 = clock()
+        if i == warmup:
+            start, rss_start = t0, rss_bytes()
+        host = next(stream)
+        t1 = clock()
+        batch, copies, nbytes = to_device(host, device)
+        t2 = clock()
+        phases = step_phases(model, batch, optimizer, text_loss_weight, precision)
+        if i >= warmup:
+            s = host.stats()
+            rows.append({"data_wait_s": t1 - t0, "transfer_s": t2 - t1,
+                         **{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
+                         **{f: getattr(s, f) for f in STAT_FIELDS}, "moved_bytes": nbytes, "moved_copies": copies,
+                         "loss": phases["loss"], "rss_bytes": rss_bytes(), "load1": os.getloadavg()[0]})
+    seconds = clock() - start
+    out = summarize_steps(rows, seconds)
+    out["load1_mean"] = statistics.mean(r["load1"] for r in rows)
+    out["memory"] = {"rss_start_bytes": rss_start, "rss_end_bytes": rows[-1]["rss_bytes"],
+                     "rss_peak_sampled_bytes": max(r["rss_bytes"] for r in rows),
+                     "peak_rss_bytes": peak_rss_bytes(), "peak_rss_children_bytes": peak_rss_bytes(
+                         resource.RUSAGE_CHILDREN),
+                     "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    out["per_step"] = rows
+    return out
+
+
+def summarize_steps(rows: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Means per batch (ms), rates, data-wait share and stats totals of measured step ``rows``."""
+    n = len(rows)
+    total = {f: sum(r.get(f, 0) for r in rows) for f in STAT_FIELDS}
+    phase_s = {p: sum(r.get(f"{p}_s", 0.0) for r in rows) for p in PHASES}
+    step_s = sum(phase_s.values())
+    tokens = total["real_tokens"] + total["padded_tokens"]
+    return {
+        "steps": n, "seconds": seconds, "samples": total["samples"],
+        "samples_per_s": total["samples"] / seconds, "real_tokens_per_s": total["real_tokens"] / seconds,
+        "batches_per_s": n / seconds, "ms_per_batch": 1e3 * seconds / n,
+        "ms_per_sample": 1e3 * seconds / max(total["samples"], 1),
+        "phases_ms": {p: 1e3 * phase_s[p] / n for p in PHASES},
+        "phases_ms_median": {p: 1e3 * statistics.median(r.get(f"{p}_s", 0.0) for r in rows) for p in PHASES},
+        "data_wait_share": phase_s["data_wait"] / step_s if step_s else 0.0,
+        "stats": {**total, "padding_fraction": total["padded_tokens"] / tokens if tokens else 0.0,
+                  "bytes_per_batch": total["bytes"] / n, "copies_per_batch": total["tensors"] / n},
+        "moved": {"bytes_per_batch": sum(r.get("moved_bytes", 0) for r in rows) / n,
+                  "copies_per_batch": sum(r.get("moved_copies", 0) for r in rows) / n},
+    }
+
+
+def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Any],
+                    device: torch.device, *, warmup: int, steps: int, text_loss_weight: float, precision: str,
+                    desc: str, progress: bool) -> dict[str, Any]:
+    """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound)."""
+    clock = Clock(device)
+    stats = [b.stats() for b in batches]
+    rows = []
+    start = None
+    for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
+        if i == warmup:
+            start = clock()
+        phases = step_phases(model, batches[i % len(batches)], optimizer, text_loss_weight, precision)
+        if i >= warmup:
+            rows.append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
+                         **{f: getattr(stats[i % len(batches)], f) for f in STAT_FIELDS}})
+    out = summarize_steps(rows, clock() - start)
+    del out["moved"]
+    return out
+
+
+def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], batches: Sequence[Any],
+                      device: torch.device, *, warmup: int, steps: int, text_loss_weight: float, precision: str,
+                      desc: str, progress: bool) -> dict[str, dict[str, Any]]:
+    """Each (model, optimizer) of ``runs`` steps on the same device batch in turn, the order alternating per step.
+
+    Interleaving puts every run under the same machine load, so their ratio holds on a busy machine.
+    """
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    names = list(runs)
+    for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
+        batch = batches[i % len(batches)]
+        for name in names if i % 2 == 0 else names[::-1]:
+            model, optimizer = runs[name]
+            phases = step_phases(model, batch, optimizer, text_loss_weight, precision)
+            if i >= warmup:
+                s = batch.stats()
+                rows[name].append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
+                                   **{f: getattr(s, f) for f in STAT_FIELDS}})
+    out = {}
+    for name, r in rows.items():
+        out[name] = summarize_steps(r, sum(x["forward_s"] + x["backward_s"] + x["optimizer_s"] for x in r))
+        del out[name]["moved"]
+    return out
+
+
+def profiled_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   device: torch.device, trace_dir: str, name: str, *, text_loss_weight: float,
+                   precision: str) -> None:
+    """Five steps under ``torch.profiler`` (1 wait, 1 warm-up, 3 recorded) with one range per phase
+    (``step_phases`` names forward, backward and optimizer; data_wait and h2d are named here)."""
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                 on_trace_ready=tensorboard_trace_handler(trace_dir, worker_name=name), profile_memory=True) as prof:
+        for _ in range(5):
+            with record_function("data_wait"):
+                host = next(stream)
+            with record_function("h2d"):
+                batch = to_device(host, device)[0]
+            step_phases(model, batch, optimizer, text_loss_weight, precision)
+            prof.step()

@@ -1,0 +1,471 @@
+"""Result files of the throughput benchmark: JSON, CSV, chart, and the generated ``README.md``.
+
+Every sentence with a number in the README is made here from the JSON figures; nothing is typed in by hand.
+The README shows the newest run per device; older JSON files stay beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TARGET_SETTING = ("cuda", "base")  # the GPU targets are stated for CUDA with the base preset
+
+
+def ok_strategies(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s: r for s, r in result["strategies"].items() if r.get("status") == "ok"}
+
+
+def ratios(result: dict[str, Any]) -> dict[str, Any]:
+    """Samples/s of each strategy relative to padded, per-sample and the synthetic baseline."""
+    sps = {s: r["e2e"]["samples_per_s"] for s, r in ok_strategies(result).items()}
+    synthetic = result["synthetic"]["samples_per_s"]
+    out: dict[str, Any] = {}
+    for ref in ("padded", "per-sample"):
+        if ref in sps:
+            out[f"vs_{ref.replace('-', '_')}"] = {s: v / sps[ref] for s, v in sps.items()}
+    out["vs_synthetic"] = {s: v / synthetic for s, v in sps.items()}
+    out["synthetic_vs_padded"] = synthetic / sps["padded"] if "padded" in sps else None
+    return out
+
+
+# ---- targets ----
+
+def _target(name: str, status: str, value: str, reason: str = "") -> dict[str, str]:
+    return {"target": name, "status": status, "value": value, "reason": reason}
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, str]]:
+    """Each target of issue 4 marked met / missed / not measured, with the figure it was read from."""
+    ok = ok_strategies(result)
+    device = result["machine"]["device"].split(":")[0]
+    preset = result["config"]["preset"]
+    out = []
+
+    def missing(name: str, *needed: str) -> dict[str, str] | None:
+        absent = [s for s in needed if s not in ok]
+        if absent:
+            why = "; ".join(f"{s}: {result['strategies'].get(s, {}).get('status', 'not run')}" for s in absent)
+            return _target(name, "not measured", "", f"strategy not measured ({why})")
+        return None
+
+    name = "nested has zero padded tokens"
+    if not (t := missing(name, "nested")):
+        p = ok["nested"]["padding"]
+        t = _target(name, "met" if p["padded_tokens"] == 0 else "missed",
+                    f"{p['padded_tokens']} padded of {p['real_tokens'] + p['padded_tokens']} text tokens")
+    out.append(t)
+
+    name = "nested: one host-to-device copy per batch"
+    if not (t := missing(name, "nested")):
+        tr = ok["nested"]["transfer"]
+        copies = tr["as_loaded"]["copies_per_batch"]
+        t = _target(name, "met" if copies == 1 and tr["moved"]["copies_per_batch"] == 1 else "missed",
+                    f"{copies:g} per batch by stats(), {tr['moved']['copies_per_batch']:g} issued by the copy",
+                    "" if device == "cuda" else "counted on the CPU, where the copy itself is a no-op")
+    out.append(t)
+
+    name = "nested: transfer >= 90% of pinned memcpy bandwidth"
+    if device != "cuda":
+        t = _target(name, "not measured", "", "not measurable on CPU: no host-to-device copy exists")
+    elif not (t := missing(name, "nested")):
+        tr = ok["nested"]["transfer"]
+        frac = tr["fraction_of_reference"]
+        t = _target(name, "met" if frac >= 0.9 else "missed",
+                    f"{tr['GBps']:.1f} GB/s ({tr['loaded_variant']}) = {frac:.0%} of "
+                    f"{result['reference_bandwidth']['GBps']:.1f} GB/s")
+    out.append(t)
+
+    name = "bucketed padding <= 15% of text tokens"
+    if not (t := missing(name, "bucketed")):
+        f = ok["bucketed"]["padding"]["padding_fraction"]
+        t = _target(name, "met" if f <= 0.15 else "missed", f"{f:.1%}")
+    out.append(t)
+
+    on_target = (device, preset) == TARGET_SETTING
+    off = f"needs CUDA with the base preset; this run: {device}, {preset}"
+    gpu_targets = [
+        ("GPU, base: data wait <= 2% of step (nested)", ("nested",),
+         lambda: ok["nested"]["e2e"]["data_wait_share"], 0.02, "<=", "{:.1%}"),
+        ("GPU, base: nested >= 1.3x padded samples/s", ("nested", "padded"),
+         lambda: ok["nested"]["e2e"]["samples_per_s"] / ok["padded"]["e2e"]["samples_per_s"], 1.3, ">=",
+         "{:.2f}x"),
+        ("GPU, base: nested >= 10x per-sample samples/s", ("nested", "per-sample"),
+         lambda: ok["nested"]["e2e"]["samples_per_s"] / ok["per-sample"]["e2e"]["samples_per_s"], 10.0, ">=",
+         "{:.1f}x"),
+    ]
+    for name, needed, read, bound, op, fmt in gpu_targets:
+        if t := missing(name, *needed):
+            out.append(t)
+            continue
+        value = read()
+        if not on_target:
+            out.append(_target(name, "not measured", f"{fmt.format(value)} on this run (not the target setting)", off))
+            continue
+        met = value <= bound if op == "<=" else value >= bound
+        out.append(_target(name, "met" if met else "missed", fmt.format(value)))
+    return out
+
+
+# ---- files ----
+
+def write(result: dict[str, Any], out: Path) -> dict[str, str]:
+    """Write ``<run>.json``, ``<run>.csv``, ``<run>.png`` into ``out`` and regenerate ``out/README.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {ext: f"{result['run']}.{ext}" for ext in ("json", "csv", "png")}  # names, relative to ``out``
+    result["files"] = {**files, "readme": "README.md"}
+    (out / files["json"]).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    write_csv(result, out / files["csv"])
+    chart(result, out / files["png"])
+    write_readme(out)
+    return {k: str(out / v) for k, v in result["files"].items()}
+
+
+CSV_COLUMNS = ("strategy", "status", "steps", "samples_per_s", "vs_padded", "real_tokens_per_s", "ms_per_batch",
+               "ms_per_sample", "data_wait_ms", "transfer_ms", "forward_ms", "backward_ms", "optimizer_ms",
+               "data_wait_share", "real_tokens", "padded_tokens", "padding_fraction", "bytes_per_batch",
+               "copies_per_batch", "unpacked_bytes_per_batch", "unpacked_copies_per_batch",
+               "packed_bytes_per_batch", "packed_copies_per_batch", "copy_variant", "copy_ms_per_batch", "copy_GBps",
+               "fraction_of_reference", "loader_samples_per_s", "loader_real_tokens_per_s", "collate_ms_per_batch",
+               "peak_device_bytes", "peak_rss_bytes", "rss_start_bytes", "rss_end_bytes")
+
+
+def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    vs = result["ratios"].get("vs_padded", {})
+    rows = []
+    for s, r in result["strategies"].items():
+        if r.get("status") != "ok":
+            rows.append({"strategy": s, "status": r.get("status")})
+            continue
+        e, tr, m = r["e2e"], r["transfer"], r["memory"]
+        rows.append({
+            "strategy": s, "status": "ok", "steps": e["steps"], "samples_per_s": e["samples_per_s"],
+            "vs_padded": vs.get(s), "real_tokens_per_s": e["real_tokens_per_s"], "ms_per_batch": e["ms_per_batch"],
+            "ms_per_sample": e["ms_per_sample"], **{f"{p}_ms": v for p, v in r["step_ms"].items()},
+            "data_wait_share": e["data_wait_share"], **r["padding"],
+            "bytes_per_batch": tr["as_loaded"]["bytes_per_batch"],
+            "copies_per_batch": tr["as_loaded"]["copies_per_batch"],
+            "unpacked_bytes_per_batch": tr["unpacked"]["bytes_per_batch"],
+            "unpacked_copies_per_batch": tr["unpacked"]["copies_per_batch"],
+            "packed_bytes_per_batch": tr["packed"]["bytes_per_batch"],
+            "packed_copies_per_batch": tr["packed"]["copies_per_batch"], "copy_variant": tr["loaded_variant"],
+            "copy_ms_per_batch": tr["ms_per_batch"], "copy_GBps": tr["GBps"],
+            "fraction_of_reference": tr["fraction_of_reference"],
+            "loader_samples_per_s": r["loader"]["samples_per_s"],
+            "loader_real_tokens_per_s": r["loader"]["real_tokens_per_s"],
+            "collate_ms_per_batch": r["collate"]["ms_per_batch"], "peak_device_bytes": m["peak_device_bytes"],
+            "peak_rss_bytes": m["peak_rss_bytes"], "rss_start_bytes": m["rss_start_bytes"],
+            "rss_end_bytes": m["rss_end_bytes"]})
+    syn = result["synthetic"]
+    rows.append({"strategy": "synthetic", "status": "ok", "steps": syn["before"]["steps"],
+                 "samples_per_s": syn["samples_per_s"], "vs_padded": result["ratios"]["synthetic_vs_padded"],
+                 "real_tokens_per_s": syn["real_tokens_per_s"], "ms_per_batch": syn["ms_per_batch"],
+                 **{f"{p}_ms": v for p, v in syn["phases_ms"].items()}})
+    return rows
+
+
+def write_csv(result: dict[str, Any], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in csv_rows(result):
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+
+
+def _csv_value(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+# ---- chart ----
+
+def _bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]], list[float]]:
+    """Bar labels (strategy and samples per batch; synthetic last), ms per batch by part, and samples/s."""
+    syn = result["synthetic"]
+    rows = [(s, r["step_ms"], r["e2e"]["samples_per_s"], r["e2e"]["samples"] / r["e2e"]["steps"])
+            for s, r in ok_strategies(result).items()]
+    rows.append(("synthetic", {"data_wait": 0.0, "transfer": 0.0, **syn["phases_ms"]}, syn["samples_per_s"],
+                 syn["before"]["samples"] / syn["before"]["steps"]))
+    labels = [f"{name}\n{per_batch:.0f}/batch" for name, _, _, per_batch in rows]
+    parts = {"data wait": [ms["data_wait"] for _, ms, _, _ in rows],
+             "transfer": [ms["transfer"] for _, ms, _, _ in rows],
+             "compute (fwd+bwd+opt)": [ms["forward"] + ms["backward"] + ms["optimizer"] for _, ms, _, _ in rows]}
+    return labels, parts, [rate for _, _, rate, _ in rows]
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Time per batch stacked into data wait / transfer / compute, and samples/s, per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, parts, sps = _bars(result)
+    colors = {"data wait": "#e4572e", "transfer": "#f3a712", "compute (fwd+bwd+opt)": "#29335c"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    bottom = [0.0] * len(names)
+    for label, values in parts.items():
+        ax1.bar(names, values, bottom=bottom, label=label, color=colors[label])
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for x, total in enumerate(bottom):
+        ax1.annotate(f"{total:.0f}", (x, total), ha="center", va="bottom", fontsize=9)
+    ax1.set_ylim(0, 1.3 * max(bottom))  # room for the legend above the tallest bar
+    ax1.set_ylabel("ms per batch (mean)")
+    ax1.set_title("time per batch")
+    ax1.legend(frameon=False, fontsize=9, loc="upper center", ncol=3)
+    bars = ax2.bar(names, sps, color=["#8d99ae" if n.startswith("synthetic") else "#2b9348" for n in names])
+    for bar, v in zip(bars, sps):
+        ax2.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                     va="bottom", fontsize=9)
+    ax2.set_ylabel("samples / s (end to end)")
+    ax2.set_title("samples/s, end to end")
+    ax2.set_xlabel("synthetic: padded's batches already on the device, no loader", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=9)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(_headline(result), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _headline(result: dict[str, Any]) -> str:
+    c, m = result["config"], result["machine"]
+    return (f"{m['label']} ({m['name']}), {c['preset']} preset, batch {c['batch_size']}, "
+            f"{_n(c['workers'], 'worker')}, {_n(result['threads'], 'thread')}, {result['date']}, "
+            f"commit {_commit(result)}")
+
+
+def _commit(result: dict[str, Any]) -> str:
+    g = result["git"]
+    return ((g["commit"] or "none")[:10]) + ("+dirty" if g["dirty"] else "")
+
+
+# ---- tables and README ----
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _kb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1000:.1f} kB"
+
+
+def _f(v: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table_text(result: dict[str, Any]) -> str:
+    """The two markdown tables of one run: end to end, and the data path."""
+    ok = ok_strategies(result)
+    vs_pad = result["ratios"].get("vs_padded", {})
+    vs_ps = result["ratios"].get("vs_per_sample", {})
+    cuda = result["machine"]["device"].startswith("cuda")
+    mem_col = "peak device memory" if cuda else "peak RSS in run"
+    lines = ["| strategy | samples/s | x padded | x per-sample | text tokens/s | ms/batch | data wait ms | "
+             "transfer ms | forward ms | backward ms | optimizer ms | data-wait share | " + mem_col + " |",
+             "|" + " --- |" * 13]
+    for s, r in result["strategies"].items():
+        if s not in ok:
+            lines.append(f"| {s} | {r.get('status')} |" + " |" * 11)
+            continue
+        e, ms, m = r["e2e"], r["step_ms"], r["memory"]
+        lines.append(
+            f"| {s} | {e['samples_per_s']:.1f} | {_f(vs_pad.get(s), '{:.2f}')} | {_f(vs_ps.get(s), '{:.1f}')} | "
+            f"{e['real_tokens_per_s']:.0f} | {e['ms_per_batch']:.0f} | {ms['data_wait']:.1f} | {ms['transfer']:.2f} | "
+            f"{ms['forward']:.0f} | {ms['backward']:.0f} | {ms['optimizer']:.0f} | {e['data_wait_share']:.1%} | "
+            f"{_mb(m['peak_device_bytes'] if cuda else m['rss_peak_sampled_bytes'])} |")
+    syn, sms = result["synthetic"], result["synthetic"]["phases_ms"]
+    lines.append(f"| synthetic | {syn['samples_per_s']:.1f} | {_f(result['ratios']['synthetic_vs_padded'], '{:.2f}')}"
+                 f" | - | {syn['real_tokens_per_s']:.0f} | {syn['ms_per_batch']:.0f} | - | - | "
+                 f"{sms['forward']:.0f} | {sms['backward']:.0f} | {sms['optimizer']:.0f} | - | - |")
+    copy_kind = "h2d" if cuda else "host memcpy"
+    lines += ["", "| strategy | loader alone samples/s | loader text tokens/s | collate ms/batch | real tokens | "
+                  "padded tokens | padding | bytes/batch (as loaded) | copies/batch (as loaded) | copies unpacked -> "
+                  f"packed | {copy_kind} ms/batch | {copy_kind} GB/s | RSS start -> end |",
+              "|" + " --- |" * 13]
+    for s, r in ok.items():
+        tr, p, m = r["transfer"], r["padding"], r["memory"]
+        lines.append(
+            f"| {s} | {r['loader']['samples_per_s']:.0f} | {r['loader']['real_tokens_per_s']:.0f} | "
+            f"{r['collate']['ms_per_batch']:.2f} | {p['real_tokens']} | {p['padded_tokens']} | "
+            f"{p['padding_fraction']:.1%} | {_kb(tr['as_loaded']['bytes_per_batch'])} | "
+            f"{tr['as_loaded']['copies_per_batch']:.1f}{' (packed)' if tr['as_loaded']['packed'] else ''} | "
+            f"{tr['unpacked']['copies_per_batch']:.1f} -> {tr['packed']['copies_per_batch']:.0f} | "
+            f"{tr['ms_per_batch']:.3f} | {tr['GBps']:.2f} | {_mb(m['rss_start_bytes'])} -> {_mb(m['rss_end_bytes'])} |")
+    return "\n".join(lines)
+
+
+def reading(result: dict[str, Any]) -> str:
+    """One paragraph that reads the run's numbers, every figure taken from ``result``."""
+    ok = ok_strategies(result)
+    c, m = result["config"], result["machine"]
+    cuda = m["device"].startswith("cuda")
+    if not ok:
+        return "No strategy ran to completion in this run; see the statuses in the table."
+    sps = {s: r["e2e"]["samples_per_s"] for s, r in ok.items()}
+    best = max(sps, key=sps.get)
+    syn = result["synthetic"]
+    out = [f"On {m['name']} ({m['device']}, {c['preset']} preset, batch {c['batch_size']}, "
+           f"{_n(c['workers'], 'loader worker')}, {_n(result['threads'], 'compute thread')}), {best} was the fastest "
+           f"strategy end to end at "
+           f"{sps[best]:.1f} samples/s"]
+    if "padded" in sps and best != "padded":
+        out[-1] += f" ({sps[best] / sps['padded']:.2f}x padded)"
+    if "per-sample" in sps and best != "per-sample":
+        out[-1] += f"; per-sample ran at {sps['per-sample']:.1f} samples/s, {sps[best] / sps['per-sample']:.1f}x below"
+    out[-1] += "."
+    shares = {s: r["e2e"]["data_wait_share"] for s, r in ok.items()}
+    hi = max(shares, key=shares.get)
+    out.append(f"Data wait took {min(shares.values()):.1%} to {shares[hi]:.1%} of the step (most: {hi})"
+               + (f", so the loader starved {hi}" if shares[hi] > 0.1 else "") + ".")
+    if "padded" in sps:
+        gap = 1 - sps["padded"] / syn["samples_per_s"]
+        out.append(f"The synthetic baseline (padded's own batches, already on the device, no loader) ran at "
+                   f"{syn['samples_per_s']:.1f} samples/s, so the data path cost padded {gap:.0%} of its upper bound"
+                   if gap > 0 else f"The synthetic baseline ran at {syn['samples_per_s']:.1f} samples/s, no faster "
+                   f"than padded through its loader, so the data path did not limit padded")
+        compute = {k: sum(v[p] for p in ("forward", "backward", "optimizer")) for k, v in
+                   (("loop", ok["padded"]["step_ms"]), ("synthetic", syn["phases_ms"]))}
+        if gap > 0 and compute["loop"] > 1.1 * compute["synthetic"]:
+            out[-1] += (f"; little of it was waiting: the same batches' compute took {compute['loop']:.0f} ms in the "
+                        f"loader run against {compute['synthetic']:.0f} ms in the synthetic one; "
+                        f"{_n(c['workers'], 'loader worker')} and {_n(result['threads'], 'compute thread')} share "
+                        f"{_n(m['cpu_count'], 'core')} (with whatever else runs on the machine), so the loader's work "
+                        f"likely shows up as slower compute")
+        out[-1] += "."
+    if "nested" in ok and "padded" in ok:
+        compute = {s: sum(ok[s]["step_ms"][p] for p in ("forward", "backward", "optimizer")) for s in ("nested",
+                                                                                                      "padded")}
+        pf = ok["padded"]["padding"]["padding_fraction"]
+        verb = "cost more" if compute["nested"] > compute["padded"] else "saved more"
+        out.append(f"Padded wasted {pf:.0%} of its text tokens on padding, nested none; nested's compute "
+                   f"(forward+backward+optimizer) took {compute['nested']:.0f} ms per batch against padded's "
+                   f"{compute['padded']:.0f} ms, so here its jagged kernels {verb} than the padding they remove.")
+    if "bucketed" in ok:
+        out.append(f"Bucketing cut padding to {ok['bucketed']['padding']['padding_fraction']:.1%}.")
+    if cuda and "nested" in ok:
+        tr = ok["nested"]["transfer"]
+        out.append(f"Nested moved {_kb(tr['as_loaded']['bytes_per_batch'])} per batch in "
+                   f"{tr['as_loaded']['copies_per_batch']:g} copy at {tr['GBps']:.1f} GB/s, "
+                   f"{tr['fraction_of_reference']:.0%} of this GPU's pinned memcpy "
+                   f"({result['reference_bandwidth']['GBps']:.1f} GB/s).")
+    elif not cuda:
+        out.append("There is no host-to-device copy on the CPU: the transfer column is the hand-over of the batch "
+                   "(views, no copy) and the copy times are host memcpy stand-ins, so the bandwidth target needs a "
+                   "CUDA run.")
+    growth = {s: (r["memory"]["rss_end_bytes"] - r["memory"]["rss_start_bytes"]) / 2**20 for s, r in ok.items()}
+    late = {s: (r["per_step"][-1]["rss_bytes"] - r["per_step"][len(r["per_step"]) * 2 // 3]["rss_bytes"]) / 2**20
+            for s, r in ok.items()}
+    worst, worst_late = max(growth, key=lambda s: abs(growth[s])), max(late, key=lambda s: abs(late[s]))
+    out.append(f"Process RSS moved by at most {growth[worst]:+.0f} MiB over a strategy's measured steps ({worst}) "
+               f"and by at most {late[worst_late]:+.0f} MiB over the last third of them ({worst_late}).")
+    if result.get("freeze"):
+        fz = result["freeze"]
+        out.append(f"Frozen training took {fz['ratio']:.2f}x the compute time of full training per sample "
+                   f"(padded batches, the two interleaved step by step; the seed paper: {fz['paper']['ratio']:.2f}).")
+    loads = [r["e2e"]["load1_mean"] for r in ok.values()] + [result["load_average"]["start"][0],
+                                                             result["load_average"]["end"][0]]
+    own = result["threads"] + c["workers"]  # the most this benchmark keeps busy
+    out.append(f"During the run the machine's 1-minute load average was {min(loads):.1f} to {max(loads):.1f} on "
+               f"{_n(m['cpu_count'], 'core')}, this benchmark accounting for at most {own}"
+               + (", so other processes competed for the CPU throughout and the rates here are lower and noisier "
+                  "than on an idle machine" if min(loads) > own else "")
+               + f"; the synthetic baseline drifted {syn['drift']:.0%} between the start and the end of the run.")
+    return " ".join(out)
+
+
+def section(result: dict[str, Any]) -> str:
+    c, m = result["config"], result["machine"]
+    fz = result.get("freeze")
+    lines = [
+        f"## {m['label']}: {m['name']}",
+        "",
+        f"Run `{result['run']}` on {result['date']}: commit {_commit(result)}, torch {m['torch']}, "
+        f"{m['cpu_count']} CPUs, {_n(result['threads'], 'compute thread')}; {c['preset']} preset, batch "
+        f"{c['batch_size']}, {_n(c['workers'], 'loader worker')}, {c['steps']} measured steps after {c['warmup']} "
+        f"warm-up (per-sample: "
+        f"{c['per_sample_steps']}), data {', '.join(c['data'])}{' (--quick)' if c['quick'] else ''}; "
+        f"took {result['duration_s']:.0f} s. Figures: `{result['files']['json']}`.",
+        "",
+        table_text(result),
+        "",
+        f"![time per batch and samples/s per strategy]({result['files']['png']})",
+        "",
+        reading(result),
+        "",
+        "### Targets",
+        "",
+        "| target | status | value | why |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['status']} | {t['value'] or '-'} | {t['reason'] or '-'} |")
+    if fz:
+        lines += ["", "### Freeze modes (padded)", "", f"How: {fz['how']}.", "",
+                  "| mode | s per 1000 samples | s per epoch | trainable parameters |", "| --- | --- | --- | --- |"]
+        for mode in ("full", "frozen"):
+            f = fz[mode]
+            lines.append(f"| {mode} | {f['s_per_1000_samples']:.2f} | {_f(f['s_per_epoch'], '{:.1f}')} "
+                         f"({f['epoch_samples'] or '?'} samples) | {f['trainable_params']:,} |")
+        lines.append(f"| frozen / full | {fz['ratio']:.2f} | paper: {fz['paper']['frozen_s_per_epoch']} / "
+                     f"{fz['paper']['full_s_per_epoch']} s = {fz['paper']['ratio']} | |")
+    ref = result["reference_bandwidth"]
+    lines += ["", f"Reference copy bandwidth: {ref['kind']}, {ref['bytes'] / 2**20:.0f} MiB in {ref['ms']:.2f} ms = "
+                  f"{ref['GBps']:.1f} GB/s."]
+    if result.get("profile_dir"):
+        lines += ["", f"Profiler traces: `{result['profile_dir']}` (`tensorboard --logdir "
+                      f"{Path(result['profile_dir']).parent}`)."]
+    return "\n".join(lines)
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(r, dict) and {"run", "strategies", "machine", "date"} <= r.keys():
+            out.append(r)
+    return out
+
+
+def newest_per_device(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    newest: dict[str, dict[str, Any]] = {}
+    for r in results:
+        label = r["machine"]["label"]
+        if label not in newest or r["date"] > newest[label]["date"]:
+            newest[label] = r
+    return [newest[k] for k in sorted(newest)]
+
+
+def write_readme(folder: Path) -> None:
+    every = load_results(folder)
+    runs = newest_per_device(every)
+    older = len(every) - len(runs)
+    parts = [
+        "# Throughput results",
+        "",
+        "Generated by `python bench/throughput.py` (see `--help`); do not edit: every number and sentence below is "
+        "made from the JSON files in this folder. Only the newest run per device is shown"
+        + (f"; {older} older run file(s) stay beside it." if older else "."),
+        "",
+        "Columns: *samples/s* and *text tokens/s* are end to end (loader, copy, forward, backward, optimizer) over "
+        "the measured steps; *ms/batch* is wall time per step split into phases (means; the device is synchronized "
+        "before every clock read on CUDA); *data-wait share* is data wait over the step; *x padded* compares "
+        "samples/s within the run. The *synthetic* row is the same step on padded's own batches, moved to the device "
+        "before timing: padded's upper bound without a loader. *Loader alone* is the DataLoader with no model; "
+        "*collate* times the collator on pre-decoded samples; *copies unpacked -> packed* are host-to-device copies "
+        "per batch without and with the one-buffer staging (`mmload.staging.pack`) on those same batches, and the "
+        "memcpy columns time them (CUDA: host-to-device, with the loader's pinning; CPU: a host memcpy stand-in).",
+        "",
+    ]
+    for r in runs:
+        parts += [section(r), ""]
+    (folder / "README.md").write_text("\n".join(parts), encoding="utf-8")

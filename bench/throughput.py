@@ -1,0 +1,462 @@
+"""``python bench/throughput.py``: the five batching strategies through one joint ViT-BERT training step.
+
+For each strategy, in one run (so ratios hold on a noisy machine), in a fixed order, same data, same seed:
+
+* loader alone: samples/s and text tokens/s with N workers; collate time per batch on pre-decoded samples;
+* padding: real and padded text tokens (``batch.stats()``);
+* transfer: bytes and host-to-device copies per batch, packed vs unpacked, pinned vs pageable, timed with CUDA
+  events beside the machine's own pinned memcpy bandwidth (on the CPU: host memcpy, said so);
+* the training step (``models.train.step_phases``): data wait, transfer, forward, backward, optimizer;
+* end to end: samples/s, real tokens/s, data-wait share, peak device memory (CPU: peak RSS), RSS over the run;
+
+plus a synthetic baseline (the same step on fixed batches already on the device, measured before and after
+the strategies: the upper bound, and its drift a measure of machine noise) and ``frozen`` vs ``full`` training
+time with the padded strategy. Writes ``OUT/<device>-<preset>-<date>.{json,csv,png}`` and refreshes
+``OUT/README.md``. ``--quick`` runs in seconds (tiny preset, tiny data) for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import _data, _measure, _report
+from mmload.bucketing import BucketBatcher
+from mmload.dataset import expand_urls, parse_data
+from mmload.loader import STRATEGIES, make_collator, make_loader
+from mmload.masking import MLMMasking
+from mmload.staging import pack
+from mmload.tokenizer import load_tokenizer
+from models.config import ModelConfig
+from models.train import EpochStream, apply_freeze, build_model, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_FREEZE = {"source": "Cross Modality Pre-training and the Intrinsic Values of Data Modality",
+                "frozen_s_per_epoch": 4.9, "full_s_per_epoch": 8.1, "ratio": 0.61}
+# (steps, warmup) when not given: a default CPU run takes about 5 minutes on a 2-core machine
+DEFAULT_STEPS = {"cpu": (50, 5), "cuda": (100, 10)}
+DEFAULTS = {"samples": 2000, "maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32}
+# --quick: options not given on the command line take these values
+QUICK = {"preset": "tiny", "samples": 96, "maxcount": 24, "image_text_ratio": 2.0, "batch_size": 8, "steps": 3,
+         "warmup": 1, "per_sample_steps": 2, "freeze_steps": 2, "workers": 1, "collate_batches": 3}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python bench/throughput.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[1],
+        epilog="Example: python bench/throughput.py --data 'my-img2dataset/{00000..00009}.tar' --strategies "
+               "padded,nested --steps 50. View --profile traces with: tensorboard --logdir results/tb")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", metavar="SHARDS[@WEIGHT]",
+                   help="webdataset shards (path, brace pattern or folder of *.tar, e.g. img2dataset output); "
+                        "repeat to blend sources by WEIGHT. Default: the builtin shards, made once and cached")
+    g.add_argument("--samples", type=int, help="builtin data: number of samples (default 2000)")
+    g.add_argument("--image-text-ratio", type=float, metavar="R",
+                   help="builtin data: images per text (default 8)")
+    g.add_argument("--text-len", default="48,0.9", metavar="MEDIAN,SIGMA",
+                   help="builtin data: text lengths are lognormal with this median (words) and sigma (log "
+                        "space), clipped to [5, 512] words (default 48,0.9)")
+    g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                   help="HF tokenizer for the texts (default: the one saved beside the first shard, as make-shards "
+                        "does; img2dataset output needs one)")
+    g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
+                   help="embeddings strategy: precompute every token's embedding (same tokens as the other "
+                        "strategies, MLM works) or one pooled vector per sample (no MLM) (default tokens)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where builtin and embedding shards are cached (default $MMLOAD_CACHE or ~/.cache/mmload)")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"comma-separated, run in this order (default {','.join(STRATEGIES)})")
+    g.add_argument("--preset", choices=sorted(ModelConfig.PRESETS),
+                   help="model size (default: base on CUDA, small on the CPU)")
+    g.add_argument("--batch-size", type=int, help="samples per batch (default 32)")
+    g.add_argument("--workers", type=int, help="DataLoader workers (default: min(8, CPU count))")
+    g.add_argument("--steps", type=int, help="measured steps per strategy (default 50 on the CPU, 100 on CUDA)")
+    g.add_argument("--warmup", type=int, help="unmeasured steps first (default 5 on the CPU, 10 on CUDA)")
+    g.add_argument("--per-sample-steps", type=int,
+                   help="measured steps of per-sample, slow by design (default max(3, steps // 3)); its rates are "
+                        "per sample and per batch, so it compares")
+    g.add_argument("--freeze-steps", type=int,
+                   help="measured steps of each of frozen and full training (padded); 0 skips (default: --steps)")
+    g.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
+    g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="autocast dtype on CUDA (the CPU runs fp32) (default bf16)")
+    g.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default on the CPU: cores minus workers, at least 1: spinning "
+                        "OpenMP threads on busy cores turn timings into noise; on CUDA: torch's default)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data, masks and weights (default 0)")
+    g.add_argument("--profile", action="store_true",
+                   help="also record torch.profiler traces (ranges data_wait, h2d, forward, backward, optimizer) "
+                        "of 5 steps per strategy into OUT/tb/<run>/ (view: tensorboard --logdir OUT/tb)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", default=str(REPO / "results"),
+                   help="results folder: <device>-<preset>-<date>.json/.csv/.png and README.md (default results/)")
+    g.add_argument("--quick", action="store_true",
+                   help="seconds, for tests: tiny preset, 96 builtin samples, batch 8, 3 steps, 1 worker")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    args.device = device
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in args.strategies if s not in STRATEGIES]
+    if bad or not args.strategies:
+        parser.error(f"--strategies: unknown {bad or args.strategies}; choose from {','.join(STRATEGIES)}")
+    try:
+        median, sigma = (float(x) for x in args.text_len.split(","))
+    except ValueError:
+        parser.error(f"--text-len takes MEDIAN,SIGMA (e.g. 48,0.9), got {args.text_len!r}")
+    args.text_len = (median, sigma)
+    args.maxcount = args.collate_batches = None
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    steps, warmup = DEFAULT_STEPS[kind]
+    args.preset = args.preset or ("base" if kind == "cuda" else "small")
+    args.steps = steps if args.steps is None else args.steps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.per_sample_steps = args.per_sample_steps or max(3, args.steps // 3)
+    args.freeze_steps = args.steps if args.freeze_steps is None else args.freeze_steps
+    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    args.collate_batches = args.collate_batches or min(args.steps, 16)
+    if args.threads is None and kind == "cpu":
+        args.threads = max(1, (os.cpu_count() or 1) - args.workers)
+    for name in ("batch_size", "steps", "per_sample_steps", "samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "workers", "freeze_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    return args
+
+
+# ---- provenance ----
+
+def git_state(repo: Path = REPO) -> dict[str, Any]:
+    """The commit of the working tree and whether it differs from it (None where git cannot tell)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))  # untracked code counts
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"commit": commit, "dirty": dirty}
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        label = "cuda-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    else:
+        name = _cpu_name()
+        label = device.type
+    return {"device": str(device), "label": label, "name": name, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform()}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# ---- the run ----
+
+class Bench:
+    """Everything one run shares: data, tokenizer, masking, model shape, and how to build loaders and models."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.cache = Path(args.cache_dir or os.environ.get("MMLOAD_CACHE") or "~/.cache/mmload").expanduser()
+        if args.data:
+            self.data = list(args.data)
+        else:
+            urls = _data.builtin_shards(self.cache, args.samples, args.seed, args.image_text_ratio, args.text_len,
+                                        args.maxcount, progress=args.progress)
+            self.data = [str(Path(urls[0]).parent)]
+        self.urls = expand_urls(parse_data(self.data)[0][0])
+        self.tokenizer = load_tokenizer(args.tokenizer, self.urls)
+        self.masking = MLMMasking.from_tokenizer(self.tokenizer, seed=args.seed)
+        self.shape = ModelConfig.preset(args.preset, vocab_size=len(self.tokenizer))
+        self.skipped: dict[str, str] = {}
+        self.emb_data: list[str] | None = None
+        if "embeddings" in args.strategies:
+            try:
+                self.emb_data = _data.embedding_data(
+                    self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
+                    tokens=args.emb == "tokens", device=self.device, progress=args.progress)
+            except ValueError as e:  # e.g. paired image_text samples: precompute takes one modality per sample
+                self.skipped["embeddings"] = f"precompute failed: {e}"
+        n = args.collate_batches * args.batch_size
+        self.samples = {"raw": self.first_samples("padded", n)}  # pre-decoded, for collate and copy timing
+        if self.emb_data is not None:
+            self.samples["emb"] = self.first_samples("embeddings", n)
+        self.num_classes = _data.num_classes(self.urls, self.samples["raw"])
+
+    def data_for(self, strategy: str) -> list[str]:
+        return self.emb_data if strategy == "embeddings" else self.data
+
+    def first_samples(self, strategy: str, n: int) -> list:
+        return _data.first_samples(self.data_for(strategy), n, seed=self.args.seed, tokenizer=self.tokenizer,
+                                   transform=self.masking, image_size=self.shape.image_size,
+                                   max_text_len=self.shape.max_text_len)
+
+    def groups(self, strategy: str, n: int) -> list[list]:
+        """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
+        samples, B = self.samples["emb" if strategy == "embeddings" else "raw"], self.args.batch_size
+        if strategy == "bucketed":
+            return list(BucketBatcher(B)(iter(samples)))[:n]
+        return [samples[i:i + B] for i in range(0, len(samples), B)][:n]
+
+    def stream(self, strategy: str) -> EpochStream:
+        a = self.args
+
+        def make(epoch: int) -> Any:
+            return make_loader(strategy, self.data_for(strategy), batch_size=a.batch_size, num_workers=a.workers,
+                               seed=a.seed, transform=self.masking, tokenizer=self.tokenizer,
+                               image_size=self.shape.image_size, max_text_len=self.shape.max_text_len)
+
+        return EpochStream(make, a.workers)
+
+    def model(self, strategy: str, freeze: str = "full") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        extra = {"emb_dim": self.shape.d_model} if strategy == "embeddings" else {}
+        model = build_model(self.args.preset, len(self.tokenizer), num_classes=self.num_classes, seed=self.args.seed,
+                            **extra)
+        apply_freeze(model, freeze)
+        model.to(self.device).train()
+        return model, make_optimizer(model, self.args.lr)
+
+    def step_kwargs(self, desc: str) -> dict[str, Any]:
+        return {"text_loss_weight": 1.0, "precision": self.args.precision, "desc": desc,
+                "progress": self.args.progress}
+
+
+def close(stream: EpochStream) -> None:
+    """Stop the stream's loader workers now, not whenever the garbage collector gets to them."""
+    stream.it = stream.loader = None
+    gc.collect()
+
+
+def measure_strategy(bench: Bench, strategy: str, reference: dict[str, Any]) -> dict[str, Any]:
+    a, device = bench.args, bench.device
+    steps = a.per_sample_steps if strategy == "per-sample" else a.steps
+    collate = make_collator(strategy)
+    packs = bool(getattr(collate, "pack", False))
+    groups = bench.groups(strategy, min(steps, a.collate_batches))
+    collate_fig = _measure.time_collate(collate, groups)
+    unpacked = [make_collator(strategy, pack=False)(g) for g in groups]
+    copies = _measure.time_copies(unpacked, device)
+    form = "packed" if packs else "unpacked"
+    loaded_variant = f"{form}_pinned" if f"{form}_pinned" in copies else f"{form}_pageable"  # what the loader hands
+
+    stream = bench.stream(strategy)
+    try:
+        loader = _measure.time_loader(stream, a.warmup, steps, f"{strategy} loader", a.progress)
+    finally:
+        close(stream)
+    model, optimizer = bench.model(strategy)
+    stream = bench.stream(strategy)
+    try:
+        e2e = _measure.train_steps(stream, model, optimizer, device, warmup=a.warmup, steps=steps,
+                                   **bench.step_kwargs(f"{strategy} train"))
+    finally:
+        close(stream)
+    per_step, memory = e2e.pop("per_step"), e2e.pop("memory")
+    stats, moved = e2e.pop("stats"), e2e.pop("moved")
+    copy_loaded = copies[loaded_variant]
+    return {
+        "status": "ok", "data": bench.data_for(strategy), "steps": steps, "warmup": a.warmup,
+        "loader": {**loader, "workers": a.workers},
+        "collate": {**collate_fig, "packs": packs},
+        "padding": {k: stats[k] for k in ("real_tokens", "padded_tokens", "padding_fraction")},
+        "transfer": {
+            "as_loaded": {"packed": packs, "bytes_per_batch": stats["bytes_per_batch"],
+                          "copies_per_batch": stats["copies_per_batch"]},
+            "moved": moved,  # counted by the copy itself, to check stats() against
+            "unpacked": _pick(_measure.batch_stats(unpacked), "bytes_per_batch", "copies_per_batch"),
+            "packed": _pick(_measure.batch_stats([pack(b) for b in unpacked]), "bytes_per_batch",
+                            "copies_per_batch"),
+            "copy_time": copies, "loaded_variant": loaded_variant,
+            "ms_per_batch": copy_loaded["ms_per_batch"], "GBps": copy_loaded["GBps"],
+            "fraction_of_reference": copy_loaded["GBps"] / reference["GBps"] if device.type == "cuda" else None,
+        },
+        "step_ms": e2e["phases_ms"], "step_ms_median": e2e["phases_ms_median"],
+        "e2e": {k: e2e[k] for k in ("samples_per_s", "real_tokens_per_s", "batches_per_s", "ms_per_batch",
+                                    "ms_per_sample", "data_wait_share", "seconds", "samples", "steps", "load1_mean")},
+        "stats": stats, "memory": memory, "per_step": per_step,
+    }
+
+
+def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: d[k] for k in keys}
+
+
+def synthetic_batches(bench: Bench) -> list[Any]:
+    """The exact batches the padded loader yields for warm-up and measured steps, moved to the device once."""
+    a = bench.args
+    stream = bench.stream("padded")
+    try:
+        return [_measure.to_device(next(stream), bench.device, non_blocking=False)[0]
+                for _ in range(a.warmup + a.steps)]
+    finally:
+        close(stream)
+
+
+def measure_synthetic(bench: Bench, batches: list[Any], desc: str) -> dict[str, Any]:
+    a = bench.args
+    model, optimizer = bench.model("padded")
+    out = _measure.synthetic_steps(model, optimizer, batches, bench.device, warmup=a.warmup, steps=a.steps,
+                                   **bench.step_kwargs(desc))
+    return {k: out[k] for k in ("samples_per_s", "real_tokens_per_s", "ms_per_batch", "ms_per_sample", "phases_ms",
+                                "phases_ms_median", "seconds", "samples", "steps")}
+
+
+def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) -> dict[str, Any]:
+    """``full`` vs ``frozen`` (trainer's ``apply_freeze``) on padded's device batches, interleaved step by step."""
+    a = bench.args
+    runs = {mode: bench.model("padded", freeze=mode) for mode in ("full", "frozen")}
+    timed = _measure.interleaved_steps(runs, batches, bench.device, warmup=a.warmup, steps=a.freeze_steps,
+                                       **bench.step_kwargs("frozen vs full"))
+    out: dict[str, Any] = {"strategy": "padded", "steps": a.freeze_steps, "paper": PAPER_FREEZE,
+                           "how": "compute only (forward, backward, optimizer) on padded's loader batches already on "
+                                  "the device, the two modes interleaved step by step; the loader's share of an "
+                                  "epoch is the same for both"}
+    for mode, r in timed.items():
+        per_sample = r["seconds"] / r["samples"]
+        out[mode] = {"seconds": r["seconds"], "samples": r["samples"], "s_per_1000_samples": 1000 * per_sample,
+                     "s_per_epoch": per_sample * epoch_samples if epoch_samples else None,
+                     "epoch_samples": epoch_samples, "phases_ms": r["phases_ms"],
+                     "trainable_params": sum(p.numel() for p in runs[mode][0].parameters() if p.requires_grad)}
+    out["ratio"] = out["frozen"]["s_per_1000_samples"] / out["full"]["s_per_1000_samples"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started, load_start = time.perf_counter(), os.getloadavg()
+    date = datetime.now(UTC)
+    bench = Bench(args)
+    device = bench.device
+    info = device_info(device)
+    reference = _measure.reference_bandwidth(device)
+    strategies: dict[str, Any] = {}
+    batches = synthetic_batches(bench)
+    synthetic = {"batches": "the padded loader's own batches for the warm-up and measured steps, moved to the "
+                            "device once before timing",
+                 "before": measure_synthetic(bench, batches, "synthetic (before)")}
+    for strategy in args.strategies:
+        if strategy in bench.skipped:
+            strategies[strategy] = {"status": f"skipped: {bench.skipped[strategy]}"}
+            continue
+        strategies[strategy] = measure_strategy(bench, strategy, reference)
+    freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
+    synthetic["after"] = measure_synthetic(bench, batches, "synthetic (after)")
+    del batches
+    before, after = synthetic["before"], synthetic["after"]
+    for key in ("samples_per_s", "real_tokens_per_s", "ms_per_batch"):
+        synthetic[key] = (before[key] + after[key]) / 2
+    synthetic["phases_ms"] = {p: (before["phases_ms"][p] + after["phases_ms"][p]) / 2 for p in before["phases_ms"]}
+    synthetic["drift"] = abs(after["samples_per_s"] - before["samples_per_s"]) / max(after["samples_per_s"],
+                                                                                     before["samples_per_s"])
+    run_name = f"{info['label']}-{args.preset}-{date.strftime('%Y%m%d-%H%M%S')}"
+    profile_dir = None
+    if args.profile:
+        profile_dir = str(Path(args.out) / "tb" / run_name)
+        for strategy, r in strategies.items():
+            if r["status"] != "ok":
+                continue
+            model, optimizer = bench.model(strategy)
+            stream = bench.stream(strategy)
+            try:
+                _measure.profiled_steps(stream, model, optimizer, device, profile_dir, strategy,
+                                        text_loss_weight=1.0, precision=args.precision)
+            finally:
+                close(stream)
+    config = dict(vars(args))
+    config.update(data=bench.data, embedding_data=bench.emb_data, model=vars(bench.shape) | {"num_classes":
+                  bench.num_classes}, tokenizer_vocab=len(bench.tokenizer), cache_dir=str(bench.cache))
+    result = {
+        "run": run_name, "date": date.isoformat(timespec="seconds"), "git": git_state(), "machine": info,
+        "threads": torch.get_num_threads(), "config": config, "argv": sys.argv[1:] if args.argv is None else
+        list(args.argv), "reference_bandwidth": reference, "synthetic": synthetic, "strategies": strategies,
+        "freeze": freeze, "profile_dir": profile_dir,
+        "load_average": {"start": load_start, "end": os.getloadavg(), "note": "1, 5, 15-minute load averages of "
+                         "the machine; above the core count, other processes competed for the CPU"},
+    }
+    result["ratios"] = _report.ratios(result)
+    result["targets"] = _report.targets(result)
+    result["duration_s"] = time.perf_counter() - started
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_known_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # torch's jagged tensors are a prototype and say so on every call; torchdata 0.11 calls a deprecated API
+        warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; write the result files into ``--out``; return the result dict (also for tests)."""
+    args = parse_args(argv)
+    args.argv = None if argv is None else list(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        with _quiet_known_warnings():
+            result = run(args)
+    finally:
+        torch.set_num_threads(threads)
+    paths = _report.write(result, Path(args.out))
+    print(_report.table_text(result))
+    print(f"\nwrote {', '.join(paths.values())} in {result['duration_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
+
+
+__all__ = ["build_parser", "main", "parse_args", "run"]

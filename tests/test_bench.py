@@ -1,0 +1,131 @@
+"""``bench/throughput.py --quick``, run in-process: every figure is there and agrees with the batches' own stats().
+
+Only structure and accounting are asserted; timings depend on the machine and are never checked here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import _report
+from bench.throughput import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+from mmload.loader import STRATEGIES  # noqa: E402
+
+PHASES = ("data_wait", "transfer", "forward", "backward", "optimizer")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("results")
+    cache = tmp_path_factory.mktemp("cache")
+    before = sorted(p.name for p in (REPO / "results").glob("*")) if (REPO / "results").is_dir() else []
+    # short lognormal texts (median 12 words) stay under the tiny preset's 64 positions: lengths really vary
+    result = main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress", "--text-len", "12,0.8"])
+    after = sorted(p.name for p in (REPO / "results").glob("*")) if (REPO / "results").is_dir() else []
+    assert before == after, "a test run must not write into the repository's results/"
+    return result, out
+
+
+def test_writes_every_result_file_to_out(run: tuple[dict, Path]) -> None:
+    result, out = run
+    for key in ("json", "csv", "png", "readme"):
+        path = out / result["files"][key]
+        assert path.is_file() and path.stat().st_size > 0, key
+    assert (out / result["files"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / result["files"]["json"]).read_text())
+    assert on_disk["run"] == result["run"] and set(on_disk["strategies"]) == set(STRATEGIES)
+    for key in ("commit", "dirty"):
+        assert key in on_disk["git"]
+    for key in ("device", "name", "torch", "cpu_count"):
+        assert on_disk["machine"][key] is not None
+    assert on_disk["config"]["quick"] and on_disk["config"]["preset"] == "tiny" and on_disk["date"]
+
+    rows = list(csv.DictReader((out / result["files"]["csv"]).open()))
+    assert [r["strategy"] for r in rows] == [*STRATEGIES, "synthetic"]
+    assert all(r["samples_per_s"] for r in rows)
+
+    readme = (out / "README.md").read_text()
+    assert result["run"] in readme and "### Targets" in readme and result["files"]["png"] in readme
+    for strategy in STRATEGIES:
+        assert f"| {strategy} |" in readme
+
+
+def test_every_figure_for_every_strategy(run: tuple[dict, Path]) -> None:
+    result, _ = run
+    for strategy in STRATEGIES:
+        r = result["strategies"][strategy]
+        assert r["status"] == "ok", (strategy, r["status"])
+        figures = {
+            "e2e": ("samples_per_s", "real_tokens_per_s", "ms_per_batch", "ms_per_sample", "data_wait_share"),
+            "loader": ("samples_per_s", "real_tokens_per_s", "workers"),
+            "collate": ("ms_per_batch", "us_per_sample"),
+            "padding": ("real_tokens", "padded_tokens", "padding_fraction"),
+            "transfer": ("ms_per_batch", "GBps", "loaded_variant"),
+            "step_ms": PHASES,
+            "memory": ("rss_start_bytes", "rss_end_bytes", "peak_rss_bytes", "rss_peak_sampled_bytes"),
+        }
+        for part, keys in figures.items():
+            for key in keys:
+                assert r[part][key] is not None, (strategy, part, key)
+        for form in ("as_loaded", "moved", "unpacked", "packed"):
+            assert r["transfer"][form]["bytes_per_batch"] > 0 and r["transfer"][form]["copies_per_batch"] >= 1
+        assert r["e2e"]["samples_per_s"] > 0 and r["loader"]["samples_per_s"] > 0
+        assert len(r["per_step"]) == r["steps"] == r["e2e"]["steps"]
+    syn = result["synthetic"]
+    assert syn["before"]["samples_per_s"] > 0 and syn["after"]["samples_per_s"] > 0 and syn["drift"] >= 0
+    assert result["reference_bandwidth"]["GBps"] > 0
+    fz = result["freeze"]
+    assert fz["frozen"]["trainable_params"] < fz["full"]["trainable_params"]
+    assert fz["ratio"] == pytest.approx(fz["frozen"]["s_per_1000_samples"] / fz["full"]["s_per_1000_samples"])
+    assert {t["status"] for t in result["targets"]} <= {"met", "missed", "not measured"}
+    assert len(result["targets"]) == 7
+
+
+def test_padding_zero_for_nested_positive_for_padded(run: tuple[dict, Path]) -> None:
+    result, _ = run
+    s = result["strategies"]
+    assert s["nested"]["padding"]["padded_tokens"] == 0
+    assert s["padded"]["padding"]["padded_tokens"] > 0
+    assert s["padded"]["padding"]["padding_fraction"] > 0
+    # the same stream: nested and padded see the same real tokens
+    assert s["nested"]["padding"]["real_tokens"] == s["padded"]["padding"]["real_tokens"]
+    target = next(t for t in result["targets"] if t["target"] == "nested has zero padded tokens")
+    assert target["status"] == "met"
+
+
+def test_bytes_and_copies_agree_with_stats(run: tuple[dict, Path]) -> None:
+    """What the benchmark counted while copying each batch equals that batch's stats()."""
+    result, _ = run
+    for strategy in STRATEGIES:
+        r = result["strategies"][strategy]
+        for step in r["per_step"]:
+            assert step["moved_bytes"] == step["bytes"], strategy
+            assert step["moved_copies"] == step["tensors"], strategy
+        assert r["transfer"]["as_loaded"]["bytes_per_batch"] == pytest.approx(r["transfer"]["moved"]["bytes_per_batch"])
+        assert r["transfer"]["as_loaded"]["copies_per_batch"] == r["transfer"]["moved"]["copies_per_batch"]
+        assert r["transfer"]["packed"]["copies_per_batch"] == 1
+        assert r["transfer"]["unpacked"]["copies_per_batch"] > 1
+    assert result["strategies"]["nested"]["transfer"]["as_loaded"]["copies_per_batch"] == 1  # nested packs
+
+
+def test_readme_keeps_only_the_newest_run_per_device() -> None:
+    def fake(label: str, date: str) -> dict:
+        return {"run": f"{label}-{date}", "date": date, "machine": {"label": label}, "strategies": {}}
+
+    runs = [fake("cpu", "2025-01-01"), fake("cpu", "2025-02-01"), fake("cuda-h100", "2025-01-15")]
+    assert [r["run"] for r in _report.newest_per_device(runs)] == ["cpu-2025-02-01", "cuda-h100-2025-01-15"]
+
+
+def test_help_names_every_option() -> None:
+    text = build_parser().format_help()
+    for option in ("--data", "--strategies", "--preset", "--batch-size", "--image-text-ratio", "--text-len",
+                   "--workers", "--steps", "--warmup", "--device", "--profile", "--out", "--quick"):
+        assert option in text
