@@ -120,8 +120,44 @@ def write(result: dict[str, Any], out: Path) -> dict[str, str]:
     (out / files["json"]).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
     write_csv(result, out / files["csv"])
     chart(result, out / files["png"])
+    if result.get("reliability"):
+        append_reliability_line(result, out / RELIABILITY)
     write_readme(out)
     return {k: str(out / v) for k, v in result["files"].items()}
+
+
+RELIABILITY = "reliability.jsonl"
+
+
+def reliability_line(result: dict[str, Any]) -> dict[str, Any]:
+    """One line per run: samples read, errors by kind, repeats, lost samples, memory, with where it came from."""
+    r = result["reliability"]
+    return {"run": result["run"], "date": result["date"], "commit": _commit(result),
+            "device": result["machine"]["name"], "data": result["config"]["data"], "strategy": r["strategy"],
+            "epochs": r["epochs"], "workers": r["workers"],
+            "samples_read": r["samples_read"], "expected_per_epoch": r["expected_per_epoch"], "errors": r["errors"],
+            "repeats": r["repeats"], "lost": r["lost"], "resume_repeats": r["resume"]["repeats"],
+            "resume_lost": r["resume"].get("lost"), "peak_rss_bytes": r["peak_rss_bytes"],
+            "rss_after_epoch_bytes": r["rss_after_epoch_bytes"], "worker_peak_rss_bytes": r["worker_peak_rss_bytes"]}
+
+
+def append_reliability_line(result: dict[str, Any], path: Path) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(reliability_line(result), sort_keys=True) + "\n")
+
+
+def reliability_section(result: dict[str, Any]) -> list[str]:
+    line = reliability_line(result)
+    mib = [f"{b / 2**20:.0f}" for b in line["rss_after_epoch_bytes"]]
+    return ["", "### Reliability (loader only)", "", result["reliability"]["how"], "",
+            "| strategy | epochs | samples read | expected per epoch | errors | repeats | lost | resumed epoch: "
+            "repeats, lost | RSS after each epoch (MiB) | largest worker peak RSS (MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| {line['strategy']} | {line['epochs']} | {line['samples_read']} | {line['expected_per_epoch']} | "
+            f"{line['errors'] or 'none'} | {line['repeats']} | {line['lost']} | {line['resume_repeats']}, "
+            f"{line['resume_lost']} | {' -> '.join(mib)} | "
+            f"{' -> '.join(f'{b / 2**20:.0f}' for b in line['worker_peak_rss_bytes'])} |",
+            "", f"Every run appends this line to [`{RELIABILITY}`]({RELIABILITY})."]
 
 
 CSV_COLUMNS = ("strategy", "status", "steps", "samples_per_s", "vs_padded", "real_tokens_per_s", "ms_per_batch",
@@ -415,6 +451,8 @@ def section(result: dict[str, Any]) -> str:
                          f"({f['epoch_samples'] or '?'} samples) | {f['trainable_params']:,} |")
         lines.append(f"| frozen / full | {fz['ratio']:.2f} | paper: {fz['paper']['frozen_s_per_epoch']} / "
                      f"{fz['paper']['full_s_per_epoch']} s = {fz['paper']['ratio']} | |")
+    if result.get("reliability"):
+        lines += reliability_section(result)
     ref = result["reference_bandwidth"]
     lines += ["", f"Reference copy bandwidth: {ref['kind']}, {ref['bytes'] / 2**20:.0f} MiB in {ref['ms']:.2f} ms = "
                   f"{ref['GBps']:.1f} GB/s."]

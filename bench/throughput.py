@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from bench import _data, _measure, _report
+from bench import _data, _measure, _reliability, _report
 from mmload.bucketing import BucketBatcher
 from mmload.dataset import expand_urls, parse_data
 from mmload.loader import STRATEGIES, make_collator, make_loader
@@ -51,7 +51,8 @@ PAPER_FREEZE = {"source": "Cross Modality Pre-training and the Intrinsic Values 
                 "frozen_s_per_epoch": 4.9, "full_s_per_epoch": 8.1, "ratio": 0.61}
 # (steps, warmup) when not given: a default CPU run takes about 5 minutes on a 2-core machine
 DEFAULT_STEPS = {"cpu": (50, 5), "cuda": (100, 10)}
-DEFAULTS = {"samples": 2000, "maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32}
+DEFAULTS = {"samples": 2000, "maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32,
+            "reliability_epochs": 2}
 # --quick: options not given on the command line take these values
 QUICK = {"preset": "tiny", "samples": 96, "maxcount": 24, "image_text_ratio": 2.0, "batch_size": 8, "steps": 3,
          "warmup": 1, "per_sample_steps": 2, "freeze_steps": 2, "workers": 1, "collate_batches": 3}
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per sample and per batch, so it compares")
     g.add_argument("--freeze-steps", type=int,
                    help="measured steps of each of frozen and full training (padded); 0 skips (default: --steps)")
+    g.add_argument("--reliability-epochs", type=int, default=None,
+                   help="epochs of the loader-only reliability pass (coverage, errors, repeats, lost samples, "
+                        "memory per epoch, a mid-epoch resume); 0 skips (default 2; --quick: 2)")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="autocast dtype on CUDA (the CPU runs fp32) (default bf16)")
@@ -153,7 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "steps", "per_sample_steps", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup", "workers", "freeze_steps"):
+    for name in ("warmup", "workers", "freeze_steps", "reliability_epochs"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args
@@ -389,6 +393,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         strategies[strategy] = measure_strategy(bench, strategy, reference)
     freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
     synthetic["after"] = measure_synthetic(bench, batches, "synthetic (after)")
+    reliability = None
+    if args.reliability_epochs:
+        reliability = _reliability.measure(
+            bench.data, epochs=args.reliability_epochs, batch_size=args.batch_size, workers=args.workers,
+            seed=args.seed, expected=_data.dataset_size(bench.data), progress=args.progress,
+            tokenizer=bench.tokenizer, image_size=bench.shape.image_size, max_text_len=bench.shape.max_text_len)
     del batches
     before, after = synthetic["before"], synthetic["after"]
     for key in ("samples_per_s", "real_tokens_per_s", "ms_per_batch"):
@@ -417,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "run": run_name, "date": date.isoformat(timespec="seconds"), "git": git_state(), "machine": info,
         "threads": torch.get_num_threads(), "config": config, "argv": sys.argv[1:] if args.argv is None else
         list(args.argv), "reference_bandwidth": reference, "synthetic": synthetic, "strategies": strategies,
-        "freeze": freeze, "profile_dir": profile_dir,
+        "freeze": freeze, "reliability": reliability, "profile_dir": profile_dir,
         "load_average": {"start": load_start, "end": os.getloadavg(), "note": "1, 5, 15-minute load averages of "
                          "the machine; above the core count, other processes competed for the CPU"},
     }

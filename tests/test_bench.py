@@ -129,3 +129,18 @@ def test_help_names_every_option() -> None:
     for option in ("--data", "--strategies", "--preset", "--batch-size", "--image-text-ratio", "--text-len",
                    "--workers", "--steps", "--warmup", "--device", "--profile", "--out", "--quick"):
         assert option in text
+
+
+def test_reliability_line_reports_a_clean_exactly_once_epoch(run: tuple[dict, Path]) -> None:
+    result, out = run
+    r = result["reliability"]
+    assert r["epochs"] == 2 and r["expected_per_epoch"] == 96
+    assert r["samples_read"] == 2 * 96 and r["repeats"] == 0 and r["lost"] == 0 and r["errors"] == {}
+    assert r["resume"]["unique"] == 96 and r["resume"]["repeats"] == 0 and r["resume"]["lost"] == 0
+    assert r["resume"]["stopped_after_batches"] >= 1
+    lines = (out / "reliability.jsonl").read_text().splitlines()
+    line = json.loads(lines[-1])
+    assert line["run"] == result["run"] and line["samples_read"] == 192 and line["lost"] == 0
+    for key in ("commit", "device", "date", "data", "peak_rss_bytes", "errors", "repeats"):
+        assert key in line
+    assert "### Reliability (loader only)" in (out / "README.md").read_text()

@@ -1,0 +1,67 @@
+"""The benchmark's reliability pass: loader only, several shuffled epochs and one mid-epoch resume.
+
+Each epoch runs the bucketed strategy (the stage with the most state: bounded buckets that hold samples
+across batches) through a ``StatefulLoader`` with workers and counts every key it delivers
+(``mmload.coverage.Coverage``), the errors the workers counted, and memory: this process's RSS after each epoch
+and the peak RSS of the largest finished worker. A second pass over epoch 0 stops halfway, saves the loader
+state, and finishes on a fresh loader from that state: its coverage must be the uninterrupted epoch's.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from bench._measure import peak_rss_bytes, rss_bytes
+from mmload.coverage import Coverage, loader_errors
+from mmload.loader import make_loader
+
+STRATEGY = "bucketed"
+
+
+def measure(data: Sequence[str], *, epochs: int, batch_size: int, workers: int, seed: int, expected: int | None,
+            progress: bool = True, **dataset_kwargs: Any) -> dict[str, Any]:
+    def loader(epoch: int) -> Any:
+        made = make_loader(STRATEGY, list(data), batch_size=batch_size, num_workers=workers, stateful=True,
+                           shuffle=True, seed=seed, **dataset_kwargs)
+        made.dataset.set_epoch(epoch)
+        return made
+
+    reports, rss, worker_peak, batches = [], [], [], 0
+    for epoch in range(epochs):
+        cov, made = Coverage(), loader(epoch)
+        for batch in tqdm(made, desc=f"reliability epoch {epoch}", unit=" batches", disable=not progress):
+            cov.add(batch)
+            batches += epoch == 0
+        reports.append(cov.report(expected, dict(loader_errors(made.state_dict()))))
+        rss.append(rss_bytes())
+        worker_peak.append(peak_rss_bytes(resource.RUSAGE_CHILDREN))
+
+    cov, first = Coverage(), loader(0)
+    it = iter(first)
+    for _ in range(batches // 2):
+        cov.add(next(it))
+    state = first.state_dict()
+    del it, first
+    resumed = loader(0)
+    resumed.load_state_dict(state)
+    for batch in resumed:
+        cov.add(batch)
+    resume = cov.report(expected, dict(loader_errors(resumed.state_dict())))
+
+    errors: dict[str, int] = {}
+    for r in reports:
+        for kind, n in r["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    return {
+        "strategy": STRATEGY, "epochs": epochs, "workers": workers, "batch_size": batch_size,
+        "samples_read": sum(r["samples"] for r in reports), "errors": errors,
+        "repeats": sum(r["repeats"] for r in reports), "lost": sum(r.get("lost") or 0 for r in reports),
+        "expected_per_epoch": expected, "per_epoch": reports,
+        "resume": {"stopped_after_batches": batches // 2, **resume},
+        "rss_after_epoch_bytes": rss, "worker_peak_rss_bytes": worker_peak,
+        "peak_rss_bytes": peak_rss_bytes(), "how": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
+    }
