@@ -243,6 +243,7 @@ class EmbeddingBatch(TensorBatch):
     mlm_labels: torch.Tensor  # int64 (sum L,), IGNORE_INDEX where no MLM loss (always, for pooled vectors)
     keys: list[str]
     max_len: int
+    teacher_logits: torch.Tensor | None = None  # float16 (N, C) from `mmload precompute --teacher`; 0 on text rows
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
@@ -260,8 +261,10 @@ class EmbeddingBatch(TensorBatch):
             lo, hi = bounds[row], bounds[row + 1]
             emb = self.values[lo:hi]
             text = bool(self.is_text[row])
+            logits = None if self.teacher_logits is None or text else self.teacher_logits[row]
             out.append(Sample(key, Modality.TEXT if text else Modality.IMAGE, emb=emb if hi - lo > 1 else emb[0],
-                              mlm_labels=self.mlm_labels[lo:hi] if text else None, label=int(self.labels[row])))
+                              mlm_labels=self.mlm_labels[lo:hi] if text else None, label=int(self.labels[row]),
+                              teacher_logits=logits))
         return out
 
 

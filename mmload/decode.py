@@ -91,7 +91,13 @@ class Decoder:
                     raise fail(ErrorKind.EMB_DECODE, f"bad .ids.npy: {e}") from e
                 if vec.dim() != 2 or ids.shape != vec.shape[:1]:
                     raise fail(ErrorKind.EMB_DECODE, f"ids {tuple(ids.shape)} do not match emb {tuple(vec.shape)}")
-            return Sample(key, modality, emb=vec, ids=ids, label=label, url=url)
+            logits = None
+            if "logits.npy" in raw:  # a teacher's class logits, from `mmload precompute --teacher`
+                try:
+                    logits = torch.from_numpy(np.load(io.BytesIO(raw["logits.npy"]), allow_pickle=False))
+                except Exception as e:
+                    raise fail(ErrorKind.EMB_DECODE, f"bad .logits.npy: {e}") from e
+            return Sample(key, modality, emb=vec, ids=ids, label=label, teacher_logits=logits, url=url)
 
         modality = Modality(declared) if declared else _infer(image is not None, text is not None)
         if modality is None:

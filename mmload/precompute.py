@@ -12,7 +12,7 @@ import argparse
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -149,17 +149,22 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _records(batch: PaddedBatch, image_enc: FeatureEncoder | None, text_enc: FeatureEncoder | None,
-             tokens: bool, device: torch.device) -> Iterator[dict[str, Any]]:
+             tokens: bool, device: torch.device, teacher: Callable[[PaddedBatch], torch.Tensor] | None = None
+             ) -> Iterator[dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     if batch.image is not None:
         if image_enc is None:
             raise ValueError(f"shards hold images (e.g. key {batch.keys[int(batch.image.index[0])]!r}) but no "
                              "image encoder was given; pass --encoder image=PATH or an mmload checkpoint")
         feats = image_enc.images(batch.image.pixels.to(device)).float().cpu()  # (N, L, D)
+        # The teacher gives rows by ascending sample index, the order PaddedCollator put the images in.
+        logits = None if teacher is None else teacher(batch.to(device)).float().cpu()  # (N, C)
         for row, i in enumerate(batch.image.index.tolist()):
             emb = feats[row] if tokens else feats[row, 0]
             out[i] = {"json": {"modality": "image", "encoder": image_enc.name, "tokens": tokens},
                       "emb.npy": _npy(emb.half().numpy())}
+            if logits is not None:
+                out[i]["logits.npy"] = _npy(logits[row].half().numpy())
             label = int(batch.image.labels[row])
             if label != IGNORE_INDEX:
                 out[i]["cls"] = label
@@ -186,8 +191,13 @@ def _records(batch: PaddedBatch, image_enc: FeatureEncoder | None, text_enc: Fea
 def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: FeatureEncoder | None = None,
                text_encoder: FeatureEncoder | None = None, tokens: bool = False, batch_size: int = 64,
                num_workers: int = 0, device: torch.device | str | None = None, maxcount: int = 1000,
-               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Embed every sample of ``urls`` with the frozen encoders and write shards to ``out``; returns the manifest."""
+               overwrite: bool = False, progress: bool = True,
+               teacher: Callable[[PaddedBatch], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Embed every sample of ``urls`` with the frozen encoders and write shards to ``out``; returns the manifest.
+
+    ``teacher`` (e.g. ``models.kd.ImageTeacher``) maps a batch to image class logits by ascending sample index;
+    they are stored as ``KEY.logits.npy`` for distillation without running the teacher again.
+    """
     from mmload.shards.writer import write_shards
 
     if image_encoder is None and text_encoder is None:
@@ -209,10 +219,11 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
 
     def records() -> Iterator[dict[str, Any]]:
         for batch in loader:
-            yield from _records(batch, image_encoder, text_encoder, tokens, device)
+            yield from _records(batch, image_encoder, text_encoder, tokens, device, teacher)
             bar.update(len(batch.keys))
 
-    names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None)}
+    names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None),
+             "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
     try:
         manifest = write_shards(records(), out, maxcount=maxcount,
                                 info={"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens,
@@ -234,6 +245,9 @@ def add_parser(subparsers: Any) -> None:
                    help="an mmload checkpoint (.pt: both modalities) or a HF model directory (a text model for "
                         "texts, a vision model for images); prefix image= or text= to give each its own")
     p.add_argument("--tokens", action="store_true", help="keep every token's embedding, not only the pooled one")
+    p.add_argument("--teacher", metavar="PATH",
+                   help="also store an image teacher's class logits (KEY.logits.npy) for distillation: a HF image "
+                        "classifier folder or an mmload checkpoint")
     p.add_argument("--batch-size", type=int, default=64, help="samples per encoder batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the input (default 0)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -258,8 +272,14 @@ def _main(args: argparse.Namespace) -> int:
             image_enc = enc
         if kind in ("text", "both") and (enc.tokenizer is not None or isinstance(enc, MMLoadFeatures)):
             text_enc = enc
+    teacher = None
+    if args.teacher:
+        from models.kd import ImageTeacher
+
+        teacher = ImageTeacher(args.teacher).to(device)
+        teacher.name = args.teacher
     manifest = precompute(args.shards, args.out, image_encoder=image_enc, text_encoder=text_enc, tokens=args.tokens,
                           batch_size=args.batch_size, num_workers=args.workers, device=device,
-                          maxcount=args.max_samples_per_shard, overwrite=args.overwrite)
+                          maxcount=args.max_samples_per_shard, overwrite=args.overwrite, teacher=teacher)
     print(json.dumps({"out": args.out, "samples": manifest["samples"], "shards": len(manifest["shards"])}))
     return 0

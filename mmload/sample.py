@@ -22,7 +22,8 @@ class Sample:
 
     ``pixels`` is uint8 ``(3, H, W)``; ``ids`` is int64 ``(T,)`` word pieces including the special tokens;
     ``mlm_labels`` (set by a masking stage) is int64 ``(T,)`` with ``IGNORE_INDEX`` where no loss is taken;
-    ``emb`` is a precomputed float16 embedding, ``(D,)`` pooled or ``(L, D)`` per token.
+    ``emb`` is a precomputed float16 embedding, ``(D,)`` pooled or ``(L, D)`` per token; ``teacher_logits`` are
+    a frozen teacher's class logits ``(C,)`` stored beside it by ``mmload precompute --teacher``.
     """
 
     key: str
@@ -32,6 +33,7 @@ class Sample:
     mlm_labels: torch.Tensor | None = None
     emb: torch.Tensor | None = None
     label: int = IGNORE_INDEX
+    teacher_logits: torch.Tensor | None = None
     url: str = ""
 
     def __post_init__(self) -> None:

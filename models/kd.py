@@ -9,7 +9,8 @@ Teachers see the same inputs as the student: the text teacher (a Hugging Face ma
 gets the masked ids and gives logits at the masked positions; the image teacher (a Hugging Face image classifier
 or an mmload checkpoint) gets the uint8 pixels. Rows come out in ``ModelOutput`` order: images by sample index,
 MLM positions by (sample index, position). Precomputed embedding batches carry neither ids nor pixels, so they
-cannot be distilled from a live teacher.
+cannot be distilled from a live teacher; ``mmload precompute --teacher`` stores an image teacher's logits beside
+the embeddings instead, and ``ShardImageTeacher`` reads them back.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class TextTeacher(nn.Module):
 class ImageTeacher(nn.Module):
     """Image logits (Ni, C): a Hugging Face image classifier folder or an mmload checkpoint file."""
 
-    def __init__(self, path: str | Path, num_classes: int) -> None:
+    def __init__(self, path: str | Path, num_classes: int | None = None) -> None:
         super().__init__()
         path = Path(path)
         if path.is_file():
@@ -160,7 +161,7 @@ class ImageTeacher(nn.Module):
             self.register_buffer("mean", torch.tensor(stats.get("image_mean", [0.5] * 3)).view(1, 3, 1, 1), False)
             self.register_buffer("std", torch.tensor(stats.get("image_std", [0.5] * 3)).view(1, 3, 1, 1), False)
         self.model.eval().requires_grad_(False)
-        if theirs != num_classes:
+        if num_classes is not None and theirs != num_classes:
             raise ValueError(f"image teacher {path} has {theirs} classes, the student {num_classes}; KD needs the "
                              "same classes in the same order")
 
@@ -175,6 +176,27 @@ class ImageTeacher(nn.Module):
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return self.model(pixel_values=(x - self.mean) / self.std).logits  # (Ni, C)
+
+
+class ShardImageTeacher(nn.Module):
+    """Image logits stored in the shards by ``mmload precompute --teacher`` (embedding batches), by row order."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, batch: AnyBatch) -> torch.Tensor | None:
+        if not isinstance(batch, EmbeddingBatch) or batch.teacher_logits is None:
+            raise ValueError("--teacher-logits reads the logits that `mmload precompute --teacher` stored beside the "
+                             "embeddings: train with --strategy embeddings on such shards")
+        rows = (~batch.is_text).nonzero().squeeze(1)  # (Ni,), ascending: ModelOutput's image order
+        if rows.numel() == 0:
+            return None
+        logits = batch.teacher_logits[rows]  # (Ni, C)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"the shards' teacher logits have {logits.shape[1]} classes, the student "
+                             f"{self.num_classes}; KD needs the same classes in the same order")
+        return logits
 
 
 @dataclass

@@ -64,7 +64,7 @@ from models.checkpoint import NAME, load_checkpoint, model_state, save_checkpoin
 from models.config import ModelConfig
 from models.gradmask import GradientMasker, MaskSchedule
 from models.hf_init import config_from_hf_bert, config_from_hf_vit, load_hf_bert, load_hf_vit
-from models.kd import Distiller, ImageTeacher, TextTeacher, kd_loss_sum
+from models.kd import Distiller, ImageTeacher, ShardImageTeacher, TextTeacher, kd_loss_sum
 from models.schedule import warmup_poly_scheduler
 from models.vit_bert import ModelOutput, ViTBERT
 
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "vocabulary, for MLM distillation")
     g.add_argument("--image-teacher", metavar="PATH", help="HF image classifier folder or mmload checkpoint file, "
                                                            "for image distillation")
+    g.add_argument("--teacher-logits", action="store_true",
+                   help="image distillation from the teacher logits that `mmload precompute --teacher` stored in "
+                        "the shards (with --strategy embeddings)")
     g = p.add_argument_group("gradient masking (ViT-BERT Algorithm 1)")
     g.add_argument("--mask-ratio", type=float, default=0.0, help="final fraction of shared-encoder entries updated "
                                                                  "by the text gradient; 0: no gradient masking")
@@ -180,8 +183,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.freeze == "scratch" and (args.init_bert or args.init_vit):
         raise ValueError("--freeze scratch means random initialization; drop --init-bert/--init-vit or use "
                          "--freeze full|frozen")
-    if args.kd_alpha > 0 and not (args.text_teacher or args.image_teacher):
-        raise ValueError(f"--kd-alpha {args.kd_alpha} needs a teacher: --text-teacher and/or --image-teacher")
+    if args.kd_alpha > 0 and not (args.text_teacher or args.image_teacher or args.teacher_logits):
+        raise ValueError(f"--kd-alpha {args.kd_alpha} needs a teacher: --text-teacher, --image-teacher or "
+                         "--teacher-logits")
+    if args.teacher_logits and args.image_teacher:
+        raise ValueError("--teacher-logits and --image-teacher are two image teachers; pick one")
+    if args.teacher_logits and args.strategy != "embeddings":
+        raise ValueError("--teacher-logits reads logits stored beside precomputed embeddings: use --strategy "
+                         "embeddings on shards written by `mmload precompute --teacher`")
 
 
 # ---- model, freezing, optimizer ----
@@ -618,6 +627,8 @@ def _make_distiller(args: argparse.Namespace, config: ModelConfig, device: torch
     if args.kd_alpha > 0:  # alpha 0 is plain CE: no teacher is loaded or run
         distiller.text = TextTeacher(args.text_teacher, config.vocab_size) if args.text_teacher else None
         distiller.image = ImageTeacher(args.image_teacher, config.num_classes) if args.image_teacher else None
+        if args.teacher_logits:
+            distiller.image = ShardImageTeacher(config.num_classes)
     return distiller.to(device)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmload import EmbeddingCollator, ShardDataset
+from mmload import EmbeddingCollator, PaddedCollator, ShardDataset
 from mmload.cli import main
 from mmload.precompute import HFFeatures, MMLoadFeatures, precompute
 from models.checkpoint import model_state, save_checkpoint
@@ -93,3 +93,36 @@ def test_hf_text_encoder(tmp_path: Path) -> None:
     ids = enc.tokenizer(["a cat sat on the mat"], return_tensors="pt")
     want = enc.model(**ids).last_hidden_state[0, 0]
     torch.testing.assert_close(got[0].emb.float(), want, atol=3e-3, rtol=3e-3)
+
+
+def test_teacher_logits_stored_beside_embeddings_drive_distillation(tmp_path: Path, builtin_shards: list[str],
+                                                                    encoder_ckpt: Path) -> None:
+    from models.checkpoint import load_model
+    from models.kd import ImageTeacher, ShardImageTeacher
+    from models.train import train
+
+    out = tmp_path / "emb"
+    assert main(["-q", "precompute", *builtin_shards[:1], str(out), "--encoder", str(encoder_ckpt),
+                 "--teacher", str(encoder_ckpt), "--batch-size", "16"]) == 0
+    got = [s for s in ShardDataset(str(out)) if s.modality == "image"]
+    assert got and all(s.teacher_logits.shape == (10,) for s in got)
+    # the stored logits are the teacher's on the same pixels
+    model, _ = load_model(encoder_ckpt)
+    src = {s.key: s for s in ShardDataset(builtin_shards[:1], image_size=32)}
+    want = model.eval().image_head(model.encode_images(src[got[0].key].pixels[None])[:, 0])[0]
+    torch.testing.assert_close(got[0].teacher_logits.float(), want, atol=5e-3, rtol=5e-3)
+    # an embeddings batch hands them to the shard teacher in ModelOutput's image order
+    batch = EmbeddingCollator()(list(ShardDataset(str(out)))[:12])
+    logits = ShardImageTeacher(10)(batch)
+    images = [i for i in range(12) if not batch.is_text[i]]
+    assert torch.equal(logits, batch.teacher_logits[images])
+    with pytest.raises(ValueError, match="strategy embeddings"):
+        ShardImageTeacher(10)(PaddedCollator()(list(src.values())[:4]))
+    assert ImageTeacher(encoder_ckpt).hf is False  # a checkpoint teacher needs no class count to load
+    # and the trainer distils from them
+    result = train({"data": [str(out)], "strategy": "embeddings", "preset": "tiny", "steps": 2, "batch_size": 8,
+                    "num_workers": 0, "kd_alpha": 0.5, "teacher_logits": True, "progress": False, "warmup": 1})
+    assert result["step"] == 2
+    with pytest.raises(ValueError, match="strategy embeddings"):
+        train({"data": builtin_shards[:1], "strategy": "padded", "preset": "tiny", "steps": 1, "kd_alpha": 0.5,
+               "teacher_logits": True, "progress": False})

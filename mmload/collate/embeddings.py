@@ -45,13 +45,39 @@ class EmbeddingCollator:
         batch = EmbeddingBatch(
             values=torch.cat(seqs).to(self.dtype),  # (sum L, D)
             offsets=offsets,
-            is_text=torch.tensor([s.has_text or s.modality == "text" for s in samples], dtype=torch.bool),
+            is_text=torch.tensor([_is_text(s) for s in samples], dtype=torch.bool),
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             mlm_labels=torch.cat([_token_labels(s, e.shape[0]) for s, e in zip(samples, seqs)]),  # (sum L,)
             keys=[s.key for s in samples],
             max_len=int(lengths.max()),
+            teacher_logits=_teacher_logits(samples),
         )
         return pack(batch) if self.pack else batch
+
+
+def _is_text(sample: Sample) -> bool:
+    return sample.has_text or sample.modality == "text"
+
+
+def _teacher_logits(samples: Sequence[Sample]) -> torch.Tensor | None:
+    """(N, C) teacher logits when the image samples carry them (text rows get zeros), else None."""
+    images = [s for s in samples if not _is_text(s)]
+    have = [s.teacher_logits is not None for s in images]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = next(s.key for s in images if s.teacher_logits is None)
+        raise ValueError(f"image sample {missing!r} has no teacher logits while others of its batch do; precompute "
+                         "every shard of the run with the same --teacher")
+    width = {s.teacher_logits.shape for s in images}
+    if len(width) > 1:
+        raise ValueError(f"teacher logits of one batch must share a shape, got {sorted(width)}")
+    (shape,) = width
+    out = torch.zeros((len(samples), *shape), dtype=torch.float16)  # (N, C)
+    for row, s in enumerate(samples):
+        if s.teacher_logits is not None:
+            out[row] = s.teacher_logits
+    return out
 
 
 def _token_labels(sample: Sample, length: int) -> torch.Tensor:
