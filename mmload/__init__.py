@@ -12,8 +12,11 @@ from mmload.batch import (
 )
 from mmload.bucketing import BucketBatcher, ModalityBucketBatchSampler
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
+from mmload.coverage import Coverage, loader_errors
 from mmload.dataset import BlendedDataset, ShardDataset, open_data
-from mmload.errors import ErrorKind, SampleError, TooManyErrors
+from mmload.errors import ErrorKind, SampleError, TooManyErrors, WorkerDied
+from mmload.loader import STRATEGIES, StatefulLoader, make_collator, make_loader
+from mmload.masking import MLMMasking
 from mmload.sample import IGNORE_INDEX, Modality, Sample
 from mmload.staging import PackedBatch, pack
 
@@ -24,11 +27,13 @@ __all__ = [
     "BatchStats",
     "BlendedDataset",
     "BucketBatcher",
+    "Coverage",
     "EmbeddingBatch",
     "EmbeddingCollator",
     "ErrorKind",
     "ImageBatch",
     "JaggedText",
+    "MLMMasking",
     "Modality",
     "ModalityBucketBatchSampler",
     "NestedBatch",
@@ -39,10 +44,16 @@ __all__ = [
     "PerSampleBatch",
     "PerSampleCollator",
     "Sample",
+    "STRATEGIES",
     "SampleError",
     "ShardDataset",
+    "StatefulLoader",
     "TextBatch",
     "TooManyErrors",
+    "WorkerDied",
+    "loader_errors",
+    "make_collator",
+    "make_loader",
     "open_data",
     "pack",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 import torch
 
-from mmload.sample import IGNORE_INDEX, Modality, Sample
+from mmload.sample import Modality, Sample
 
 
 def can_pin_memory() -> bool:
@@ -120,9 +120,6 @@ class TextBatch(TensorBatch):
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def lengths(self) -> torch.Tensor:
-        return self.mask.sum(dim=1)  # (N,)
-
 
 @dataclass
 class JaggedText(TensorBatch):
@@ -137,9 +134,6 @@ class JaggedText(TensorBatch):
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
-
-    def lengths(self) -> torch.Tensor:
-        return self.offsets.diff()  # (N,)
 
     def nested(self) -> torch.Tensor:
         """The ids as a ``torch.nested`` jagged tensor ``(N, j)``."""
@@ -243,7 +237,7 @@ class EmbeddingBatch(TensorBatch):
     mlm_labels: torch.Tensor  # int64 (sum L,), IGNORE_INDEX where no MLM loss (always, for pooled vectors)
     keys: list[str]
     max_len: int
-    teacher_logits: torch.Tensor | None = None  # float16 (N, C) from `mmload precompute --teacher`; 0 on text rows
+    teacher_logits: torch.Tensor | None = None  # (N, C) from `mmload precompute --teacher`; 0 on text rows
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
@@ -271,5 +265,4 @@ class EmbeddingBatch(TensorBatch):
 AnyBatch = PaddedBatch | PerSampleBatch | NestedBatch | EmbeddingBatch
 
 __all__ = ["AnyBatch", "BatchStats", "EmbeddingBatch", "ImageBatch", "JaggedText", "NestedBatch", "PaddedBatch",
-           "PerSampleBatch", "TensorBatch", "TextBatch", "IGNORE_INDEX", "can_pin_memory", "map_tensors",
-           "collect_tensors", "map_leaves"]
+           "PerSampleBatch", "TensorBatch", "TextBatch"]

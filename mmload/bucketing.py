@@ -112,11 +112,13 @@ class ModalityBucketBatchSampler(Sampler[list[int]]):
         lengths: the token count of each index (ignored for images).
         shuffle: shuffle within buckets and the order of batches, seeded by ``seed`` and :meth:`set_epoch`.
         drop_last: drop each bucket's last partial batch (default keeps it, so nothing is lost).
+        rank, world_size: this process's share of the batches (every ``world_size``-th, from ``rank``); default
+            from ``torch.distributed`` when initialised. Ranks may get one batch fewer than others, as with shards.
     """
 
     def __init__(self, modalities: Sequence[Modality | str], lengths: Sequence[int], batch_size: int,
                  boundaries: Sequence[int] = DEFAULT_BOUNDARIES, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, rank: int | None = None, world_size: int | None = None) -> None:
         if len(modalities) != len(lengths):
             raise ValueError(f"modalities ({len(modalities)}) and lengths ({len(lengths)}) must have one entry "
                              "per dataset index")
@@ -124,6 +126,12 @@ class ModalityBucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _check_boundaries(boundaries)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        if rank is None and world_size is None and torch.distributed.is_available() and \
+                torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world_size = rank or 0, world_size or 1
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
         self.epoch = 0
         self.buckets: dict[BucketKey, list[int]] = {}
         for i, (m, n) in enumerate(zip(modalities, lengths)):
@@ -145,11 +153,12 @@ class ModalityBucketBatchSampler(Sampler[list[int]]):
                     batches.append(chunk)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return batches
+        return batches[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()
 
     def __len__(self) -> int:
         full, rem = zip(*(divmod(len(v), self.batch_size) for v in self.buckets.values())) if self.buckets else ((), ())
-        return sum(full) + (0 if self.drop_last else sum(1 for r in rem if r))
+        total = sum(full) + (0 if self.drop_last else sum(1 for r in rem if r))
+        return len(range(self.rank, total, self.world_size))

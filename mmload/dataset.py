@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import braceexpand
 import torch
@@ -63,10 +64,12 @@ def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int 
     Members are grouped by key (everything before the first dot of the file name). A bad member (too large,
     duplicated) or a key seen earlier in the shard is listed under ``"__errors__"`` of its sample; a shard
     that cannot be opened or ends early raises :class:`SampleError` of kind ``shard_read`` after the samples
-    read before the damage. A shard that fails before its first sample is tried ``retries`` more times,
-    ``backoff`` seconds apart, doubling (a flaky remote); one that fails later is not re-read, since that
-    would repeat samples.
+    read before the damage. A remote shard (``pipe:``, ``http:``, ...) that fails before its first sample is
+    tried ``retries`` more times, ``backoff`` seconds apart, doubling; one that fails later is not re-read, since
+    that would repeat samples. A local file is not retried: waiting does not mend it.
     """
+    if not _is_remote(url):
+        retries = 0
     for attempt in range(retries + 1):
         started = False
         try:
@@ -83,6 +86,11 @@ def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int 
             time.sleep(backoff * 2**attempt)
 
 
+def _is_remote(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
+
+
 def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
     try:
         stream = webdataset.gopen(url, "rb")
@@ -91,6 +99,7 @@ def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
     current: dict[str, Any] | None = None
     seen: set[str] = set()
     counted = _TailReader(stream)
+    done = False
     try:
         with tarfile.open(fileobj=counted, mode="r|*") as tar:
             for info in tar:
@@ -119,15 +128,23 @@ def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
                         SampleError(ErrorKind.DUPLICATE_MEMBER, f"{info.name} appears twice", url, key))
                     continue
                 current[ext] = tar.extractfile(info).read()
-            if current is not None:
-                yield current  # complete: its last member was read whole
-                current = None
-            if tar.fileobj.comptype == "tar" and not counted.ends_cleanly(tar.offset):
+            plain = tar.fileobj.comptype == "tar"
+            if not (counted.ends_cleanly(tar.offset) if plain else _inflates_to_the_end(tar.fileobj, tar.offset)):
                 raise tarfile.ReadError(f"truncated after {tar.offset} bytes: no end-of-archive block")
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            if current is not None:
+                yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
+                current = None
+        done = True
+    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError) as e:  # TypeError: a gzip header cut short
         raise SampleError(ErrorKind.SHARD_READ, f"unreadable or truncated tar: {type(e).__name__}: {e}", url) from e
     finally:
-        stream.close()
+        try:
+            stream.close()  # a pipe: reports its command's exit status here
+        except Exception as e:
+            # After an error, or when the reader stops early (the command then dies of SIGPIPE), the first
+            # cause stands; after a complete read, a failed command still marks the shard as damaged.
+            if done:
+                raise SampleError(ErrorKind.SHARD_READ, f"the source failed: {type(e).__name__}: {e}", url) from e
 
 
 class _TailReader:
@@ -135,17 +152,30 @@ class _TailReader:
 
     NOTE [truncated tars]: Python's tarfile treats a header cut short anywhere but at offset 0 as the end of
     the archive, so a truncated shard would end without an error and its lost samples would go unnoticed.
-    A complete uncompressed tar has a zero block where its members end; we check for it. (Compressed
-    streams report truncation themselves.)
+    A complete uncompressed tar has a zero block where its members end; we check for it. A compressed one
+    must reach the end of its compressed stream: tarfile stops quietly where compressed data stops, too. Until
+    then the sample being read is not known to be whole (the cut may have taken its next member), so it is
+    dropped with the shard's ``shard_read``.
+
+    NOTE [reads past the end]: in stream mode tarfile skips the data of a member it is not asked to read by
+    reading on, block by block, and goes on past the end of the data: a header whose size field says 2**80
+    bytes would spin for ever. A complete read meets the end only a few times, so a stream read at its end
+    more than ``READS_AT_END`` times raises instead.
     """
 
     KEEP = 1 << 16
+    READS_AT_END = 64
 
     def __init__(self, raw: Any) -> None:
-        self.raw, self.total, self.tail = raw, 0, b""
+        self.raw, self.total, self.tail, self.at_end = raw, 0, b"", 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
+        if not data and n:
+            self.at_end += 1
+            if self.at_end > self.READS_AT_END:
+                raise EOFError(f"read past the end of the data after {self.total} bytes (a member's size runs "
+                               "past the end)")
         self.total += len(data)
         self.tail = (self.tail + data)[-self.KEEP:]
         return data
@@ -158,6 +188,18 @@ class _TailReader:
             return False  # more than padding follows what tarfile read: it stopped early
         block = self.tail[len(self.tail) - after:][:512]
         return len(block) == 512 and not any(block)
+
+
+def _inflates_to_the_end(stream: Any, offset: int) -> bool:
+    """Whether a compressed tar ends cleanly: tarfile read a whole block where its members end (not a header cut
+    short), and its decompressing ``_Stream`` reaches the end of the compressed data (bounded like
+    ``_TailReader.ends_cleanly``: at most ``KEEP`` bytes of padding after the last member)."""
+    if stream.tell() != offset + 512:
+        return False
+    for _ in range(_TailReader.KEEP >> 14):
+        if not stream.read(1 << 14):
+            return getattr(stream.cmp, "eof", True)
+    return False
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -286,11 +328,12 @@ class ShardDataset(StreamDataset):
                 tokenizer = None  # image-only shards need none; a text sample then fails with a clear message
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
-        dist_rank, dist_world = _dist_rank_world()
-        self.rank = dist_rank if rank is None else rank
-        self.world_size = dist_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"give rank and world_size together (or neither), got rank={rank}, "
+                             f"world_size={world_size}")
+        if rank is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self._rank_world = None if rank is None else (rank, world_size)
         decoder_args = {} if max_pixels is None else {"max_pixels": max_pixels}
         self.decoder = Decoder(tokenizer, image_size=image_size, max_text_len=max_text_len, **decoder_args)
         self.shuffle, self.shuffle_buffer, self.seed, self.strict = shuffle, shuffle_buffer, seed, strict
@@ -307,6 +350,16 @@ class ShardDataset(StreamDataset):
     @property
     def tokenizer(self) -> Any:
         return self.decoder.tokenizer
+
+    @property
+    def rank(self) -> int:
+        """This process's rank: as given, else torch.distributed's when iterating (so a dataset made before
+        ``init_process_group`` still splits by rank)."""
+        return (self._rank_world or _dist_rank_world())[0]
+
+    @property
+    def world_size(self) -> int:
+        return (self._rank_world or _dist_rank_world())[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -326,6 +379,7 @@ class ShardDataset(StreamDataset):
     def _raw(self, url: str, rng: random.Random) -> Iterator[dict[str, Any]]:
         """Raw samples of one shard, buffer-shuffled when shuffling; a shard error ends the shard."""
         buffer: list[dict[str, Any]] = []
+        damage = None
         try:
             for raw in read_shard(url, self.max_member_bytes, self.retries):
                 if not self.shuffle:
@@ -335,9 +389,11 @@ class ShardDataset(StreamDataset):
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
         except SampleError as e:
-            self._bad(e)
+            damage = e
         while buffer:
             yield buffer.pop(rng.randrange(len(buffer)))
+        if damage is not None:  # counted where the shard ends for the stream, so a resume never counts it twice
+            self._bad(damage)
 
     def _bad(self, err: SampleError) -> None:
         if self.strict:
@@ -363,6 +419,10 @@ class ShardDataset(StreamDataset):
         self._where = {"worker": worker, "num_workers": num_workers}
         start_shard, start_sample = (resume["shard"], resume["sample"]) if resume else (0, 0)
         shards = self.shards(worker, num_workers)
+        if not shards and resume is None:
+            log.warning("rank %d worker %d of %d has no shard to read (%d shards for %d ranks x %d workers): make "
+                        "more shards, or fewer workers", self.rank, worker, num_workers, len(self.urls),
+                        self.world_size, num_workers)
         self._shard, self._sample = start_shard, start_sample
         for k in range(start_shard, len(shards)):
             for j, raw in enumerate(self._raw(shards[k], self._rng(shards[k]))):
@@ -412,6 +472,7 @@ class ShardDataset(StreamDataset):
         self.epoch = resume["epoch"]
 
     def _load_position_state(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]  # before iter(): re-reading pending samples needs this epoch's order
         self.errors.counts.clear()
         self.errors.counts.update(state["errors"])
 
@@ -487,10 +548,11 @@ class BlendedDataset(StreamDataset):
         return out
 
     def _position_state(self) -> dict[str, Any]:
-        return {"rng": self._rng.getstate(), "live": list(self._live),
+        return {"epoch": self.epoch, "rng": self._rng.getstate(), "live": list(self._live),
                 "sources": [src._position_state() for src in self.sources]}
 
     def _load_position_state(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
         for src, sub in zip(self.sources, state["sources"]):
             src._load_position_state(sub)
 

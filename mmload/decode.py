@@ -64,6 +64,8 @@ class Decoder:
             except Exception as e:
                 raise fail(ErrorKind.BAD_METADATA, f"bad .json: {e}") from e
         label = meta.get("label", IGNORE_INDEX)
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise fail(ErrorKind.BAD_METADATA, f"bad .json label {label!r}: not an integer")
         if "cls" in raw:
             try:
                 label = int(raw["cls"].decode().strip())

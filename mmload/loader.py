@@ -51,7 +51,7 @@ def make_loader(strategy: str, data: str | Sequence[str], *, batch_size: int = 3
     if pin_memory is None:
         pin_memory = torch.accelerator.is_available()
     loader_cls: type[DataLoader] = StatefulLoader if stateful else Loader
-    extra = {} if num_workers == 0 else {"persistent_workers": False, "prefetch_factor": prefetch_factor or 4}
+    extra = {} if num_workers == 0 or prefetch_factor is None else {"prefetch_factor": prefetch_factor}
     return loader_cls(dataset, batch_size=None if batcher else batch_size, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory, **extra)
 

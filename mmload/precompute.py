@@ -20,12 +20,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmload.batch import PaddedBatch
 from mmload.collate import PaddedCollator
+from mmload.coverage import loader_errors
 from mmload.dataset import ShardDataset
+from mmload.loader import StatefulLoader
 from mmload.sample import IGNORE_INDEX
 from mmload.tokenizer import save_tokenizer
 
@@ -198,7 +199,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     ``teacher`` (e.g. ``models.kd.ImageTeacher``) maps a batch to image class logits by ascending sample index;
     they are stored as ``KEY.logits.npy`` for distillation without running the teacher again.
     """
-    from mmload.shards.writer import write_shards
+    from mmload.shards.writer import MANIFEST, write_json, write_shards
 
     if image_encoder is None and text_encoder is None:
         raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
@@ -213,8 +214,8 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     image_size = image_encoder.image_size if image_encoder is not None else 32
     max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
     ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len, shuffle=False)
-    loader = DataLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
-                        num_workers=num_workers)
+    loader = StatefulLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
+                            num_workers=num_workers)  # stateful: its state carries the workers' error counts
     bar = tqdm(desc="precompute", unit=" samples", disable=not progress)
 
     def records() -> Iterator[dict[str, Any]]:
@@ -226,10 +227,11 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
              "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
     try:
         manifest = write_shards(records(), out, maxcount=maxcount,
-                                info={"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens,
-                                      "errors": dict(ds.errors.counts)})
+                                info={"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens})
     finally:
         bar.close()
+    manifest["errors"] = dict(sorted(loader_errors(loader.state_dict()).items()))  # known once every input is read
+    write_json(out / MANIFEST, manifest)
     if ds.tokenizer is not None:
         save_tokenizer(ds.tokenizer, out)  # beside the embeddings: it made their ids.npy
     return manifest

@@ -70,7 +70,7 @@ def _aligned(n: int) -> int:
 
 
 def pack(batch: Any) -> PackedBatch:
-    """Copy every tensor of ``batch`` into one contiguous uint8 buffer (made pinned when an accelerator exists)."""
+    """Copy every tensor of ``batch`` into one contiguous uint8 buffer (pinned later by ``pin_memory()``)."""
     tensors = collect_tensors(batch)
     slots, offset = [], 0
     for i, t in enumerate(tensors):

@@ -90,3 +90,13 @@ def test_bucketed_padding_is_small_on_heavy_tailed_lengths() -> None:
     naive = [collate(stream[i:i + 16]).stats() for i in range(0, len(stream), 16)]
     naive_frac = sum(s.padded_tokens for s in naive) / sum(s.padded_tokens + s.real_tokens for s in naive)
     assert padded / (padded + real) < naive_frac / 3
+
+
+def test_batch_sampler_splits_batches_between_ranks() -> None:
+    samples = make_samples(100, seed=2, max_len=200)
+    mods, lens = [s.modality for s in samples], [s.num_text_tokens for s in samples]
+    whole = list(ModalityBucketBatchSampler(mods, lens, batch_size=8, seed=4))
+    parts = [ModalityBucketBatchSampler(mods, lens, batch_size=8, seed=4, rank=r, world_size=3) for r in range(3)]
+    assert [len(p) for p in parts] == [len(list(p)) for p in parts]
+    got = [b for p in parts for b in p]
+    assert sorted(map(tuple, got)) == sorted(map(tuple, whole))  # every batch on exactly one rank

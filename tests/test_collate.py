@@ -142,3 +142,17 @@ def test_batch_types_survive_the_dataloader_pin_thread(samples: list[Sample]) ->
         for batch in loader:
             moved = batch.pin_memory().to("cpu", non_blocking=True)
             assert moved.stats().samples == 8
+
+
+def test_narrow_ids_refuse_labels_that_do_not_fit() -> None:
+    # After masking, a large original id lives on only in mlm_labels: it must not wrap around either.
+    s = Sample("k", "text", ids=torch.tensor([2, 103, 3]), mlm_labels=torch.tensor([-100, 40000, -100]))
+    for collate in (PaddedCollator(ids_dtype=torch.int16), NestedCollator(ids_dtype=torch.int16)):
+        with pytest.raises(ValueError, match="does not fit"):
+            collate([s])
+
+
+def test_embedding_labels_must_match_their_tokens() -> None:
+    s = Sample("k", "text", emb=torch.zeros(4, 8).half(), mlm_labels=torch.tensor([-100, 5, -100]))
+    with pytest.raises(ValueError, match="3 MLM labels for 4 token embeddings"):
+        EmbeddingCollator()([s])

@@ -53,9 +53,11 @@ def test_unreachable_shard_is_retried_a_bounded_number_of_times_then_counted(mon
 
     monkeypatch.setattr(webdataset, "gopen", counting)
     monkeypatch.setattr("time.sleep", lambda s: None)
-    missing = str(tmp_path / "gone.tar")
-    ds = ShardDataset([missing, builtin_shards[0]], image_size=16)
+    missing = f"pipe:cat {tmp_path / 'gone.tar'}"  # a remote source that answers nothing
+    local = str(tmp_path / "gone-too.tar")
+    ds = ShardDataset([missing, local, builtin_shards[0]], image_size=16)
     n = sum(1 for _ in ds)
     assert calls.count(missing) == 3  # first try + 2 retries
-    assert ds.errors.counts == {"shard_read": 1}
+    assert calls.count(local) == 1  # a missing local file does not come back by waiting
+    assert ds.errors.counts == {"shard_read": 2}
     assert n == sum(1 for _ in ShardDataset(builtin_shards[0], image_size=16))

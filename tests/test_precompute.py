@@ -126,3 +126,24 @@ def test_teacher_logits_stored_beside_embeddings_drive_distillation(tmp_path: Pa
     with pytest.raises(ValueError, match="strategy embeddings"):
         train({"data": builtin_shards[:1], "strategy": "padded", "preset": "tiny", "steps": 1, "kd_alpha": 0.5,
                "teacher_logits": True, "progress": False})
+
+
+def test_manifest_counts_the_inputs_errors(tmp_path: Path, builtin_shards: list[str], encoder_ckpt: Path) -> None:
+    import io
+    import tarfile
+
+    from mmload.shards import read_manifest
+    from models.checkpoint import load_model
+
+    bad = tmp_path / "in" / "bad.tar"
+    bad.parent.mkdir()
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("a.jpg", b"junk"), ("b.jpg", b"junk too")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    model, tok = load_model(encoder_ckpt)
+    precompute([str(bad), builtin_shards[0]], tmp_path / "out", image_encoder=MMLoadFeatures(model, tok),
+               text_encoder=MMLoadFeatures(model, tok), num_workers=2, progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["errors"] == {"image_decode": 2} and manifest["samples"]["total"] == 40

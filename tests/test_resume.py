@@ -72,3 +72,52 @@ def test_resume_refuses_another_worker_count(builtin_shards: list[str]) -> None:
     ds.load_state_dict(state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"])
     with pytest.raises(ValueError, match="same number of ranks and DataLoader workers"):
         next(iter(ds))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_restores_the_epoch_of_the_state(workers: int, builtin_shards: list[str]) -> None:
+    """A fresh loader (epoch 0) given a state saved in epoch 1 continues epoch 1, pending samples included."""
+    def make(epoch: int):
+        loader = make_loader("bucketed", builtin_shards, batch_size=8, num_workers=workers, stateful=True,
+                             image_size=16, max_text_len=32, shuffle=True, shuffle_buffer=16, seed=3)
+        loader.dataset.set_epoch(epoch)
+        return loader
+
+    full = [batch_keys(b) for b in make(1)]
+    loader = make(1)
+    it = iter(loader)
+    head = [batch_keys(next(it)) for _ in range(9)]
+    state = loader.state_dict()
+    del it, loader
+    resumed = make(0)  # not told the epoch: the state says it
+    resumed.load_state_dict(state)
+    assert head + [batch_keys(b) for b in resumed] == full
+
+
+def test_resume_inside_a_damaged_shard_counts_its_damage_once(tmp_path, builtin_shards: list[str]) -> None:
+    from pathlib import Path
+
+    from mmload.coverage import loader_errors
+
+    data = Path(builtin_shards[0]).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    for f in Path(builtin_shards[0]).parent.glob("tokenizer*.json"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+
+    def make():
+        return make_loader("padded", [str(cut)], batch_size=4, num_workers=0, stateful=True, image_size=16,
+                           shuffle=True, shuffle_buffer=1000, seed=0)
+
+    full = make()
+    n_full = sum(1 for _ in full)
+    assert loader_errors(full.state_dict()) == {"shard_read": 1}
+    loader = make()
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    del it
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert 2 + sum(1 for _ in resumed) == n_full
+    assert loader_errors(resumed.state_dict()) == {"shard_read": 1}

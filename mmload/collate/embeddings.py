@@ -50,7 +50,7 @@ class EmbeddingCollator:
             mlm_labels=torch.cat([_token_labels(s, e.shape[0]) for s, e in zip(samples, seqs)]),  # (sum L,)
             keys=[s.key for s in samples],
             max_len=int(lengths.max()),
-            teacher_logits=_teacher_logits(samples),
+            teacher_logits=_teacher_logits(samples, self.dtype),
         )
         return pack(batch) if self.pack else batch
 
@@ -59,7 +59,7 @@ def _is_text(sample: Sample) -> bool:
     return sample.has_text or sample.modality == "text"
 
 
-def _teacher_logits(samples: Sequence[Sample]) -> torch.Tensor | None:
+def _teacher_logits(samples: Sequence[Sample], dtype: torch.dtype) -> torch.Tensor | None:
     """(N, C) teacher logits when the image samples carry them (text rows get zeros), else None."""
     images = [s for s in samples if not _is_text(s)]
     have = [s.teacher_logits is not None for s in images]
@@ -73,7 +73,7 @@ def _teacher_logits(samples: Sequence[Sample]) -> torch.Tensor | None:
     if len(width) > 1:
         raise ValueError(f"teacher logits of one batch must share a shape, got {sorted(width)}")
     (shape,) = width
-    out = torch.zeros((len(samples), *shape), dtype=torch.float16)  # (N, C)
+    out = torch.zeros((len(samples), *shape), dtype=dtype)  # (N, C)
     for row, s in enumerate(samples):
         if s.teacher_logits is not None:
             out[row] = s.teacher_logits
@@ -81,6 +81,9 @@ def _teacher_logits(samples: Sequence[Sample]) -> torch.Tensor | None:
 
 
 def _token_labels(sample: Sample, length: int) -> torch.Tensor:
-    if sample.mlm_labels is not None and sample.mlm_labels.numel() == length:
-        return sample.mlm_labels.long()
-    return torch.full((length,), IGNORE_INDEX, dtype=torch.int64)
+    if sample.mlm_labels is None or (length == 1 and sample.emb.dim() == 1):  # a pooled vector has no token labels
+        return torch.full((length,), IGNORE_INDEX, dtype=torch.int64)
+    if sample.mlm_labels.numel() != length:
+        raise ValueError(f"sample {sample.key!r}: {sample.mlm_labels.numel()} MLM labels for {length} token "
+                         "embeddings; mask the ids that precompute stored with them (KEY.ids.npy)")
+    return sample.mlm_labels.long()

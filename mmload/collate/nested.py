@@ -42,7 +42,7 @@ class NestedCollator:
         return JaggedText(
             values=torch.cat([cast_ids(s.ids, self.ids_dtype, s.key) for _, s in rows]),  # (sum T,)
             offsets=offsets,
-            mlm_labels=torch.cat([mlm_or_ignore(s) for _, s in rows]).to(self.ids_dtype),  # (sum T,)
+            mlm_labels=torch.cat([cast_ids(mlm_or_ignore(s), self.ids_dtype, s.key) for _, s in rows]),  # (sum T,)
             labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
             index=torch.tensor([i for i, _ in rows], dtype=torch.int64),
             max_len=int(lengths.max()),

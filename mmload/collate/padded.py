@@ -54,7 +54,7 @@ class PaddedCollator:
         for row, (_, s) in enumerate(rows):
             n = s.num_text_tokens
             ids[row, :n] = cast_ids(s.ids, self.ids_dtype, s.key)
-            mlm[row, :n] = mlm_or_ignore(s)
+            mlm[row, :n] = cast_ids(mlm_or_ignore(s), self.ids_dtype, s.key)
             mask[row, :n] = True
         return TextBatch(ids=ids, mask=mask, mlm_labels=mlm,
                          labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
