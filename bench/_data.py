@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from mmload.dataset import expand_urls, open_data, parse_data
-from mmload.make_shards import TEXT_LEN
+from mmload.make_shards import BUILTIN_MAXCOUNT, TEXT_LEN
 from mmload.sample import Sample
 
 DEFAULT_TEXT_LEN = TEXT_LEN  # builtin texts' word counts: (median, sigma)
-DEFAULT_MAXCOUNT = 1000
+DEFAULT_MAXCOUNT = BUILTIN_MAXCOUNT  # shards of the cached default data: enough for 16 loader workers
 _KEY_FILE = "bench-key.json"
 
 

@@ -51,7 +51,7 @@ PAPER_FREEZE = {"source": "Cross Modality Pre-training and the Intrinsic Values 
                 "frozen_s_per_epoch": 4.9, "full_s_per_epoch": 8.1, "ratio": 0.61}
 # (steps, warmup) when not given: a default CPU run takes about 5 minutes on a 2-core machine
 DEFAULT_STEPS = {"cpu": (50, 5), "cuda": (100, 10)}
-DEFAULTS = {"samples": 2000, "maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32,
+DEFAULTS = {"maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32,
             "reliability_epochs": 2}
 # --quick: options not given on the command line take these values
 QUICK = {"preset": "tiny", "samples": 96, "maxcount": 24, "image_text_ratio": 2.0, "batch_size": 8, "steps": 3,
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", action="append", metavar="SHARDS[@WEIGHT]",
                    help="webdataset shards (path, brace pattern or folder of *.tar, e.g. img2dataset output); "
                         "repeat to blend sources by WEIGHT. Default: the builtin shards, made once and cached")
-    g.add_argument("--samples", type=int, help="builtin data: number of samples (default 2000)")
+    g.add_argument("--samples", type=int, help="builtin data: number of samples (default: 2000, or more when "
+                   "warm-up + measured steps need more, so that one epoch covers the timed steps)")
     g.add_argument("--image-text-ratio", type=float, metavar="R",
                    help="builtin data: images per text (default 8)")
     g.add_argument("--text-len", default="48,0.9", metavar="MEDIAN,SIGMA",
@@ -148,6 +149,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.preset = args.preset or ("base" if kind == "cuda" else "small")
     args.steps = steps if args.steps is None else args.steps
     args.warmup = warmup if args.warmup is None else args.warmup
+    if args.samples is None:  # enough for warm-up and measured steps in one epoch: no worker restart mid-timing
+        args.samples = max(2000, -(-(args.warmup + args.steps) * args.batch_size // 1000) * 1000)
     args.per_sample_steps = args.per_sample_steps or max(3, args.steps // 3)
     args.freeze_steps = args.steps if args.freeze_steps is None else args.freeze_steps
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
@@ -321,7 +324,9 @@ def measure_strategy(bench: Bench, strategy: str, reference: dict[str, Any]) -> 
                             "copies_per_batch"),
             "copy_time": copies, "loaded_variant": loaded_variant,
             "ms_per_batch": copy_loaded["ms_per_batch"], "GBps": copy_loaded["GBps"],
-            "fraction_of_reference": copy_loaded["GBps"] / reference["GBps"] if device.type == "cuda" else None,
+            "fraction_of_reference": copy_loaded["GBps"] / copies["same_size_reference"]["GBps"]
+            if "same_size_reference" in copies else None,
+            "fraction_of_peak": copy_loaded["GBps"] / reference["GBps"] if device.type == "cuda" else None,
         },
         "step_ms": e2e["phases_ms"], "step_ms_median": e2e["phases_ms_median"],
         "e2e": {k: e2e[k] for k in ("samples_per_s", "real_tokens_per_s", "batches_per_s", "ms_per_batch",

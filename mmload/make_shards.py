@@ -36,6 +36,7 @@ from mmload.tokenizer import MIN_VOCAB_SIZE, TOKENIZER_FILE, save_tokenizer, tra
 
 SOURCES = ("builtin", "folder", "text")
 TEXT_LEN = (48.0, 0.9)  # builtin texts: lognormal word counts, (median, sigma in log space)
+BUILTIN_MAXCOUNT = 125  # the cached default: 2000 samples in 16 shards, so up to 16 ranks x workers all read
 DEFAULT_MAXSIZE = 256 * 2**20
 CLASSES_FILE = "classes.json"
 MIN_TOKENIZER_TEXTS = 1000  # fewer texts than this: train the tokenizer on them plus the pydoc corpus
@@ -112,7 +113,7 @@ def cached_builtin_shards(
     samples: int = 2000,
     seed: int = 0,
     image_text_ratio: float = 8.0,
-    maxcount: int = 1000,
+    maxcount: int = BUILTIN_MAXCOUNT,
     maxsize: int = DEFAULT_MAXSIZE,
     vocab_size: int = 8192,
     progress: bool = True,
