@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -56,10 +57,60 @@ class Packed:
     def cu_seqlens(self) -> torch.Tensor:
         return self.offsets.to(torch.int32)  # (B+1,), made once per encoder call, not once per layer
 
+    @cached_property
+    def segments(self) -> list[tuple[int, int, list[int]]]:
+        """The sequences cut into segments ``(first token, tokens, lengths)``: a run of two or more consecutive
+        equal-length sequences (dense), or a stretch of sequences of differing lengths (jagged)."""
+        runs: list[list[int]] = []  # [count, length]
+        for length in self.offsets.diff().tolist():
+            if runs and runs[-1][1] == length:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, length])
+        out: list[tuple[int, int, list[int]]] = []
+        start = 0
+        for n, length in runs:
+            # a lone sequence joins a preceding lone or jagged one (neighbouring runs differ in length)
+            if n == 1 and out and (len(out[-1][2]) == 1 or len(set(out[-1][2])) > 1):
+                first, tokens, lengths = out[-1]
+                out[-1] = (first, tokens + length, [*lengths, length])
+            else:
+                out.append((start, n * length, [length] * n))
+            start += n * length
+        return out
+
 
 def _use_varlen(q: torch.Tensor, dropout_p: float) -> bool:
     # varlen_attn is flash attention: CUDA, half precision, no attention dropout (falls back to SDPA otherwise)
     return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
+
+
+class _FreshGrad(torch.autograd.Function):
+    """Identity whose backward hands on a fresh copy of the gradient.
+
+    NOTE [jagged gradient views]: on torch 2.13 (CPU), when the ``values()`` of a jagged SDPA output are
+    concatenated with other rows, the gradient that comes back is a view at a non-zero storage offset, and the
+    jagged backward reads it as if it started at offset 0: gradients come out wrong with no error (checked
+    against per-sequence dense SDPA). A gradient of its own storage avoids that.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone()
+
+
+def _jagged_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_len: int,
+                 p: float) -> torch.Tensor:
+    """SDPA over packed ``(sum T, nh, hs)`` q, k, v as ``torch.nested`` jagged tensors ``(B, nh, j, hs)``."""
+    def nest(t: torch.Tensor) -> torch.Tensor:
+        return torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=max_len).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(nest(q), nest(k), nest(v), dropout_p=p)  # (B, nh, j, hs)
+    return _FreshGrad.apply(y.transpose(1, 2).values())  # (sum T, nh, hs)
 
 
 class SelfAttention(nn.Module):
@@ -97,13 +148,24 @@ class SelfAttention(nn.Module):
         if _use_varlen(q, p):
             L = packed.max_len
             y = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, L, L)  # (sum T, nh, hs)
+        elif not q.is_cuda:
+            # NOTE [equal-length runs]: on the CPU, SDPA on jagged tensors takes a slow math path (12x slower
+            # than dense for the images of a nested batch, forward and backward). A run of equal-length sequences
+            # is one dense SDPA; the sequences of differing lengths between runs stay jagged.
+            ys = []
+            for first, tokens, lengths in packed.segments:
+                part = slice(first, first + tokens)
+                if len(set(lengths)) == 1:
+                    n, L = len(lengths), lengths[0]
+                    qr, kr, vr = (t[part].view(n, L, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+                    y = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=p)  # (n, nh, L, hs)
+                    ys.append(y.transpose(1, 2).reshape(tokens, self.n_head, -1))  # (n*L, nh, hs)
+                else:
+                    offsets = torch.tensor([0, *lengths], device=q.device).cumsum(0)  # (n+1,)
+                    ys.append(_jagged_sdpa(q[part], k[part], v[part], offsets, max(lengths), p))
+            y = torch.cat(ys)  # (sum T, nh, hs)
         else:
-            def nest(t: torch.Tensor) -> torch.Tensor:
-                t = torch.nested.nested_tensor_from_jagged(t, packed.offsets, max_seqlen=packed.max_len)
-                return t.transpose(1, 2)  # (B, nh, j, hs)
-
-            y = F.scaled_dot_product_attention(nest(q), nest(k), nest(v), dropout_p=p)  # (B, nh, j, hs)
-            y = y.transpose(1, 2).values()  # (sum T, nh, hs)
+            y = _jagged_sdpa(q, k, v, packed.offsets, packed.max_len, p)  # (sum T, nh, hs)
         return y.reshape(N, D)  # (sum T, D)
 
 

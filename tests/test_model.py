@@ -283,3 +283,12 @@ def test_cuda_bf16_nested_matches_padded() -> None:
             out = model(batch.to("cuda"))
         sums.append((out.image_loss_sum().item(), out.mlm_loss_sum().item()))
     assert sums[1] == pytest.approx(sums[0], rel=2e-2)
+
+
+def test_packed_segments_make_equal_length_runs_dense_and_keep_the_rest_jagged() -> None:
+    from models.vit_bert import Packed
+
+    lengths = [17, 17, 17, 30, 55, 12, 90, 12, 12]
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    assert Packed(offsets, 90).segments == [(0, 51, [17, 17, 17]), (51, 187, [30, 55, 12, 90]), (238, 24, [12, 12])]
+    assert Packed(torch.tensor([0, 5]), 5).segments == [(0, 5, [5])]
