@@ -381,10 +381,11 @@ def reading(result: dict[str, Any]) -> str:
         compute = {s: sum(ok[s]["step_ms"][p] for p in ("forward", "backward", "optimizer")) for s in ("nested",
                                                                                                       "padded")}
         pf = ok["padded"]["padding"]["padding_fraction"]
-        verb = "cost more" if compute["nested"] > compute["padded"] else "saved more"
+        verdict = ("its jagged kernels cost more than the padding they remove" if compute["nested"] > compute["padded"]
+                   else "removing the padding paid for its jagged kernels")
         out.append(f"Padded wasted {pf:.0%} of its text tokens on padding, nested none; nested's compute "
                    f"(forward+backward+optimizer) took {compute['nested']:.0f} ms per batch against padded's "
-                   f"{compute['padded']:.0f} ms, so here its jagged kernels {verb} than the padding they remove.")
+                   f"{compute['padded']:.0f} ms, so here {verdict}.")
     if "bucketed" in ok:
         out.append(f"Bucketing cut padding to {ok['bucketed']['padding']['padding_fraction']:.1%}.")
     if cuda and "nested" in ok:
