@@ -181,8 +181,10 @@ class _TailReader:
         return data
 
     def ends_cleanly(self, offset: int) -> bool:
-        while len(self.read(1 << 14)) and self.total - offset <= self.KEEP:
-            pass  # read the padding after the last member (tar pads to 10 KiB records)
+        # read the padding after the last member (tar pads to 10 KiB records), but no more than KEEP bytes
+        more = True
+        while more and self.total - offset <= self.KEEP:
+            more = bool(self.read(1 << 14))
         after = self.total - offset
         if after > self.KEEP:
             return False  # more than padding follows what tarfile read: it stopped early
