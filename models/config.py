@@ -17,6 +17,7 @@ class ModelConfig:
     ``norm_first=True`` gives pre-LN blocks with a final LayerNorm (ViT); ``False`` gives post-LN blocks and no
     final norm (BERT checkpoints). ``emb_dim`` is the width of precomputed embeddings fed by an
     ``EmbeddingBatch``; ``None`` builds no projection for them. ``vocab_size`` is set from the tokenizer.
+``nsp=False`` keeps every text in segment 0 and builds no NSP head.
     """
 
     n_layer: int = 12
@@ -35,6 +36,8 @@ class ModelConfig:
     emb_dim: int | None = None
     pad_id: int = 0
     head_norm: bool = True  # LayerNorm between the two layers of each head (as BERT's MLM transform)
+    nsp: bool = False  # a next-sentence (sentence-order) head on the text [CLS] token, segment ids from [SEP]
+    sep_id: int = 3  # [SEP]: with ``nsp``, tokens after a sequence's first [SEP] are segment 1
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -66,6 +69,11 @@ class ModelConfig:
             raise ValueError(f"emb_dim must be a positive int or None (no embedding input), got {self.emb_dim!r}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id must be a token id in [0, vocab_size={self.vocab_size}), got {self.pad_id!r}")
+        if not 0 <= self.sep_id < self.vocab_size:
+            raise ValueError(f"sep_id must be a token id in [0, vocab_size={self.vocab_size}), got {self.sep_id!r}; "
+                             f"use the tokenizer's sep_token_id")
+        if self.nsp and self.type_vocab_size < 2:
+            raise ValueError(f"nsp needs two segment types, got type_vocab_size={self.type_vocab_size}")
         self.image_mean = tuple(float(m) for m in self.image_mean)
         self.image_std = tuple(float(s) for s in self.image_std)
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:

@@ -2,10 +2,11 @@
 
 The objective is the ViT-BERT paper's "Joint" baseline,
 
-    loss = image_loss_mean + text_loss_weight * mlm_loss_mean
+    loss = image_loss_mean + text_loss_weight * (mlm_loss_mean + nsp_weight * nsp_loss_mean)
 
-with means taken from the summed losses and counts of ``ModelOutput`` (NOTE [loss normalization]), optional
-knowledge distillation (``models.kd``) and optional iterative gradient masking (``models.gradmask``). Runs alone
+(the NSP term with ``--nsp`` only: sentence-order pairs from ``mmload.masking.NextSegmentPairs``), with means
+taken from the summed losses and counts of ``ModelOutput`` (NOTE [loss normalization]), optional knowledge
+distillation (``models.kd``) and optional iterative gradient masking (``models.gradmask``). Runs alone
 or under ``torchrun`` (DistributedDataParallel, shards split by rank), checkpoints and resumes exactly (model,
 optimizer, schedule, RNG, gradient mask and the loader's position), and writes ``OUT/metrics.jsonl`` and
 TensorBoard scalars under ``OUT/tb``. ``--eval-only --limit-samples K`` prints one JSON line of mean losses and
@@ -58,7 +59,7 @@ from torch.profiler import record_function
 from mmload.bucketing import BucketBatcher
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.loader import STRATEGIES, make_collator, make_loader
-from mmload.masking import MLMMasking
+from mmload.masking import Compose, MLMMasking, NextSegmentPairs
 from mmload.staging import PackedBatch
 from models.checkpoint import NAME, load_checkpoint, model_state, save_checkpoint
 from models.config import ModelConfig
@@ -70,7 +71,8 @@ from models.vit_bert import ModelOutput, ViTBERT
 
 FREEZE_MODES = ("full", "frozen", "scratch")
 FROZEN_TRAINABLE = ("embeddings", "position_embeddings", "layer_norms", "heads")  # Frozen Pretrained Transformer
-STAT_NAMES = ("image_loss_sum", "image_count", "image_correct", "mlm_loss_sum", "mlm_count", "mlm_correct")
+STAT_NAMES = ("image_loss_sum", "image_count", "image_correct", "mlm_loss_sum", "mlm_count", "mlm_correct",
+              "nsp_loss_sum", "nsp_count", "nsp_correct")  # NSP last: the first six keep their places
 
 
 # ---- command line ----
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="read shards and samples in order (training shuffles by default)")
     g.add_argument("--mask-prob", type=float, default=0.15, help="MLM masking probability per token")
+    g.add_argument("--nsp", action="store_true",
+                   help="add next-sentence prediction: each long enough text is cut in two segments, kept in order "
+                        "or swapped (ALBERT's sentence order), and a head on [CLS] tells which")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", choices=sorted(ModelConfig.PRESETS), help="model size")
     g.add_argument("--num-classes", type=int, help="image classes; default: from the shards' manifest, else 10")
@@ -115,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--power", type=float, default=1.0, help="power of the polynomial decay after warm-up")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping")
-    g.add_argument("--text-loss-weight", type=float, default=1.0, help="weight of the MLM mean loss")
+    g.add_argument("--text-loss-weight", type=float, default=1.0, help="weight of the MLM (+ NSP) mean loss")
+    g.add_argument("--nsp-weight", type=float, default=1.0, help="weight of the NSP mean loss within the text term")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                    help="autocast dtype on CUDA; the CPU always runs fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -174,7 +180,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every", "limit_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("num_workers", "save_every", "warmup", "grad_clip", "text_loss_weight", "mask_ratio"):
+    for name in ("num_workers", "save_every", "warmup", "grad_clip", "text_loss_weight", "nsp_weight",
+                 "mask_ratio"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.init_bert and args.init_vit:
@@ -188,6 +195,8 @@ def _check_args(args: argparse.Namespace) -> None:
                          "--teacher-logits")
     if args.teacher_logits and args.image_teacher:
         raise ValueError("--teacher-logits and --image-teacher are two image teachers; pick one")
+    if args.nsp and args.strategy == "embeddings":
+        raise ValueError("--nsp pairs token ids, which precomputed embeddings do not have; use another --strategy")
     if args.teacher_logits and args.strategy != "embeddings":
         raise ValueError("--teacher-logits reads logits stored beside precomputed embeddings: use --strategy "
                          "embeddings on shards written by `mmload precompute --teacher`")
@@ -255,47 +264,60 @@ def unwrap(model: nn.Module) -> ViTBERT:
 @dataclass
 class LossTerms:
     image: torch.Tensor  # image term of the objective, normalized and scaled, for backward
-    text: torch.Tensor  # text_loss_weight x MLM term
-    stats: torch.Tensor  # (6,) detached sums in STAT_NAMES order (plain CE, even with KD)
+    text: torch.Tensor  # text_loss_weight x (MLM term + nsp_weight x NSP term)
+    stats: torch.Tensor  # (9,) detached sums in STAT_NAMES order (plain CE, even with KD)
 
     @property
     def total(self) -> torch.Tensor:
         return self.image + self.text
 
 
+def loss_counts(out: ModelOutput) -> torch.Tensor:
+    """(3,) float: the loss targets of ``out`` [images, masked tokens, NSP pairs], the denominators of the means."""
+    return torch.stack([out.image_count(), out.mlm_count(), out.nsp_count()]).float()
+
+
 def loss_terms(out: ModelOutput, text_loss_weight: float = 1.0, *, counts: torch.Tensor | None = None,
                scale: float = 1.0, teacher: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-               distiller: Distiller | None = None) -> LossTerms:
-    """The two objective terms of ``out``: summed (KD) losses / ``counts`` (2,) [images, masked tokens] x ``scale``.
+               distiller: Distiller | None = None, nsp_weight: float = 1.0) -> LossTerms:
+    """The two objective terms of ``out``: summed (KD) losses / ``counts`` (3,) (``loss_counts``) x ``scale``.
 
-    ``counts`` defaults to ``out``'s own; a zero count divides by 1 (its sum is 0 too).
+    ``counts`` defaults to ``out``'s own; a zero count divides by 1 (its sum is 0 too). No KD on NSP.
     """
-    local = torch.stack([out.image_count(), out.mlm_count()]).float()  # (2,)
+    local = loss_counts(out)  # (3,)
     denom = (local if counts is None else counts).clamp(min=1)
     alpha, T = (distiller.alpha, distiller.temperature) if distiller is not None else (0.0, 1.0)
     image_sum = kd_loss_sum(out.image_logits, out.image_labels, teacher[0], alpha, T)
     mlm_sum = kd_loss_sum(out.mlm_logits, out.mlm_labels, teacher[1], alpha, T)
+    nsp_sum = out.nsp_loss_sum()
     with torch.no_grad():
         image_ce = image_sum if teacher[0] is None else out.image_loss_sum()
         mlm_ce = mlm_sum if teacher[1] is None else out.mlm_loss_sum()
         stats = torch.stack([image_ce.detach(), local[0], out.image_correct().float(),
-                             mlm_ce.detach(), local[1], out.mlm_correct().float()])  # (6,)
-    return LossTerms(image=image_sum / denom[0] * scale, text=text_loss_weight * mlm_sum / denom[1] * scale,
-                     stats=stats)
+                             mlm_ce.detach(), local[1], out.mlm_correct().float(),
+                             nsp_sum.detach(), local[2], out.nsp_correct().float()])  # (9,)
+    text = mlm_sum / denom[1] + nsp_weight * nsp_sum / denom[2]
+    return LossTerms(image=image_sum / denom[0] * scale, text=text_loss_weight * text * scale, stats=stats)
 
 
-def summarize(stats: torch.Tensor | Sequence[float], text_loss_weight: float = 1.0) -> dict[str, float | None]:
-    """Means and accuracies from summed ``STAT_NAMES``; None where a modality had no targets."""
-    s = dict(zip(STAT_NAMES, [float(x) for x in stats]))
+def summarize(stats: torch.Tensor | Sequence[float], text_loss_weight: float = 1.0, nsp_weight: float = 1.0, *,
+              nsp: bool = False) -> dict[str, float | None]:
+    """Means and accuracies from summed ``STAT_NAMES``; None where a modality had no targets. ``nsp`` (the model
+    has the head) adds ``nsp_loss``, ``nsp_acc`` and ``nsp_pairs``; the first six stats alone are accepted too."""
+    s = dict.fromkeys(STAT_NAMES, 0.0) | dict(zip(STAT_NAMES, [float(x) for x in stats]))
 
     def ratio(a: str, b: str) -> float | None:
         return s[a] / s[b] if s[b] else None
 
     image_loss, mlm_loss = ratio("image_loss_sum", "image_count"), ratio("mlm_loss_sum", "mlm_count")
-    loss = (image_loss or 0.0) + text_loss_weight * (mlm_loss or 0.0)
-    return {"loss": loss, "image_loss": image_loss, "mlm_loss": mlm_loss,
-            "image_acc": ratio("image_correct", "image_count"), "mlm_acc": ratio("mlm_correct", "mlm_count"),
-            "images": int(s["image_count"]), "mlm_tokens": int(s["mlm_count"])}
+    nsp_loss = ratio("nsp_loss_sum", "nsp_count")
+    loss = (image_loss or 0.0) + text_loss_weight * ((mlm_loss or 0.0) + nsp_weight * (nsp_loss or 0.0))
+    out = {"loss": loss, "image_loss": image_loss, "mlm_loss": mlm_loss,
+           "image_acc": ratio("image_correct", "image_count"), "mlm_acc": ratio("mlm_correct", "mlm_count"),
+           "images": int(s["image_count"]), "mlm_tokens": int(s["mlm_count"])}
+    if nsp:
+        out |= {"nsp_loss": nsp_loss, "nsp_acc": ratio("nsp_correct", "nsp_count"), "nsp_pairs": int(s["nsp_count"])}
+    return out
 
 
 @dataclass
@@ -303,6 +325,7 @@ class StepOptions:
     text_loss_weight: float = 1.0
     grad_clip: float = 0.0  # max gradient norm; 0: no clipping
     precision: str = "bf16"  # autocast dtype on CUDA (the CPU runs fp32)
+    nsp_weight: float = 1.0  # within the text term; no effect without an NSP head
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -318,7 +341,7 @@ def _world() -> int:
 def train_step(model: nn.Module, batches: Sequence[Any], optimizer: torch.optim.Optimizer,
                opts: StepOptions | None = None, *, scheduler: Any = None, masker: GradientMasker | None = None,
                distiller: Distiller | None = None, step: int = 0) -> torch.Tensor:
-    """One optimizer step over ``batches`` (the micro-batches, already on the device); returns the (6,) stats.
+    """One optimizer step over ``batches`` (the micro-batches, already on the device); returns the (9,) stats.
 
     ``model`` is a ViTBERT or a DDP around one. With ``masker`` the text and image gradients of the shared encoder
     are taken separately and combined by the mask (see ``models.gradmask``; under DDP the masker all-reduces them,
@@ -337,11 +360,11 @@ def train_step(model: nn.Module, batches: Sequence[Any], optimizer: torch.optim.
             with _autocast(device, opts.precision):
                 out = model(batch)
                 teacher = distiller.teacher_logits(batch) if distiller is not None else (None, None)
-            counts = torch.stack([out.image_count(), out.mlm_count()]).float()  # (2,)
+            counts = loss_counts(out)  # (3,)
             if world > 1:
                 dist.all_reduce(counts)
             terms = loss_terms(out, opts.text_loss_weight, counts=counts, scale=world / len(batches),
-                               teacher=teacher, distiller=distiller)
+                               teacher=teacher, distiller=distiller, nsp_weight=opts.nsp_weight)
             if masker is not None:
                 masker.backward(terms.text, terms.image)
             elif terms.total.requires_grad:  # False only for a batch without any target
@@ -388,6 +411,26 @@ def step_phases(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer, 
             "images": int(stats[1]), "mlm_tokens": int(stats[4])}
 
 
+# ---- text transforms ----
+
+def text_transform(config: ModelConfig, tokenizer: Any, *, seed: int = 0, mask_prob: float = 0.15,
+                   epoch: int = 0) -> MLMMasking | Compose:
+    """The per-sample transform ``config`` trains on: MLM masking, after sentence-order pairs with ``config.nsp``."""
+    masking = MLMMasking.from_tokenizer(tokenizer, seed=seed, epoch=epoch, prob=mask_prob)
+    if not config.nsp:
+        return masking
+    pairs = NextSegmentPairs.from_tokenizer(tokenizer, seed=seed, epoch=epoch)
+    if pairs.sep_id != config.sep_id:
+        raise ValueError(f"the model's sep_id is {config.sep_id}, the tokenizer's [SEP] is {pairs.sep_id}; build "
+                         "the model with the tokenizer's sep_token_id")
+    return Compose((pairs, masking))
+
+
+def read_text_len(config: ModelConfig) -> int:
+    """Tokens to read a text with: a sentence-order pair adds a [SEP], so one fewer than the model's positions."""
+    return config.max_text_len - 1 if config.nsp else config.max_text_len
+
+
 # ---- evaluation ----
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -399,17 +442,18 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: str | Sequence[str], strategy: str = "padded", *, tokenizer: Any,
              limit_samples: int = 1000, batch_size: int = 32, seed: int = 0, text_loss_weight: float = 1.0,
-             mask_prob: float = 0.15, precision: str = "bf16") -> dict[str, Any]:
+             mask_prob: float = 0.15, precision: str = "bf16", nsp_weight: float = 1.0) -> dict[str, Any]:
     """Mean losses and accuracies on the first ``limit_samples`` samples of ``data``, in shard order.
 
-    No shuffling, one process, masks from ``seed`` only: every strategy sees the same samples with the same masks
-    (batches are built in-process, no DataLoader workers, so the sample set does not depend on worker count).
+    No shuffling, one process, masks (and NSP pairs, for a model with the head) from ``seed`` only: every
+    strategy sees the same samples with the same masks (batches are built in-process, no DataLoader workers, so
+    the sample set does not depend on worker count).
     """
     raw = unwrap(model)
     config, device = raw.config, raw.mlm_head.out.weight.device
-    masking = MLMMasking.from_tokenizer(tokenizer, seed=seed, prob=mask_prob)
-    dataset = open_data(data, seed=seed, tokenizer=tokenizer, shuffle=False, transform=masking, rank=0,
-                        world_size=1, image_size=config.image_size, max_text_len=config.max_text_len)
+    transform = text_transform(config, tokenizer, seed=seed, mask_prob=mask_prob)
+    dataset = open_data(data, seed=seed, tokenizer=tokenizer, shuffle=False, transform=transform, rank=0,
+                        world_size=1, image_size=config.image_size, max_text_len=read_text_len(config))
     samples = islice(dataset.samples(), limit_samples)
     groups = BucketBatcher(batch_size)(samples) if strategy == "bucketed" else _chunks(samples, batch_size)
     collate = make_collator(strategy)
@@ -421,9 +465,9 @@ def evaluate(model: nn.Module, data: str | Sequence[str], strategy: str = "padde
         n += len(group)
         with _autocast(device, precision):
             out = raw(collate(group).to(device))
-        totals += loss_terms(out, text_loss_weight).stats
+        totals += loss_terms(out, text_loss_weight, nsp_weight=nsp_weight).stats
     model.train(was_training)
-    return {"strategy": strategy, "samples": n, **summarize(totals, text_loss_weight)}
+    return {"strategy": strategy, "samples": n, **summarize(totals, text_loss_weight, nsp_weight, nsp=config.nsp)}
 
 
 # ---- data across epochs ----
@@ -603,8 +647,12 @@ def _load_or_build_model(args: argparse.Namespace, resume: dict[str, Any] | None
         if model.config.vocab_size != len(tokenizer):
             raise ValueError(f"checkpoint vocab_size {model.config.vocab_size} != tokenizer's {len(tokenizer)}; "
                              "resume with the tokenizer the run was made with (--tokenizer)")
+        if args.nsp and not model.config.nsp:
+            raise ValueError(f"--nsp, but the checkpoint {args.resume} has no NSP head; drop --nsp to resume it")
         return model
     overrides = _model_overrides(args)
+    if args.nsp:
+        overrides |= {"nsp": True, "sep_id": int(tokenizer.sep_token_id)}
     if args.strategy == "embeddings" and "emb_dim" not in overrides:
         overrides["emb_dim"] = _infer_emb_dim(data, tokenizer)
     num_classes = args.num_classes or _manifest_classes(_first_urls(data)) or 10
@@ -663,7 +711,7 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict
     if args.eval_only:
         result = evaluate(model, data, args.strategy, tokenizer=tokenizer, limit_samples=args.limit_samples,
                           batch_size=args.batch_size, seed=args.seed, text_loss_weight=args.text_loss_weight,
-                          mask_prob=args.mask_prob, precision=args.precision)
+                          mask_prob=args.mask_prob, precision=args.precision, nsp_weight=args.nsp_weight)
         if info.is_main:
             print(json.dumps(result), flush=True)
         return {**result, "model": model}
@@ -679,15 +727,15 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict
     scheduler = warmup_poly_scheduler(optimizer, min(args.warmup, args.steps), args.steps, args.power)
     masker = _make_masker(args, model)
     distiller = _make_distiller(args, config, device)
-    masking = MLMMasking.from_tokenizer(tokenizer, seed=args.seed, prob=args.mask_prob)
+    transform = text_transform(config, tokenizer, seed=args.seed, mask_prob=args.mask_prob)
 
     def make_epoch_loader(epoch: int) -> Any:
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             loader = make_loader(args.strategy, data, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 stateful=True, transform=masking.for_epoch(epoch), seed=args.seed,
+                                 stateful=True, transform=transform.for_epoch(epoch), seed=args.seed,
                                  tokenizer=tokenizer, shuffle=args.shuffle, image_size=config.image_size,
-                                 max_text_len=config.max_text_len)
+                                 max_text_len=read_text_len(config))
         loader.dataset.set_epoch(epoch)
         return loader
 
@@ -710,7 +758,7 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict
 
     out = Path(args.out) if args.out else None
     log = MetricsLog(out, info.is_main)
-    opts = StepOptions(args.text_loss_weight, args.grad_clip, args.precision)
+    opts = StepOptions(args.text_loss_weight, args.grad_clip, args.precision, args.nsp_weight)
     if info.is_main and out is not None:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
 
@@ -746,7 +794,7 @@ def _run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> dict
                 dist.all_reduce(counts)
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "epoch": stream.epoch, "lr": lr,
-                      **summarize(counts[:-1].tolist(), args.text_loss_weight),
+                      **summarize(counts[:-1].tolist(), args.text_loss_weight, args.nsp_weight, nsp=config.nsp),
                       "samples_per_s": float(counts[-1]) / max(elapsed, 1e-9)}
             if masker is not None:
                 record["mask_ratio"] = masker.ratio
@@ -779,5 +827,5 @@ if __name__ == "__main__":
 
 
 __all__ = ["FREEZE_MODES", "STAT_NAMES", "EpochStream", "LossTerms", "StepOptions", "apply_freeze", "build_model",
-           "build_parser", "evaluate", "loss_terms", "make_optimizer", "parse_args", "step_phases", "summarize",
-           "train", "train_step", "unwrap"]
+           "build_parser", "evaluate", "loss_counts", "loss_terms", "make_optimizer", "parse_args", "read_text_len",
+           "step_phases", "summarize", "text_transform", "train", "train_step", "unwrap"]

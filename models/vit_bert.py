@@ -263,6 +263,19 @@ class ImageTokenizer(nn.Module):
         return self.dropout(x + self.position_embeddings(h, w))  # (N, 1+P, D)
 
 
+def token_types(ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """Segment ids of dense ``ids`` (B, T): 1 on the tokens after a row's first [SEP], else 0 (BERT's A and B)."""
+    is_sep = (ids == sep_id).long()  # (B, T)
+    return ((is_sep.cumsum(1) - is_sep) > 0).long()  # (B, T), [SEP]s strictly before each token
+
+
+def packed_token_types(ids: torch.Tensor, offsets: torch.Tensor, row: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """``token_types`` of packed ``ids`` (sum T,) with ``offsets`` (B+1,) and each token's ``row`` (sum T,)."""
+    is_sep = (ids == sep_id).long()  # (sum T,)
+    before = F.pad(is_sep.cumsum(0), (1, 0))  # (sum T+1,), [SEP]s before each token of the whole pack
+    return ((before[:-1] - before[offsets[:-1]][row]) > 0).long()  # (sum T,), minus those of earlier rows
+
+
 class TextTokenizer(nn.Module):
     """BERT embeddings: word + position + segment, then LayerNorm."""
 
@@ -274,10 +287,11 @@ class TextTokenizer(nn.Module):
         self.ln = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``ids`` and ``positions`` long, same shape: (B, T) or (sum T,) -> (..., D)."""
-        # one segment per sample: type 0 everywhere, so add its row instead of looking up a tensor of zeros
-        x = self.wte(ids) + self.wpe(positions) + self.wtt.weight[0]  # (..., D)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids``, ``positions`` and ``types`` long, same shape: (B, T) or (sum T,) -> (..., D)."""
+        # no types: one segment per sample, type 0 everywhere, so add its row instead of looking up zeros
+        segment = self.wtt.weight[0] if types is None else self.wtt(types)  # (D,) or (..., D)
+        x = self.wte(ids) + self.wpe(positions) + segment  # (..., D)
         return self.dropout(self.ln(x))
 
 
@@ -328,6 +342,9 @@ class ModelOutput:
     mlm_labels: torch.Tensor  # int64 (M,)
     image_index: torch.Tensor  # int64 (Ni,), sample index of each image row
     mlm_index: torch.Tensor  # int64 (M,), sample index of each MLM row
+    nsp_logits: torch.Tensor  # (Nt, 2), one row per text; (0, 2) without ``config.nsp``
+    nsp_labels: torch.Tensor  # int64 (Nt,), 1: in order, 0: swapped, IGNORE_INDEX: no pair (short, or paired)
+    nsp_index: torch.Tensor  # int64 (Nt,), sample index of each NSP row
 
     def image_loss_sum(self) -> torch.Tensor:
         return F.cross_entropy(self.image_logits.float(), self.image_labels, reduction="sum",
@@ -336,11 +353,17 @@ class ModelOutput:
     def mlm_loss_sum(self) -> torch.Tensor:
         return F.cross_entropy(self.mlm_logits.float(), self.mlm_labels, reduction="sum", ignore_index=IGNORE_INDEX)
 
+    def nsp_loss_sum(self) -> torch.Tensor:
+        return F.cross_entropy(self.nsp_logits.float(), self.nsp_labels, reduction="sum", ignore_index=IGNORE_INDEX)
+
     def image_count(self) -> torch.Tensor:
         return (self.image_labels != IGNORE_INDEX).sum()
 
     def mlm_count(self) -> torch.Tensor:
         return (self.mlm_labels != IGNORE_INDEX).sum()
+
+    def nsp_count(self) -> torch.Tensor:
+        return (self.nsp_labels != IGNORE_INDEX).sum()
 
     def image_correct(self) -> torch.Tensor:
         return ((self.image_logits.argmax(-1) == self.image_labels) & (self.image_labels != IGNORE_INDEX)).sum()
@@ -348,20 +371,26 @@ class ModelOutput:
     def mlm_correct(self) -> torch.Tensor:
         return ((self.mlm_logits.argmax(-1) == self.mlm_labels) & (self.mlm_labels != IGNORE_INDEX)).sum()
 
+    def nsp_correct(self) -> torch.Tensor:
+        return ((self.nsp_logits.argmax(-1) == self.nsp_labels) & (self.nsp_labels != IGNORE_INDEX)).sum()
+
     @staticmethod
     def cat(parts: list[ModelOutput], index_offsets: list[int]) -> ModelOutput:
         """Concatenate outputs of consecutive sub-batches; ``index_offsets[i]`` shifts part i's sample indices."""
-        return ModelOutput(
-            image_logits=torch.cat([p.image_logits for p in parts]),
-            image_labels=torch.cat([p.image_labels for p in parts]),
-            mlm_logits=torch.cat([p.mlm_logits for p in parts]),
-            mlm_labels=torch.cat([p.mlm_labels for p in parts]),
-            image_index=torch.cat([p.image_index + o for p, o in zip(parts, index_offsets)]),
-            mlm_index=torch.cat([p.mlm_index + o for p, o in zip(parts, index_offsets)]),
-        )
+        fields = {}
+        for task in ("image", "mlm", "nsp"):
+            fields[f"{task}_logits"] = torch.cat([getattr(p, f"{task}_logits") for p in parts])
+            fields[f"{task}_labels"] = torch.cat([getattr(p, f"{task}_labels") for p in parts])
+            fields[f"{task}_index"] = torch.cat([getattr(p, f"{task}_index") + o for p, o in zip(parts, index_offsets)])
+        return ModelOutput(**fields)
 
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logits, labels, sample index) of one task
+
+
+def _image_index(batch: PaddedBatch | NestedBatch) -> torch.Tensor:
+    """Sample indices (Ni,) of the batch's images: a text at one of them is the text of an image_text pair."""
+    return batch.image.index if batch.image is not None else batch.text.index[:0]
 
 
 def _token_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,6 +414,7 @@ class ViTBERT(nn.Module):
         self.encoder = Encoder(config)
         self.image_head = Head(config, config.num_classes)
         self.mlm_head = Head(config, config.vocab_size)
+        self.nsp_head = Head(config, 2) if config.nsp else None
         self.reset_parameters(torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -419,7 +449,7 @@ class ViTBERT(nn.Module):
         if group == "position_embeddings":
             return ["image.pos", "text.wpe.weight"]
         if group == "heads":
-            return [n for n in names if n.startswith(("image_head.", "mlm_head."))]
+            return [n for n in names if n.startswith(("image_head.", "mlm_head.", "nsp_head."))]
         if group == "encoder":
             return [n for n in names if n.startswith("encoder.")]
         return [f"{m}.{p}" for m, mod in self.named_modules() if isinstance(mod, nn.LayerNorm)
@@ -435,8 +465,10 @@ class ViTBERT(nn.Module):
         """ids (B, T) with ``mask`` (B, T) bool, True on real tokens -> (B, T, D)."""
         B, T = ids.shape
         self._check_text_len(T)
+        ids = ids.long()
         pos = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
-        return self.encoder(self.text(ids.long(), pos), mask=mask)  # (B, T, D)
+        types = token_types(ids, self.config.sep_id) if self.config.nsp else None  # (B, T)
+        return self.encoder(self.text(ids, pos, types), mask=mask)  # (B, T, D)
 
     def encode_text_packed(self, ids: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
         """Packed ids (sum T,) with ``offsets`` (B+1,) and host ``max_len`` -> (sum T, D), no padding."""
@@ -447,8 +479,10 @@ class ViTBERT(nn.Module):
                            max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Text tokens (sum T, D), plus each token's row and position (sum T,)."""
         self._check_text_len(max_len)
+        ids = ids.long()
         row, pos = _token_positions(offsets, ids.shape[0])  # (sum T,), (sum T,)
-        return self.text(ids.long(), pos), row, pos
+        types = packed_token_types(ids, offsets, row, self.config.sep_id) if self.config.nsp else None  # (sum T,)
+        return self.text(ids, pos, types), row, pos
 
     # ---- forward, one method per batch type ----
 
@@ -477,8 +511,10 @@ class ViTBERT(nn.Module):
     def _forward_padded(self, batch: PaddedBatch) -> ModelOutput:
         """One dense encoder call per modality present (a bucketed batch holds one)."""
         images = self._images_dense(batch.image) if batch.image is not None else None
-        mlm = self._text_dense(batch.text) if batch.text is not None else None
-        return self._output(images, mlm)
+        mlm = nsp = None
+        if batch.text is not None:
+            mlm, nsp = self._text_dense(batch.text, _image_index(batch))
+        return self._output(images, mlm, nsp)
 
     def _forward_nested(self, batch: NestedBatch) -> ModelOutput:
         """Image patch sequences and texts joined into one packed sequence batch: one encoder call, no padding."""
@@ -501,14 +537,17 @@ class ViTBERT(nn.Module):
         packed = Packed(torch.cat(offsets), max_len)  # offsets (Ni+Nt+1,)
         x = self.encoder(torch.cat(xs), packed=packed)  # (Ni*L + sum T, D)
 
-        images = mlm = None
+        images = mlm = nsp = None
         if batch.image is not None:
             cls = x[:n_img_tokens:L]  # (Ni, D): token 0 of every image sequence
-            images = self._classify(cls, batch.image.labels, batch.image.index)
+            images = self._classify(self.image_head, cls, batch.image.labels, batch.image.index)
         if batch.text is not None:
+            xt = x[n_img_tokens:]  # (sum T, D)
             sample = text.index.long()[row]  # (sum T,)
-            mlm = self._mlm(x[n_img_tokens:], text.mlm_labels.long(), sample, pos, stride=text.max_len)
-        return self._output(images, mlm)
+            mlm = self._mlm(xt, text.mlm_labels.long(), sample, pos, stride=text.max_len)
+            if self.nsp_head is not None:
+                nsp = self._nsp(xt[text.offsets[:-1]], text.labels, text.index, _image_index(batch))  # [CLS] (Nt, D)
+        return self._output(images, mlm, nsp)
 
     def _forward_embeddings(self, batch: EmbeddingBatch) -> ModelOutput:
         """Precomputed embeddings: projected, mask embedding at MLM positions, then the packed encoder path."""
@@ -528,7 +567,8 @@ class ViTBERT(nn.Module):
         image_rows = (~batch.is_text).nonzero().squeeze(1)  # (Ni,), ascending
         images = None
         if image_rows.numel():
-            images = self._classify(x[batch.offsets[image_rows]], batch.labels[image_rows], image_rows)
+            images = self._classify(self.image_head, x[batch.offsets[image_rows]], batch.labels[image_rows],
+                                    image_rows)
         mlm = self._mlm(x, labels, row, pos, stride=batch.max_len)
         return self._output(images, mlm)
 
@@ -536,20 +576,29 @@ class ViTBERT(nn.Module):
 
     def _images_dense(self, images: ImageBatch) -> Rows:
         x = self.encode_images(images.pixels)  # (Ni, 1+P, D)
-        return self._classify(x[:, 0], images.labels, images.index)
+        return self._classify(self.image_head, x[:, 0], images.labels, images.index)
 
-    def _text_dense(self, text: TextBatch) -> Rows:
+    def _text_dense(self, text: TextBatch, image_index: torch.Tensor) -> tuple[Rows, Rows | None]:
+        """MLM rows, and NSP rows when the model has the head."""
         B, T = text.ids.shape
         x = self.encode_text(text.ids, text.mask)  # (B, T, D)
         pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
         labels = torch.where(text.mask, text.mlm_labels.long(), IGNORE_INDEX)  # (B, T), never a loss on padding
         sample = text.index.long()[:, None].expand(B, T)  # (B, T)
-        return self._mlm(x.reshape(B * T, -1), labels.reshape(-1), sample.reshape(-1), pos.reshape(-1), stride=T)
+        mlm = self._mlm(x.reshape(B * T, -1), labels.reshape(-1), sample.reshape(-1), pos.reshape(-1), stride=T)
+        nsp = self._nsp(x[:, 0], text.labels, text.index, image_index) if self.nsp_head is not None else None
+        return mlm, nsp
 
-    def _classify(self, cls: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> Rows:
-        """Class tokens (Ni, D) -> logits in ascending sample index."""
-        order = index.argsort()  # (Ni,)
-        return self.image_head(cls[order]), labels.long()[order], index.long()[order]
+    def _classify(self, head: nn.Module, cls: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> Rows:
+        """Class tokens (N, D) -> ``head`` logits in ascending sample index."""
+        order = index.argsort()  # (N,)
+        return head(cls[order]), labels.long()[order], index.long()[order]
+
+    def _nsp(self, cls: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, image_index: torch.Tensor) -> Rows:
+        """Text [CLS] tokens (Nt, D) -> NSP rows. A paired sample's ``label`` is its image's class, not an NSP
+        target (``NextSegmentPairs`` pairs texts only), so its row is ignored."""
+        labels = torch.where(torch.isin(index, image_index), IGNORE_INDEX, labels.long())  # (Nt,)
+        return self._classify(self.nsp_head, cls, labels, index)
 
     def _mlm(self, h: torch.Tensor, labels: torch.Tensor, sample: torch.Tensor, pos: torch.Tensor,
              stride: int) -> Rows:
@@ -566,10 +615,12 @@ class ViTBERT(nn.Module):
             raise ValueError(f"a sequence of {length} tokens exceeds max_text_len={self.config.max_text_len}; "
                              f"truncate in the tokenizer or raise max_text_len")
 
-    def _output(self, images: Rows | None, mlm: Rows | None) -> ModelOutput:
+    def _output(self, images: Rows | None, mlm: Rows | None, nsp: Rows | None = None) -> ModelOutput:
         w = self.mlm_head.out.weight
-        none = w.new_zeros(0, dtype=torch.long)  # (0,): labels and indices of an absent modality
+        none = w.new_zeros(0, dtype=torch.long)  # (0,): labels and indices of an absent modality or task
         images = images or (w.new_zeros(0, self.config.num_classes), none, none)
         mlm = mlm or (w.new_zeros(0, self.config.vocab_size), none, none)
+        nsp = nsp or (w.new_zeros(0, 2), none, none)
         return ModelOutput(image_logits=images[0], image_labels=images[1], image_index=images[2],
-                           mlm_logits=mlm[0], mlm_labels=mlm[1], mlm_index=mlm[2])
+                           mlm_logits=mlm[0], mlm_labels=mlm[1], mlm_index=mlm[2],
+                           nsp_logits=nsp[0], nsp_labels=nsp[1], nsp_index=nsp[2])

@@ -1,4 +1,5 @@
-"""MLMMasking: BERT rates, special tokens kept, deterministic per (seed, epoch, key), inputs untouched."""
+"""MLMMasking and NextSegmentPairs: BERT rates, special tokens kept, sentence-order pairs, deterministic per
+(seed, epoch, key), inputs untouched."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from mmload.masking import MLMMasking
+from mmload.masking import Compose, MLMMasking, NextSegmentPairs
 from mmload.sample import IGNORE_INDEX, Modality, Sample
 
 VOCAB, MASK_ID, CLS, SEP, PAD = 1000, 4, 2, 3, 0
@@ -112,3 +113,82 @@ def test_from_tokenizer() -> None:
     ids = torch.tensor(tokenizer("a sentence long enough to get a few of its words masked " * 4)["input_ids"])
     out = masking(Sample("t", Modality.TEXT, ids=ids))
     assert out.mlm_labels[0] == IGNORE_INDEX and out.mlm_labels[-1] == IGNORE_INDEX
+    pairs = NextSegmentPairs.from_tokenizer(tokenizer, seed=1)
+    assert (pairs.cls_id, pairs.sep_id) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    assert int((pairs(Sample("t", Modality.TEXT, ids=ids)).ids == pairs.sep_id).sum()) == 2
+
+
+# ---- NextSegmentPairs (sentence order) and Compose ----
+
+@pytest.fixture
+def pairs() -> NextSegmentPairs:
+    return NextSegmentPairs(cls_id=CLS, sep_id=SEP, seed=7)
+
+
+def test_pairs_keep_every_token_and_cut_the_body_in_two(pairs: NextSegmentPairs) -> None:
+    samples = [text(f"s{i}", int(torch.randint(10, 80, (), generator=torch.Generator().manual_seed(i))), seed=i)
+               for i in range(400)]
+    labels = []
+    for s in samples:
+        out = pairs(s)
+        ids, body = out.ids, s.ids[1:-1]
+        seps = (ids == SEP).nonzero().squeeze(1).tolist()
+        assert ids[0] == CLS and len(seps) == 2 and seps[1] == ids.numel() - 1 == s.ids.numel()
+        first, second = ids[1:seps[0]], ids[seps[0] + 1:-1]
+        assert first.numel() >= 2 and second.numel() >= 2  # both segments present
+        in_order = torch.cat([first, second]) if out.label == 1 else torch.cat([second, first])
+        assert torch.equal(in_order, body), out.label  # label 1: A then B; label 0: B then A
+        assert out.mlm_labels is None and out.key == s.key and out.modality == s.modality
+        labels.append(out.label)
+    assert set(labels) == {0, 1}
+    assert sum(labels) / len(labels) == pytest.approx(0.5, abs=0.08)  # sd 0.025
+
+
+def test_pairs_are_deterministic_per_seed_epoch_and_key(pairs: NextSegmentPairs) -> None:
+    def made(p: NextSegmentPairs, key: str) -> list[tuple[int, list[int]]]:
+        return [(o.label, o.ids.tolist()) for o in (p(text(f"{key}{i}", 60, seed=i)) for i in range(20))]
+
+    ref = made(pairs, "k")
+    assert made(pairs, "k") == ref and made(pickle.loads(pickle.dumps(pairs)), "k") == ref
+    torch.manual_seed(123)  # global random state plays no part
+    assert made(pairs, "k") == ref
+    for other in (made(pairs, "j"), made(pairs.for_epoch(1), "k"), made(NextSegmentPairs(CLS, SEP, seed=8), "k")):
+        assert other != ref
+
+
+def test_pairs_leave_short_texts_and_other_samples_alone(pairs: NextSegmentPairs) -> None:
+    short = text("short", 9)  # 7 body tokens < min_tokens=8
+    image = Sample("img", Modality.IMAGE, pixels=torch.zeros(3, 8, 8, dtype=torch.uint8), label=1)
+    pair = Sample("pair", Modality.IMAGE_TEXT, pixels=image.pixels, ids=text("p", 50).ids, label=4)
+    for s in (short, image, pair):
+        assert pairs(s) is s
+    assert short.label == IGNORE_INDEX and pairs(text("long-enough", 10)).label in (0, 1)
+
+
+def test_pairs_do_not_mutate_the_input(pairs: NextSegmentPairs) -> None:
+    sample = text("k", 50)
+    before = sample.ids.clone()
+    out = pairs(sample)
+    assert out is not sample and torch.equal(sample.ids, before) and sample.label == IGNORE_INDEX
+    assert out.ids.dtype == sample.ids.dtype
+
+
+def test_compose_pairs_then_masking_keeps_both_seps(pairs: NextSegmentPairs, masking: MLMMasking) -> None:
+    both = pickle.loads(pickle.dumps(Compose((pairs, masking))))
+    for i in range(30):
+        out = both(text(f"k{i}", 40, seed=i))
+        assert (out.ids == SEP).sum() == 2 and out.label in (0, 1) and out.mlm_labels is not None
+        assert torch.equal(out.ids, masking(pairs(text(f"k{i}", 40, seed=i))).ids)
+    later = both.for_epoch(3)
+    assert [t.epoch for t in later.transforms] == [3, 3] and both.transforms[0].epoch == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cls_id=-1), "cls_id"),
+    (dict(sep_id=CLS), "differ"),
+    (dict(min_tokens=3), "min_tokens"),
+    (dict(epoch=-1), "epoch"),
+])
+def test_pairs_validation(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        NextSegmentPairs(**(dict(cls_id=CLS, sep_id=SEP) | bad))

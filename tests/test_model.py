@@ -9,23 +9,29 @@ import torch
 
 from mmload.batch import PaddedBatch, TextBatch
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
-from mmload.masking import MLMMasking
+from mmload.masking import Compose, MLMMasking, NextSegmentPairs
 from mmload.sample import IGNORE_INDEX, Modality, Sample
 from models import FREEZE_GROUPS, ModelConfig, ModelOutput, ViTBERT
+from models.vit_bert import packed_token_types, token_types
 
 VOCAB, MASK_ID, SPECIAL = 100, 4, (0, 1, 2, 3, 4)  # 0 PAD, 2 CLS, 3 SEP, 4 MASK
 EMB_DIM = 24
 
 
-def make_mixed(n: int = 18, seed: int = 0, size: int = 32) -> list[Sample]:
-    """Images, texts of varied lengths and image_text pairs, MLM-masked; labels on most images."""
+def make_mixed(n: int = 18, seed: int = 0, size: int = 32, nsp: bool = False) -> list[Sample]:
+    """Images, texts of varied lengths and image_text pairs, MLM-masked; labels on most images. ``nsp``: texts
+    become sentence-order pairs first, their label the pair's (IGNORE_INDEX when too short to cut)."""
     g = torch.Generator().manual_seed(seed)
     masking = MLMMasking(vocab_size=VOCAB, mask_id=MASK_ID, special_ids=SPECIAL, prob=0.3, seed=seed)
+    if nsp:
+        masking = Compose((NextSegmentPairs(cls_id=2, sep_id=3, seed=seed), masking))
     out = []
     for i in range(n):
         kind = (Modality.IMAGE, Modality.TEXT, Modality.IMAGE_TEXT)[i % 3]
         pixels = ids = None
         label = IGNORE_INDEX if i == 3 else int(torch.randint(0, 10, (), generator=g))  # one unlabelled image
+        if nsp and kind == Modality.TEXT:
+            label = IGNORE_INDEX  # texts have no class
         if kind != Modality.TEXT:
             pixels = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
         if kind != Modality.IMAGE:
@@ -40,18 +46,19 @@ def tiny(**overrides: object) -> ModelConfig:
     return ModelConfig.preset("tiny", vocab_size=VOCAB, **overrides)
 
 
-def run(model: ViTBERT, batches: list) -> tuple[ModelOutput, dict[str, torch.Tensor], float, float]:
-    """Forward + backward of the summed losses over ``batches``; returns the last output, grads and loss sums."""
+def run(model: ViTBERT, batches: list) -> tuple[ModelOutput, dict[str, torch.Tensor], dict[str, float]]:
+    """Forward + backward of the summed losses over ``batches``; returns the last output, grads and loss sums
+    (``image``, ``mlm``, ``nsp``: 0 without the head)."""
     model.zero_grad(set_to_none=True)
-    image_sum = mlm_sum = 0.0
+    sums = dict.fromkeys(("image", "mlm", "nsp"), 0.0)
     out = None
     for batch in batches:
         out = model(batch)
-        image_loss, mlm_loss = out.image_loss_sum(), out.mlm_loss_sum()
-        (image_loss + mlm_loss).backward()
-        image_sum, mlm_sum = image_sum + image_loss.item(), mlm_sum + mlm_loss.item()
+        losses = {"image": out.image_loss_sum(), "mlm": out.mlm_loss_sum(), "nsp": out.nsp_loss_sum()}
+        sum(losses.values()).backward()
+        sums = {k: sums[k] + v.item() for k, v in losses.items()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads, image_sum, mlm_sum
+    return out, grads, sums
 
 
 def strategies(samples: list[Sample]) -> dict[str, list]:
@@ -69,25 +76,67 @@ def strategies(samples: list[Sample]) -> dict[str, list]:
     }
 
 
-def test_strategies_agree_on_losses_and_gradients() -> None:
-    samples = make_mixed()
-    model = ViTBERT(tiny())
+@pytest.mark.parametrize("nsp", [False, True])
+def test_strategies_agree_on_losses_and_gradients(nsp: bool) -> None:
+    samples = make_mixed(nsp=nsp)
+    model = ViTBERT(tiny(nsp=nsp))
     results = {name: run(model, batches) for name, batches in strategies(samples).items()}
-    ref_out, ref_grads, ref_image, ref_mlm = results["per_sample"]
+    ref_out, ref_grads, ref_sums = results["per_sample"]
     assert ref_out.image_logits.shape == (12, 10) and ref_out.image_count() == 11
     n_masked = sum(int((s.mlm_labels != IGNORE_INDEX).sum()) for s in samples if s.has_text)
     assert ref_out.mlm_logits.shape == (n_masked, VOCAB) and n_masked > 20  # only masked positions get logits
-    for name, (out, grads, image_sum, mlm_sum) in results.items():
-        assert image_sum == pytest.approx(ref_image, rel=1e-5), name
-        assert mlm_sum == pytest.approx(ref_mlm, rel=1e-5), name
+    if nsp:  # a row per text; targets on the pure texts long enough to cut, never on an image_text pair
+        nsp_labels = [s.label for s in samples if s.modality == Modality.TEXT and s.label != IGNORE_INDEX]
+        assert ref_out.nsp_logits.shape == (12, 2) and int(ref_out.nsp_count()) == len(nsp_labels) >= 4
+        assert set(nsp_labels) == {0, 1} and ref_grads["nsp_head.out.weight"].abs().sum() > 0
+    else:
+        assert ref_out.nsp_logits.shape == (0, 2) and ref_sums["nsp"] == 0 and model.nsp_head is None
+    for name, (out, grads, sums) in results.items():
+        assert sums == pytest.approx(ref_sums, rel=1e-5), name
         assert grads.keys() == ref_grads.keys(), name
         for param, g in grads.items():
             torch.testing.assert_close(g, ref_grads[param], rtol=1e-4, atol=1e-6, msg=f"{name}: {param}")
         if name != "bucketed":  # one batch over the same sample list: same rows in the same order
-            torch.testing.assert_close(out.image_logits, ref_out.image_logits, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(out.mlm_logits, ref_out.mlm_logits, rtol=1e-4, atol=1e-5)
-            assert torch.equal(out.image_index, ref_out.image_index) and torch.equal(out.mlm_index, ref_out.mlm_index)
-            assert torch.equal(out.mlm_labels, ref_out.mlm_labels)
+            for task in ("image", "mlm", "nsp"):
+                torch.testing.assert_close(getattr(out, f"{task}_logits"), getattr(ref_out, f"{task}_logits"),
+                                           rtol=1e-4, atol=1e-5)
+                assert torch.equal(getattr(out, f"{task}_index"), getattr(ref_out, f"{task}_index")), task
+                assert torch.equal(getattr(out, f"{task}_labels"), getattr(ref_out, f"{task}_labels")), task
+
+
+def reference_types(ids: list[int], sep: int = 3) -> list[int]:
+    first = ids.index(sep) if sep in ids else len(ids)
+    return [int(i > first) for i in range(len(ids))]
+
+
+def test_segment_ids_are_one_exactly_after_the_first_sep() -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 8, (int(torch.randint(1, 12, (), generator=g)),), generator=g) for _ in range(40)]
+    rows += [torch.tensor([3]), torch.tensor([5, 6]), torch.tensor([3, 3, 5])]  # lone [SEP], no [SEP], two in a row
+    expected = [reference_types(r.tolist()) for r in rows]
+    dense = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)  # (B, T)
+    got = token_types(dense, 3)  # (B, T)
+    assert [got[i, :len(r)].tolist() for i, r in enumerate(rows)] == expected
+    offsets = torch.tensor([0, *map(len, rows)]).cumsum(0)  # (B+1,)
+    row = torch.repeat_interleave(torch.arange(len(rows)), offsets.diff())  # (sum T,)
+    assert packed_token_types(torch.cat(rows), offsets, row, 3).tolist() == sum(expected, [])
+
+    # the model feeds them to the segment embedding on both paths, and only with nsp
+    samples = make_mixed(9, nsp=True)
+    want = [reference_types(s.ids.tolist()) for s in samples if s.has_text]
+    for nsp in (False, True):
+        model, seen = ViTBERT(tiny(nsp=nsp)).eval(), []
+        model.text.wtt.register_forward_hook(lambda m, args, out, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            model(PaddedCollator()(samples))
+            model(NestedCollator(pack=False)(samples))
+        if not nsp:
+            assert seen == []  # segment 0 everywhere, as BERT's single-segment input (HF parity)
+            continue
+        padded, packed = seen
+        lengths = [len(w) for w in want]
+        assert [padded[i, :n].tolist() for i, n in enumerate(lengths)] == want
+        assert packed.tolist() == sum(want, []) and max(sum(want, [])) == 1
 
 
 def test_output_rows_follow_sample_index_not_row_order() -> None:
@@ -127,11 +176,11 @@ def test_embedding_batch_forward_backward() -> None:
     model = ViTBERT(tiny(emb_dim=EMB_DIM))
     batch = EmbeddingCollator()(samples)
     assert batch.values.dtype == torch.float16
-    out, grads, image_sum, mlm_sum = run(model, [batch])
+    out, grads, sums = run(model, [batch])
     n_masked = sum(int((s.mlm_labels != IGNORE_INDEX).sum()) for s in samples if s.mlm_labels is not None)
     assert out.image_logits.shape == (4, 10) and out.mlm_logits.shape == (n_masked, VOCAB) and n_masked > 0
     assert out.image_index.tolist() == [0, 2, 4, 6]
-    assert torch.isfinite(torch.tensor([image_sum, mlm_sum])).all()
+    assert torch.isfinite(torch.tensor([sums["image"], sums["mlm"]])).all() and out.nsp_logits.shape == (0, 2)
     assert grads["emb_in.proj.weight"].abs().sum() > 0 and grads["emb_in.mask_emb"].abs().sum() > 0
     assert "image.patch.weight" not in grads  # the tokenizers are bypassed
     # packed rows do not see each other: one sample alone gives the same logits
@@ -207,6 +256,7 @@ def test_parameter_groups() -> None:
     assert set(groups["position_embeddings"]) == {"image.pos", "text.wpe.weight"}
     assert "encoder.blocks.1.ln_2.weight" in groups["layer_norms"] and "text.ln.bias" in groups["layer_norms"]
     assert not set(groups["heads"]) & set(groups["encoder"]) and "emb_in.mask_emb" in groups["embeddings"]
+    assert "nsp_head.out.weight" in ViTBERT(tiny(nsp=True)).parameter_names("heads")
     with pytest.raises(ValueError, match="unknown parameter group"):
         model.parameter_names("pooler")
 
@@ -227,6 +277,7 @@ def test_init_is_seeded_not_global() -> None:
     (dict(n_layer=0), "n_layer"),
     (dict(pad_id=100), "pad_id"),
     (dict(emb_dim=0), "emb_dim"),
+    (dict(sep_id=100), "sep_id"),
 ])
 def test_config_validation(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -13,8 +13,8 @@ from conftest import make_samples
 
 from mmload.collate import NestedCollator, PaddedCollator, PerSampleCollator
 from mmload.dataset import open_data
-from mmload.masking import MLMMasking
-from mmload.sample import IGNORE_INDEX, Modality
+from mmload.masking import MLMMasking, NextSegmentPairs
+from mmload.sample import IGNORE_INDEX, Modality, Sample
 from mmload.tokenizer import load_tokenizer
 from models.checkpoint import load_checkpoint, model_state, save_checkpoint
 from models.gradmask import GradientMasker, MaskSchedule, modality_grads
@@ -30,6 +30,7 @@ from models.train import (
     loss_terms,
     make_optimizer,
     step_phases,
+    summarize,
     train,
     train_step,
 )
@@ -110,6 +111,67 @@ def test_joint_training_learns_both_tasks(learn_data: tuple[str, str], tmp_path:
     assert metrics["mlm_loss"] < baseline - 0.1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and any((tmp_path / "tb").iterdir())
+
+
+def sorted_texts(n: int, seed: int) -> list[Sample]:
+    """Texts whose body is sorted ids, as sentence-order pairs: a learnable order (the first segment's first token
+    is the smallest exactly when the pair is in order)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = NextSegmentPairs(cls_id=2, sep_id=3, seed=seed)
+    out = []
+    for i in range(n):
+        body = torch.randint(5, VOCAB, (int(torch.randint(10, 30, (), generator=g)),), generator=g).sort().values
+        ids = torch.cat([torch.tensor([2]), body, torch.tensor([3])])  # [CLS] body [SEP]
+        out.append(pairs(Sample(f"{seed}-{i}", Modality.TEXT, ids=ids)))
+    return out
+
+
+def test_nsp_head_learns_sentence_order() -> None:
+    """On the builtin shards (random word windows, cut anywhere) a tiny model stays at chance within seconds of
+    training: measured 0.49-0.53 held-out accuracy after 300 steps. Sorted texts make the order learnable."""
+    model = build_model("tiny", VOCAB, nsp=True, sep_id=3)
+    optimizer = make_optimizer(model, 3e-3)
+    train_set, held_out = sorted_texts(512, seed=0), NestedCollator()(sorted_texts(256, seed=1)).to("cpu")
+    for step in range(60):
+        part = train_set[step % 16 * 32:][:32]
+        train_step(model, [NestedCollator()(part).to("cpu")], optimizer, StepOptions(grad_clip=1.0))
+    with torch.no_grad():
+        metrics = summarize(loss_terms(model.eval()(held_out)).stats, nsp=True)
+    print(f"held-out NSP: acc {metrics['nsp_acc']:.3f}, loss {metrics['nsp_loss']:.3f}")
+    assert metrics["nsp_pairs"] == 256 and metrics["nsp_acc"] > 0.8 and metrics["nsp_loss"] < 0.5  # chance: 0.693
+
+
+def test_nsp_weight_sits_inside_the_text_term() -> None:
+    pairs = NextSegmentPairs(cls_id=2, sep_id=3)
+    batch = PaddedCollator()([pairs(s) for s in make_samples(24, paired_every=7, max_len=60)])
+    out = build_model("tiny", VOCAB, nsp=True, sep_id=3)(batch)
+    terms = loss_terms(out, 0.5, nsp_weight=2.0)
+    assert int(out.nsp_count()) > 2
+    mean = lambda task: getattr(out, f"{task}_loss_sum")() / getattr(out, f"{task}_count")()  # noqa: E731
+    torch.testing.assert_close(terms.image, mean("image"))
+    torch.testing.assert_close(terms.text, 0.5 * (mean("mlm") + 2.0 * mean("nsp")))
+    stats = terms.stats.tolist()
+    assert len(stats) == 9 and summarize(stats, 0.5, 2.0, nsp=True)["loss"] == pytest.approx(terms.total.item())
+    assert summarize(stats[:6]).keys() == summarize(stats).keys()  # six-stat callers still work, no NSP keys
+    assert "nsp_acc" not in summarize(stats) and summarize(stats, nsp=True)["nsp_pairs"] == int(out.nsp_count())
+
+
+def test_nsp_run_reports_nsp_metrics(builtin_shards: list[str], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    data = data_dir(builtin_shards)
+    result = train({"data": data, "preset": "tiny", "nsp": True, "nsp_weight": 0.5, "steps": 6, "batch_size": 16,
+                    "log_every": 3, "num_workers": 0, "progress": False, "out": str(tmp_path)})
+    tokenizer = load_tokenizer(None, builtin_shards)
+    config = result["model"].config
+    assert config.nsp and config.sep_id == tokenizer.sep_token_id and result["model"].nsp_head is not None
+    assert result["nsp_pairs"] > 0 and 0 <= result["nsp_acc"] <= 1 and math.isfinite(result["nsp_loss"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all('"nsp_loss"' in line and '"image_loss"' in line for line in lines)
+    capsys.readouterr()
+    evaluated = train({"data": data, "eval_only": True, "limit_samples": 60, "resume": result["checkpoint"]})
+    assert evaluated["nsp_pairs"] > 0 and evaluated["nsp_acc"] is not None  # the checkpoint's config says nsp
+    with pytest.raises(ValueError, match="--nsp pairs token ids"):
+        train({"data": data, "nsp": True, "strategy": "embeddings", "steps": 1})
 
 
 # ---- gradient masking ----
@@ -302,7 +364,8 @@ def test_help_explains_every_option() -> None:
     assert all(action.help for action in parser._actions), "every CLI option needs a help text"
     text = parser.format_help()
     for option in ("--data", "--strategy", "--preset", "--steps", "--batch-size", "--lr", "--out", "--kd-alpha",
-                   "--mask-ratio", "--freeze", "--resume", "--eval-only", "--limit-samples", "--grad-accum"):
+                   "--mask-ratio", "--freeze", "--resume", "--eval-only", "--limit-samples", "--grad-accum",
+                   "--nsp", "--nsp-weight"):
         assert option in text
 
 
