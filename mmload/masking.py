@@ -19,6 +19,11 @@ import torch
 from mmload.sample import IGNORE_INDEX, Modality, Sample
 
 
+def keyed_generator(*parts: Any) -> torch.Generator:
+    """A generator seeded by a stable hash of ``parts`` (not Python's ``hash``, which changes per process)."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
 @dataclass
 class MLMMasking:
     """``MLMMasking(vocab_size, mask_id, special_ids)(sample) -> new Sample`` with masked ids and ``mlm_labels``.
@@ -61,8 +66,7 @@ class MLMMasking:
         return dataclasses.replace(self, epoch=epoch)
 
     def generator(self, key: str) -> torch.Generator:
-        digest = hashlib.blake2b(f"{self.seed}\0{self.epoch}\0{key}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        return keyed_generator(self.seed, self.epoch, key)
 
     def __call__(self, sample: Sample) -> Sample:
         if sample.ids is None:
@@ -134,8 +138,7 @@ class NextSegmentPairs:
 
     def generator(self, key: str) -> torch.Generator:
         # not MLMMasking's stream: the cut must not correlate with the masks of the same (seed, epoch, key)
-        digest = hashlib.blake2b(f"nsp\0{self.seed}\0{self.epoch}\0{key}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        return keyed_generator("nsp", self.seed, self.epoch, key)
 
     def __call__(self, sample: Sample) -> Sample:
         ids = sample.ids
