@@ -25,6 +25,7 @@ from mmload.sample import Sample
 DEFAULT_TEXT_LEN = TEXT_LEN  # builtin texts' word counts: (median, sigma)
 DEFAULT_MAXCOUNT = BUILTIN_MAXCOUNT  # shards of the cached default data: enough for 16 loader workers
 _KEY_FILE = "bench-key.json"
+EMBEDDING_CACHE_FORMAT = 2  # 2: texts truncated to the encoder's max_text_len (1 kept 512 tokens)
 
 
 def builtin_shards(root: Path, samples: int, seed: int, image_text_ratio: float,
@@ -86,7 +87,8 @@ def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, v
     out = []
     for spec, weight in parse_data(data):
         urls = expand_urls(spec)
-        key = {"preset": preset, "seed": seed, "vocab_size": vocab_size, "tokens": tokens, "inputs": _inputs(urls)}
+        key = {"format": EMBEDDING_CACHE_FORMAT, "preset": preset, "seed": seed, "vocab_size": vocab_size,
+               "tokens": tokens, "inputs": _inputs(urls)}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         folder = root / f"emb-{preset}-{seed}-{'tokens' if tokens else 'pooled'}-{digest}"
 

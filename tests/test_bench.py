@@ -28,7 +28,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     cache = tmp_path_factory.mktemp("cache")
     before = sorted(p.name for p in (REPO / "results").glob("*")) if (REPO / "results").is_dir() else []
     # short lognormal texts (median 12 words) stay under the tiny preset's 64 positions: lengths really vary
-    result = main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress", "--text-len", "12,0.8"])
+    result = main(["--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress", "--text-len", "12,0.8",
+                   "--profile"])
     after = sorted(p.name for p in (REPO / "results").glob("*")) if (REPO / "results").is_dir() else []
     assert before == after, "a test run must not write into the repository's results/"
     return result, out
@@ -144,3 +145,12 @@ def test_reliability_line_reports_a_clean_exactly_once_epoch(run: tuple[dict, Pa
     for key in ("commit", "device", "date", "data", "peak_rss_bytes", "errors", "repeats"):
         assert key in line
     assert "### Reliability (loader only)" in (out / "README.md").read_text()
+
+
+def test_profile_writes_tensorboard_traces_with_a_range_per_phase(run: tuple[dict, Path]) -> None:
+    result, _ = run
+    traces = sorted(Path(result["profile_dir"]).glob("*.pt.trace.json"))
+    assert {t.name.split(".")[0] for t in traces} == set(STRATEGIES)
+    text = traces[0].read_text()
+    for phase in ("data_wait", "h2d", "forward", "backward", "optimizer"):
+        assert f'"{phase}"' in text, phase
