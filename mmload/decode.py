@@ -80,26 +80,22 @@ class Decoder:
             raise fail(ErrorKind.BAD_METADATA, f"unknown modality {declared!r}")
 
         if emb is not None:
-            try:
-                vec = torch.from_numpy(np.load(io.BytesIO(emb), allow_pickle=False).astype(np.float16))
-            except Exception as e:
-                raise fail(ErrorKind.EMB_DECODE, f"bad .emb.npy: {e}") from e
-            modality = Modality(declared or Modality.IMAGE)
-            ids = None
-            if "ids.npy" in raw:  # per-token text embeddings keep their ids, for masked-token labels
+            def array(ext: str, dtype: Any = None) -> torch.Tensor | None:
+                if ext not in raw:
+                    return None
                 try:
-                    ids = torch.from_numpy(np.load(io.BytesIO(raw["ids.npy"]), allow_pickle=False).astype(np.int64))
+                    data = np.load(io.BytesIO(raw[ext]), allow_pickle=False)
                 except Exception as e:
-                    raise fail(ErrorKind.EMB_DECODE, f"bad .ids.npy: {e}") from e
-                if vec.dim() != 2 or ids.shape != vec.shape[:1]:
-                    raise fail(ErrorKind.EMB_DECODE, f"ids {tuple(ids.shape)} do not match emb {tuple(vec.shape)}")
-            logits = None
-            if "logits.npy" in raw:  # a teacher's class logits, from `mmload precompute --teacher`
-                try:
-                    logits = torch.from_numpy(np.load(io.BytesIO(raw["logits.npy"]), allow_pickle=False))
-                except Exception as e:
-                    raise fail(ErrorKind.EMB_DECODE, f"bad .logits.npy: {e}") from e
-            return Sample(key, modality, emb=vec, ids=ids, label=label, teacher_logits=logits, url=url)
+                    raise fail(ErrorKind.EMB_DECODE, f"bad .{ext}: {e}") from e
+                return torch.from_numpy(data if dtype is None else data.astype(dtype))
+
+            vec = array(EMB_EXT, np.float16)
+            ids = array("ids.npy", np.int64)  # per-token text embeddings keep their ids, for masked-token labels
+            if ids is not None and (vec.dim() != 2 or ids.shape != vec.shape[:1]):
+                raise fail(ErrorKind.EMB_DECODE, f"ids {tuple(ids.shape)} do not match emb {tuple(vec.shape)}")
+            logits = array("logits.npy")  # a teacher's class logits, from `mmload precompute --teacher`
+            return Sample(key, Modality(declared or Modality.IMAGE), emb=vec, ids=ids, label=label,
+                          teacher_logits=logits, url=url)
 
         modality = Modality(declared) if declared else _infer(image is not None, text is not None)
         if modality is None:

@@ -27,7 +27,8 @@ def check_samples(samples: Sequence[Sample]) -> None:
 
 def cast_ids(ids: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     """Narrow token ids (or MLM labels) for the transfer; refuse ids that do not fit rather than wrap them."""
-    if dtype != torch.int64 and ids.numel() and int(ids.max()) > torch.iinfo(dtype).max:
+    # only int16 can be too narrow: no vocabulary comes near 2**31 word pieces
+    if dtype == torch.int16 and ids.numel() and int(ids.max()) > torch.iinfo(dtype).max:
         raise ValueError(f"sample {key!r}: token id {int(ids.max())} does not fit {dtype}; use ids_dtype=torch.int32")
     return ids.to(dtype)
 
@@ -40,11 +41,13 @@ def image_batch(samples: Sequence[Sample]) -> ImageBatch | None:
     if len(shapes) > 1:
         raise ValueError(f"images of one batch must share a size, got {sorted(shapes)}; "
                          "decode them with a single image_size")
-    return ImageBatch(
-        pixels=torch.stack([s.pixels for _, s in rows]),  # uint8 (N, 3, H, W)
-        labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
-        index=torch.tensor([i for i, _ in rows], dtype=torch.int64),
-    )
+    return ImageBatch(pixels=torch.stack([s.pixels for _, s in rows]), **labels_and_index(rows))  # (N, 3, H, W)
+
+
+def labels_and_index(rows: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
+    """The ``labels`` and ``index`` fields (int64 ``(N,)``) of a sub-batch made of ``(position, sample)`` rows."""
+    return {"labels": torch.tensor([s.label for _, s in rows], dtype=torch.int64),
+            "index": torch.tensor([i for i, _ in rows], dtype=torch.int64)}
 
 
 def text_rows(samples: Sequence[Sample]) -> list[tuple[int, Sample]]:

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from mmload.batch import JaggedText, NestedBatch
-from mmload.collate._common import cast_ids, check_ids_dtype, check_samples, image_batch, mlm_or_ignore, text_rows
+from mmload.collate._common import (
+    cast_ids,
+    check_ids_dtype,
+    check_samples,
+    image_batch,
+    labels_and_index,
+    mlm_or_ignore,
+    text_rows,
+)
 from mmload.sample import Sample
 from mmload.staging import PackedBatch, pack
 
@@ -43,7 +51,6 @@ class NestedCollator:
             values=torch.cat([cast_ids(s.ids, self.ids_dtype, s.key) for _, s in rows]),  # (sum T,)
             offsets=offsets,
             mlm_labels=torch.cat([cast_ids(mlm_or_ignore(s), self.ids_dtype, s.key) for _, s in rows]),  # (sum T,)
-            labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
-            index=torch.tensor([i for i, _ in rows], dtype=torch.int64),
             max_len=int(lengths.max()),
+            **labels_and_index(rows),
         )

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from mmload.batch import PaddedBatch, TextBatch
-from mmload.collate._common import cast_ids, check_ids_dtype, check_samples, image_batch, mlm_or_ignore, text_rows
+from mmload.collate._common import (
+    cast_ids,
+    check_ids_dtype,
+    check_samples,
+    image_batch,
+    labels_and_index,
+    mlm_or_ignore,
+    text_rows,
+)
 from mmload.sample import IGNORE_INDEX, Sample
 from mmload.staging import PackedBatch, pack
 
@@ -56,6 +64,4 @@ class PaddedCollator:
             ids[row, :n] = cast_ids(s.ids, self.ids_dtype, s.key)
             mlm[row, :n] = cast_ids(mlm_or_ignore(s), self.ids_dtype, s.key)
             mask[row, :n] = True
-        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm,
-                         labels=torch.tensor([s.label for _, s in rows], dtype=torch.int64),
-                         index=torch.tensor([i for i, _ in rows], dtype=torch.int64))
+        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, **labels_and_index(rows))
