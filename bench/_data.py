@@ -21,6 +21,7 @@ import torch
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.make_shards import BUILTIN_MAXCOUNT, TEXT_LEN
 from mmload.sample import Sample
+from mmload.shards import manifest_beside
 
 DEFAULT_TEXT_LEN = TEXT_LEN  # builtin texts' word counts: (median, sigma)
 DEFAULT_MAXCOUNT = BUILTIN_MAXCOUNT  # shards of the cached default data: enough for 16 loader workers
@@ -69,13 +70,8 @@ def _inputs(urls: Sequence[str]) -> list[tuple[str, int, int]]:
 
 def _samples_per_shard(urls: Sequence[str]) -> int:
     """The source's shard size (from its manifest), so embedding shards split over workers the same way."""
-    try:
-        from mmload.shards import read_manifest
-
-        manifest = read_manifest(Path(urls[0]).parent)
-        return max(int(s["samples"]) for s in manifest["shards"])
-    except (FileNotFoundError, ValueError, KeyError, OSError):
-        return DEFAULT_MAXCOUNT
+    manifest = manifest_beside(urls[0])
+    return max(int(s["samples"]) for s in manifest["shards"]) if manifest else DEFAULT_MAXCOUNT
 
 
 def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, vocab_size: int, tokens: bool,
@@ -117,26 +113,18 @@ def first_samples(data: Sequence[str], n: int, **dataset_kwargs: Any) -> list[Sa
 
 def num_classes(urls: Sequence[str], samples: Sequence[Sample]) -> int:
     """Classes from the shards' manifest (10 without one), raised to cover every label seen."""
-    try:
-        from mmload.shards import read_manifest
-
-        manifest = int(read_manifest(Path(urls[0]).parent).get("num_classes") or 0)
-    except (FileNotFoundError, ValueError, OSError):
-        manifest = 0
+    manifest = int((manifest_beside(urls[0]) or {}).get("num_classes") or 0)
     seen = max((s.label for s in samples), default=-1) + 1
     return max(manifest or 10, seen)
 
 
 def dataset_size(data: Sequence[str]) -> int | None:
     """Samples in one epoch of ``data`` from the manifests beside the shards; None when any is missing."""
-    from mmload.shards import read_manifest
-
     total = 0
     for spec, _ in parse_data(data):
         urls = expand_urls(spec)
-        try:
-            manifest = read_manifest(Path(urls[0]).parent)
-        except (FileNotFoundError, ValueError, OSError):
+        manifest = manifest_beside(urls[0])
+        if manifest is None:
             return None
         names = {Path(u).name for u in urls}
         total += sum(int(s["samples"]) for s in manifest.get("shards", []) if s["name"] in names)

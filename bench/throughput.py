@@ -445,9 +445,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 @contextlib.contextmanager
 def _quiet_known_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
-        # torch's jagged tensors are a prototype and say so on every call; torchdata 0.11 calls a deprecated API
+        # torch's jagged tensors are a prototype and say so on every call
         warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
-        warnings.filterwarnings("ignore", message=".*set_vital.*")
         yield
 
 

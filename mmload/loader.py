@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -89,6 +90,11 @@ class Loader(_ReportsDeadWorkers, DataLoader):
 
 class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
     """torchdata's ``StatefulDataLoader``, with a clear refusal to resume on another worker count."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            super().__init__(*args, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict and saved_num_workers(state_dict) != self.num_workers:

@@ -11,10 +11,15 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from mmload.shards.writer import write_json
+
+if TYPE_CHECKING:  # transformers costs ~1 s to import: load it when a tokenizer is made, not at CLI start
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 1
@@ -53,6 +58,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedT
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
 
@@ -74,7 +81,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str | Path) -> None:
     config_path = Path(out) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(config_path, config)
 
 
 def load_tokenizer(name_or_path: str | None, shard_urls: Sequence[str] = ()) -> PreTrainedTokenizerFast:
@@ -97,6 +104,8 @@ def load_tokenizer(name_or_path: str | None, shard_urls: Sequence[str] = ()) -> 
 
 @functools.lru_cache(maxsize=8)
 def _load(resolved: str) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(resolved)
 
 

@@ -93,6 +93,11 @@ def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
 def load_model(path: str | Path, map_location: torch.device | str = "cpu") -> tuple[ViTBERT, Any]:
     """``(ViTBERT with the checkpoint's weights, its tokenizer or None)``."""
     state = load_checkpoint(path, map_location)
+    return model_from_state(state).to(map_location), tokenizer_from_state(state["tokenizer"])
+
+
+def model_from_state(state: dict[str, Any]) -> ViTBERT:
+    """The ViTBERT a checkpoint dict describes, with its weights."""
     model = ViTBERT(ModelConfig(**state["config"]))
     model.load_state_dict(state["model"])
-    return model.to(map_location), tokenizer_from_state(state["tokenizer"])
+    return model

@@ -13,14 +13,13 @@ class WarmupPolyDecay:
     """``factor(step)`` multiplying the peak learning rate.
 
     Steps ``0 .. warmup-1`` ramp linearly up to 1 (step 0 already moves: ``1 / warmup``); from ``warmup`` on the
-    factor is ``end + (1 - end) * (1 - progress) ** power`` with ``progress`` going from 0 at ``warmup`` to 1 at
+    factor is ``(1 - progress) ** power`` with ``progress`` going from 0 at ``warmup`` to 1 at
     ``total``. A dataclass, not a lambda, so that ``LambdaLR.state_dict()`` saves it and checkpoints resume it.
     """
 
     warmup: int
     total: int
     power: float = 1.0
-    end: float = 0.0  # final factor, a fraction of the peak learning rate
 
     def __post_init__(self) -> None:
         if self.total < 1:
@@ -29,8 +28,6 @@ class WarmupPolyDecay:
             raise ValueError(f"warmup must be in [0, total={self.total}], got {self.warmup}")
         if self.power <= 0:
             raise ValueError(f"power must be > 0 (1 = linear decay), got {self.power}")
-        if not 0.0 <= self.end <= 1.0:
-            raise ValueError(f"end must be a fraction in [0, 1] of the peak learning rate, got {self.end}")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -38,10 +35,10 @@ class WarmupPolyDecay:
         if self.total == self.warmup:
             return 1.0
         progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
-        return self.end + (1.0 - self.end) * (1.0 - progress) ** self.power
+        return (1.0 - progress) ** self.power
 
 
-def warmup_poly_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, power: float = 1.0,
-                          end: float = 0.0) -> LambdaLR:
+def warmup_poly_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, power: float = 1.0
+                          ) -> LambdaLR:
     """A ``LambdaLR`` over :class:`WarmupPolyDecay`; call ``scheduler.step()`` after each ``optimizer.step()``."""
-    return LambdaLR(optimizer, WarmupPolyDecay(warmup, total, power, end))
+    return LambdaLR(optimizer, WarmupPolyDecay(warmup, total, power))

@@ -60,8 +60,9 @@ from mmload.bucketing import BucketBatcher
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.loader import STRATEGIES, make_collator, make_loader
 from mmload.masking import Compose, MLMMasking, NextSegmentPairs
+from mmload.shards import manifest_beside
 from mmload.staging import PackedBatch
-from models.checkpoint import NAME, load_checkpoint, model_state, save_checkpoint
+from models.checkpoint import NAME, load_checkpoint, model_from_state, model_state, save_checkpoint
 from models.config import ModelConfig
 from models.gradmask import GradientMasker, MaskSchedule
 from models.hf_init import config_from_hf_bert, config_from_hf_vit, load_hf_bert, load_hf_vit
@@ -617,12 +618,8 @@ def _first_urls(data: Sequence[str]) -> list[str]:
 
 
 def _manifest_classes(urls: Sequence[str]) -> int | None:
-    try:
-        from mmload.shards import read_manifest
-
-        return int(read_manifest(Path(urls[0]).parent).get("num_classes") or 0) or None
-    except (FileNotFoundError, ValueError, OSError):
-        return None
+    manifest = manifest_beside(urls[0]) or {}
+    return int(manifest.get("num_classes") or 0) or None
 
 
 def _infer_emb_dim(data: Sequence[str], tokenizer: Any) -> int:
@@ -642,8 +639,7 @@ def _load_or_build_model(args: argparse.Namespace, resume: dict[str, Any] | None
                          tokenizer: Any) -> ViTBERT:
     """The checkpoint's model when resuming (its config wins over the CLI's), else ``build_model`` from the CLI."""
     if resume is not None:
-        model = ViTBERT(ModelConfig(**resume["config"]))
-        model.load_state_dict(resume["model"])
+        model = model_from_state(resume)
         if model.config.vocab_size != len(tokenizer):
             raise ValueError(f"checkpoint vocab_size {model.config.vocab_size} != tokenizer's {len(tokenizer)}; "
                              "resume with the tokenizer the run was made with (--tokenizer)")

@@ -2,7 +2,7 @@
 
 from mmload.shards.builtin import CLASS_NAMES, GENERATOR_VERSION, builtin_records, pydoc_corpus
 from mmload.shards.folder import folder_classes, folder_records, text_records
-from mmload.shards.writer import MANIFEST, read_manifest, write_json, write_shards
+from mmload.shards.writer import MANIFEST, manifest_beside, read_manifest, write_json, write_shards
 
 __all__ = [
     "CLASS_NAMES",
@@ -12,6 +12,7 @@ __all__ = [
     "folder_classes",
     "folder_records",
     "pydoc_corpus",
+    "manifest_beside",
     "read_manifest",
     "text_records",
     "write_json",

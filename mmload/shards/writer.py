@@ -142,6 +142,20 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({exn}); make the shards again with `mmload make-shards`") from exn
 
 
+def manifest_beside(url: str) -> dict[str, Any] | None:
+    """The manifest in the folder of a local shard ``url`` (path, ``file:`` URL); None for remote or unmanifested
+    shards, or a manifest that does not parse."""
+    from mmload.tokenizer import _local_folder
+
+    folder = _local_folder(url)
+    if folder is None:
+        return None
+    try:
+        return read_manifest(folder)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline)."""
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
