@@ -91,13 +91,18 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> tu
     return map_tensors(batch, move), len(sizes), sum(sizes)
 
 
+def pinned_copy_ms(n: int, device: torch.device, repeats: int) -> list[float]:
+    """Times (ms, CUDA events) of ``repeats`` pinned host-to-device copies of ``n`` bytes, after one warm-up."""
+    src = torch.empty(n, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    return [cuda_ms(lambda: dst.copy_(src, non_blocking=True), device) for _ in range(repeats + 1)][1:]
+
+
 def reference_bandwidth(device: torch.device) -> dict[str, Any]:
     """The machine's own copy bandwidth: a large pinned buffer host-to-device (CUDA), else a host memcpy."""
     n = REFERENCE_BYTES["cuda" if device.type == "cuda" else "cpu"]
     if device.type == "cuda":
-        src = torch.empty(n, dtype=torch.uint8).pin_memory()
-        dst = torch.empty(n, dtype=torch.uint8, device=device)
-        times = [cuda_ms(lambda: dst.copy_(src, non_blocking=True), device) for _ in range(6)][1:]
+        times = pinned_copy_ms(n, device, repeats=5)
         kind = "pinned host-to-device memcpy"
     else:
         src, dst = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
@@ -147,10 +152,7 @@ def time_copies(batches: Sequence[Any], device: torch.device) -> dict[str, Any]:
                      "GBps": sum(nbytes) / max(sum(ms), 1e-9) / 1e6}
     if device.type == "cuda" and can_pin_memory():
         n = int(statistics.mean(p.buffer.numel() for p in packed))
-        src = torch.empty(n, dtype=torch.uint8).pin_memory()
-        dst = torch.empty(n, dtype=torch.uint8, device=device)
-        times = [cuda_ms(lambda: dst.copy_(src, non_blocking=True), device) for _ in range(11)][1:]
-        ms = statistics.median(times)
+        ms = statistics.median(pinned_copy_ms(n, device, repeats=10))
         out["same_size_reference"] = {"bytes": n, "ms": ms, "GBps": n / ms / 1e6}
     return out
 
