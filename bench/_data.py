@@ -20,8 +20,8 @@ import torch
 
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.make_shards import BUILTIN_MAXCOUNT, TEXT_LEN
+from mmload.manifest import manifest_beside
 from mmload.sample import Sample
-from mmload.shards import manifest_beside
 
 DEFAULT_TEXT_LEN = TEXT_LEN  # builtin texts' word counts: (median, sigma)
 DEFAULT_MAXCOUNT = BUILTIN_MAXCOUNT  # shards of the cached default data: enough for 16 loader workers
@@ -77,8 +77,9 @@ def _samples_per_shard(urls: Sequence[str]) -> int:
 def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, vocab_size: int, tokens: bool,
                    device: torch.device, progress: bool = True) -> list[str]:
     """``--data`` specs of embedding shards for ``data`` (one cached folder per spec, weights kept)."""
-    from mmload.precompute import MMLoadFeatures, precompute
-    from models.train import build_model
+    from mmload.precompute import precompute
+    from models.build import build_model
+    from models.features import MMLoadFeatures
 
     out = []
     for spec, weight in parse_data(data):

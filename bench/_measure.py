@@ -2,7 +2,8 @@
 
 NOTE [honest clocks]: on CUDA every wall-clock read is preceded by ``torch.cuda.synchronize()`` (``Clock``) and
 copies are timed with CUDA events; warm-up steps run but are not recorded. The model step is the trainer's own
-``models.train.step_phases`` (forward + loss, backward, optimizer, each timed after a device sync), so the
+``models.step.train_step`` with the trainer's step options, timed per phase by its ``PhaseTimer`` hook (forward +
+loss, backward, optimizer: clipping, the optimizer and the schedule, each timed after a device sync), so the
 benchmark times exactly what training runs. On the CPU there is no host-to-device copy: ``batch.to("cpu")``
 returns the same tensors, so the transfer phase is near zero and copies are timed as host memcpy instead.
 """
@@ -18,11 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
-from mmload.batch import can_pin_memory, collect_tensors, map_tensors
-from mmload.staging import PackedBatch, pack
-from models.train import step_phases
+from mmload.staging import pack
+from mmload.tensors import can_pin_memory
+from models.step import PhaseTimer, StepOptions, summarize, train_step
 
 PHASES = ("data_wait", "transfer", "forward", "backward", "optimizer")
 STAT_FIELDS = ("samples", "images", "texts", "real_tokens", "padded_tokens", "bytes", "tensors")
@@ -78,17 +80,35 @@ def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
 
 # ---- copies ----
 
+class _CountCopies(TorchFunctionMode):
+    """Counts the ``Tensor.to`` calls (and their bytes) made inside it: the copies a batch's ``to()`` issues."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = self.bytes = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.to:
+            self.copies += 1
+            self.bytes += args[0].numel() * args[0].element_size()
+        return func(*args, **(kwargs or {}))
+
+
 def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> tuple[Any, int, int]:
-    """``batch`` on ``device``, plus the copies and bytes this issued (counted here, not taken from stats)."""
-    if isinstance(batch, PackedBatch):
-        return batch.to(device, non_blocking=non_blocking), 1, batch.buffer.numel() * batch.buffer.element_size()
-    sizes: list[int] = []
+    """``batch.to(device)``, plus the copies and bytes it issued (counted as they happen, not taken from stats)."""
+    with _CountCopies() as counted:
+        moved = batch.to(device, non_blocking=non_blocking)
+    return moved, counted.copies, counted.bytes
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        sizes.append(t.numel() * t.element_size())
-        return t.to(device, non_blocking=non_blocking)
 
-    return map_tensors(batch, move), len(sizes), sum(sizes)
+def step(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer, opts: StepOptions) -> dict[str, float]:
+    """One ``train_step`` on one device batch, timed per phase: ``forward_s``, ``backward_s``, ``optimizer_s``, plus
+    the step's ``loss``, ``images`` and ``mlm_tokens``."""
+    timer = PhaseTimer(next(model.parameters()).device)
+    stats = train_step(model, [batch], optimizer, opts, timer=timer)
+    summary = summarize(stats.tolist(), opts.text_loss_weight, opts.nsp_weight)
+    return {**{f"{p}_s": s for p, s in timer.seconds.items()}, "loss": summary["loss"], "images": summary["images"],
+            "mlm_tokens": summary["mlm_tokens"]}
 
 
 def pinned_copy_ms(n: int, device: torch.device, repeats: int) -> list[float]:
@@ -129,18 +149,18 @@ def time_copies(batches: Sequence[Any], device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "host-to-device (CUDA events)" if device.type == "cuda" else
                            "host memcpy stand-in (CPU: no host-to-device copy exists)"}
     for name, items in variants.items():
+        # the copies alone: every tensor a batch moves (a packed batch's one buffer; its unpacking into views is
+        # host work outside the window)
         if device.type == "cuda":
             def copy(b: Any) -> None:
-                if isinstance(b, PackedBatch):
-                    b.buffer.to(device, non_blocking=True)
-                else:
-                    to_device(b, device)
+                for t in b.tensors():
+                    t.to(device, non_blocking=True)
 
             def timer(fn: Callable[[], Any]) -> float:
                 return cuda_ms(fn, device)
         else:
             def copy(b: Any) -> None:
-                for t in (b.tensors() if isinstance(b, PackedBatch) else collect_tensors(b)):
+                for t in b.tensors():
                     t.clone()
             timer = host_ms
         copy(items[0])  # warm-up: allocator, first-touch
@@ -198,8 +218,8 @@ def time_loader(stream: Iterator[Any], warmup: int, steps: int, desc: str, progr
 
 
 def train_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device, *, warmup: int, steps: int, text_loss_weight: float, precision: str,
-                desc: str, progress: bool) -> dict[str, Any]:
+                device: torch.device, *, warmup: int, steps: int, opts: StepOptions, desc: str,
+                progress: bool) -> dict[str, Any]:
     """Loader -> copy -> trainer step, ``warmup + steps`` times; per-phase times of the last ``steps``."""
     clock = Clock(device)
     if device.type == "cuda":
@@ -214,7 +234,7 @@ def train_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.
         t1 = clock()
         batch, copies, nbytes = to_device(host, device)
         t2 = clock()
-        phases = step_phases(model, batch, optimizer, text_loss_weight, precision)
+        phases = step(model, batch, optimizer, opts)
         if i >= warmup:
             s = host.stats()
             rows.append({"data_wait_s": t1 - t0, "transfer_s": t2 - t1,
@@ -256,8 +276,8 @@ def summarize_steps(rows: Sequence[dict[str, Any]], seconds: float) -> dict[str,
 
 
 def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Any],
-                    device: torch.device, *, warmup: int, steps: int, text_loss_weight: float, precision: str,
-                    desc: str, progress: bool) -> dict[str, Any]:
+                    device: torch.device, *, warmup: int, steps: int, opts: StepOptions, desc: str,
+                    progress: bool) -> dict[str, Any]:
     """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound)."""
     clock = Clock(device)
     stats = [b.stats() for b in batches]
@@ -266,7 +286,7 @@ def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
         if i == warmup:
             start = clock()
-        phases = step_phases(model, batches[i % len(batches)], optimizer, text_loss_weight, precision)
+        phases = step(model, batches[i % len(batches)], optimizer, opts)
         if i >= warmup:
             rows.append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
                          **{f: getattr(stats[i % len(batches)], f) for f in STAT_FIELDS}})
@@ -276,8 +296,8 @@ def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
 
 
 def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], batches: Sequence[Any],
-                      device: torch.device, *, warmup: int, steps: int, text_loss_weight: float, precision: str,
-                      desc: str, progress: bool) -> dict[str, dict[str, Any]]:
+                      device: torch.device, *, warmup: int, steps: int, opts: StepOptions, desc: str,
+                      progress: bool) -> dict[str, dict[str, Any]]:
     """Each (model, optimizer) of ``runs`` steps on the same device batch in turn, the order alternating per step.
 
     Interleaving puts every run under the same machine load, so their ratio holds on a busy machine.
@@ -288,7 +308,7 @@ def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimiz
         batch = batches[i % len(batches)]
         for name in names if i % 2 == 0 else names[::-1]:
             model, optimizer = runs[name]
-            phases = step_phases(model, batch, optimizer, text_loss_weight, precision)
+            phases = step(model, batch, optimizer, opts)
             if i >= warmup:
                 s = batch.stats()
                 rows[name].append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
@@ -301,10 +321,9 @@ def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimiz
 
 
 def profiled_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   device: torch.device, trace_dir: str, name: str, *, text_loss_weight: float,
-                   precision: str) -> None:
+                   device: torch.device, trace_dir: str, name: str, *, opts: StepOptions) -> None:
     """Five steps under ``torch.profiler`` (1 wait, 1 warm-up, 3 recorded) with one range per phase
-    (``step_phases`` names forward, backward and optimizer; data_wait and h2d are named here)."""
+    (``train_step``'s ``PhaseTimer`` names forward, backward and optimizer; data_wait and h2d are named here)."""
     from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -315,5 +334,5 @@ def profiled_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: tor
                 host = next(stream)
             with record_function("h2d"):
                 batch = to_device(host, device)[0]
-            step_phases(model, batch, optimizer, text_loss_weight, precision)
+            step(model, batch, optimizer, opts)
             prof.step()

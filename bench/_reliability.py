@@ -18,8 +18,10 @@ from tqdm import tqdm
 from bench._measure import peak_rss_bytes, rss_bytes
 from mmload.coverage import Coverage, loader_errors
 from mmload.loader import make_loader
+from mmload.strategy import REGISTRY
 
-STRATEGY = "bucketed"
+# the stage with the most state: the first strategy that groups samples in a stream stage (bounded buckets)
+STRATEGY = next(s.name for s in REGISTRY.values() if s.batcher_factory is not None)
 
 
 def measure(data: Sequence[str], *, epochs: int, batch_size: int, workers: int, seed: int, expected: int | None,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TARGET_SETTING = ("cuda", "base")  # the GPU targets are stated for CUDA with the base preset
+from mmload.strategy import BASELINES, REFERENCE, REGISTRY
 
 
 def ok_strategies(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -20,15 +20,16 @@ def ok_strategies(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
-    """Samples/s of each strategy relative to padded, per-sample and the synthetic baseline."""
+    """Samples/s of each strategy relative to each baseline strategy (``mmload.strategy.BASELINES``) and to the
+    synthetic baseline."""
     sps = {s: r["e2e"]["samples_per_s"] for s, r in ok_strategies(result).items()}
     synthetic = result["synthetic"]["samples_per_s"]
     out: dict[str, Any] = {}
-    for ref in ("padded", "per-sample"):
+    for ref in BASELINES:
         if ref in sps:
             out[f"vs_{ref.replace('-', '_')}"] = {s: v / sps[ref] for s, v in sps.items()}
     out["vs_synthetic"] = {s: v / synthetic for s, v in sps.items()}
-    out["synthetic_vs_padded"] = synthetic / sps["padded"] if "padded" in sps else None
+    out[f"synthetic_vs_{REFERENCE}"] = synthetic / sps[REFERENCE] if REFERENCE in sps else None
     return out
 
 
@@ -38,77 +39,70 @@ def _target(name: str, status: str, value: str, reason: str = "") -> dict[str, s
     return {"target": name, "status": status, "value": value, "reason": reason}
 
 
+def _transfer_fraction(r: dict[str, Any], result: dict[str, Any]) -> tuple[float | None, str]:
+    tr = r["transfer"]
+    frac = tr["fraction_of_reference"]
+    if frac is None:
+        return None, ""
+    same = tr["copy_time"]["same_size_reference"]
+    return frac, (f"{tr['GBps']:.1f} GB/s ({tr['loaded_variant']}) = {frac:.0%} of a pinned memcpy of the same "
+                  f"{same['bytes'] / 2**20:.1f} MiB ({same['GBps']:.1f} GB/s); {tr['fraction_of_peak']:.0%} of the "
+                  f"{result['reference_bandwidth']['GBps']:.1f} GB/s large-copy peak")
+
+
+def _copies(r: dict[str, Any], result: dict[str, Any]) -> tuple[float, str]:
+    tr = r["transfer"]
+    copies = max(tr["as_loaded"]["copies_per_batch"], tr["moved"]["copies_per_batch"])
+    return copies, (f"{tr['as_loaded']['copies_per_batch']:g} per batch by stats(), "
+                    f"{tr['moved']['copies_per_batch']:g} issued by the copy")
+
+
+# How each target metric (``mmload.strategy.Target.metric``) is read from a strategy's result: (value, text).
+# A value of None means the metric cannot be measured on this run's device.
+METRICS: dict[str, Any] = {
+    "padded_tokens": lambda r, res: (r["padding"]["padded_tokens"], f"{r['padding']['padded_tokens']} padded of "
+                                     f"{r['padding']['real_tokens'] + r['padding']['padded_tokens']} text tokens"),
+    "padding_fraction": lambda r, res: (r["padding"]["padding_fraction"], f"{r['padding']['padding_fraction']:.1%}"),
+    "copies_per_batch": _copies,
+    "transfer_fraction": _transfer_fraction,
+    "data_wait_share": lambda r, res: (r["e2e"]["data_wait_share"], f"{r['e2e']['data_wait_share']:.1%}"),
+}
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, str]]:
-    """Each target of issue 4 marked met / missed / not measured, with the figure it was read from."""
+    """Every target the registry's strategies promise (``Strategy.targets``) marked met / missed / not measured,
+    with the figure it was read from."""
     ok = ok_strategies(result)
     device = result["machine"]["device"].split(":")[0]
     preset = result["config"]["preset"]
     out = []
-
-    def missing(name: str, *needed: str) -> dict[str, str] | None:
-        absent = [s for s in needed if s not in ok]
-        if absent:
-            why = "; ".join(f"{s}: {result['strategies'].get(s, {}).get('status', 'not run')}" for s in absent)
-            return _target(name, "not measured", "", f"strategy not measured ({why})")
-        return None
-
-    name = "nested has zero padded tokens"
-    if not (t := missing(name, "nested")):
-        p = ok["nested"]["padding"]
-        t = _target(name, "met" if p["padded_tokens"] == 0 else "missed",
-                    f"{p['padded_tokens']} padded of {p['real_tokens'] + p['padded_tokens']} text tokens")
-    out.append(t)
-
-    name = "nested: one host-to-device copy per batch"
-    if not (t := missing(name, "nested")):
-        tr = ok["nested"]["transfer"]
-        copies = tr["as_loaded"]["copies_per_batch"]
-        t = _target(name, "met" if copies == 1 and tr["moved"]["copies_per_batch"] == 1 else "missed",
-                    f"{copies:g} per batch by stats(), {tr['moved']['copies_per_batch']:g} issued by the copy",
-                    "" if device == "cuda" else "counted on the CPU, where the copy itself is a no-op")
-    out.append(t)
-
-    name = "nested: transfer >= 90% of pinned memcpy bandwidth"
-    if device != "cuda":
-        t = _target(name, "not measured", "", "not measurable on CPU: no host-to-device copy exists")
-    elif not (t := missing(name, "nested")):
-        tr = ok["nested"]["transfer"]
-        frac = tr["fraction_of_reference"]
-        same = tr["copy_time"]["same_size_reference"]
-        t = _target(name, "met" if frac >= 0.9 else "missed",
-                    f"{tr['GBps']:.1f} GB/s ({tr['loaded_variant']}) = {frac:.0%} of a pinned memcpy of the same "
-                    f"{same['bytes'] / 2**20:.1f} MiB ({same['GBps']:.1f} GB/s); {tr['fraction_of_peak']:.0%} of the "
-                    f"{result['reference_bandwidth']['GBps']:.1f} GB/s large-copy peak")
-    out.append(t)
-
-    name = "bucketed padding <= 15% of text tokens"
-    if not (t := missing(name, "bucketed")):
-        f = ok["bucketed"]["padding"]["padding_fraction"]
-        t = _target(name, "met" if f <= 0.15 else "missed", f"{f:.1%}")
-    out.append(t)
-
-    on_target = (device, preset) == TARGET_SETTING
-    off = f"needs CUDA with the base preset; this run: {device}, {preset}"
-    gpu_targets = [
-        ("GPU, base: data wait <= 2% of step (nested)", ("nested",),
-         lambda: ok["nested"]["e2e"]["data_wait_share"], 0.02, "<=", "{:.1%}"),
-        ("GPU, base: nested >= 1.3x padded samples/s", ("nested", "padded"),
-         lambda: ok["nested"]["e2e"]["samples_per_s"] / ok["padded"]["e2e"]["samples_per_s"], 1.3, ">=",
-         "{:.2f}x"),
-        ("GPU, base: nested >= 10x per-sample samples/s", ("nested", "per-sample"),
-         lambda: ok["nested"]["e2e"]["samples_per_s"] / ok["per-sample"]["e2e"]["samples_per_s"], 10.0, ">=",
-         "{:.1f}x"),
-    ]
-    for name, needed, read, bound, op, fmt in gpu_targets:
-        if t := missing(name, *needed):
-            out.append(t)
-            continue
-        value = read()
-        if not on_target:
-            out.append(_target(name, "not measured", f"{fmt.format(value)} on this run (not the target setting)", off))
-            continue
-        met = value <= bound if op == "<=" else value >= bound
-        out.append(_target(name, "met" if met else "missed", fmt.format(value)))
+    for strategy in REGISTRY.values():
+        for t in strategy.targets:
+            needed = [strategy.name] + ([t.versus] if t.versus else [])
+            absent = [s for s in needed if s not in ok]
+            if absent:
+                why = "; ".join(f"{s}: {result['strategies'].get(s, {}).get('status', 'not run')}" for s in absent)
+                out.append(_target(t.name, "not measured", "", f"strategy not measured ({why})"))
+                continue
+            r = ok[strategy.name]
+            if t.metric == "speedup":
+                value = r["e2e"]["samples_per_s"] / ok[t.versus]["e2e"]["samples_per_s"]
+                text = f"{value:.2f}x"
+            else:
+                value, text = METRICS[t.metric](r, result)
+            if value is None:
+                out.append(_target(t.name, "not measured", "", f"not measurable on {device}: no host-to-device "
+                                   "copy exists"))
+                continue
+            setting = (("device", t.device, device), ("preset", t.preset, preset))
+            wanted = [f"{what} {need}" for what, need, have in setting if need not in (None, have)]
+            if wanted:
+                out.append(_target(t.name, "not measured", f"{text} on this run (not the target setting)",
+                                   f"needs {', '.join(wanted)}; this run: {device}, {preset}"))
+                continue
+            reason = "" if device == "cuda" or t.metric != "copies_per_batch" else \
+                "counted on the CPU, where the copy itself is a no-op"
+            out.append(_target(t.name, "met" if t.met(value) else "missed", text, reason))
     return out
 
 

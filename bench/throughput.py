@@ -6,7 +6,8 @@ For each strategy, in one run (so ratios hold on a noisy machine), in a fixed or
 * padding: real and padded text tokens (``batch.stats()``);
 * transfer: bytes and host-to-device copies per batch, packed vs unpacked, pinned vs pageable, timed with CUDA
   events beside the machine's own pinned memcpy bandwidth (on the CPU: host memcpy, said so);
-* the training step (``models.train.step_phases``): data wait, transfer, forward, backward, optimizer;
+* the training step (the trainer's ``models.step.train_step``, timed per phase by its ``PhaseTimer``): data wait,
+  transfer, forward, backward, optimizer;
 * end to end: samples/s, real tokens/s, data-wait share, peak device memory (CPU: peak RSS), RSS over the run;
 
 plus a synthetic baseline (the same step on fixed batches already on the device, measured before and after
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import platform
 import subprocess
@@ -37,14 +37,16 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from bench import _data, _measure, _reliability, _report
-from mmload.bucketing import BucketBatcher
 from mmload.dataset import expand_urls, parse_data
-from mmload.loader import STRATEGIES, make_collator, make_loader
+from mmload.epochs import EpochStream
+from mmload.loader import make_loader
 from mmload.masking import MLMMasking
 from mmload.staging import pack
+from mmload.strategy import REFERENCE, STRATEGIES, DataKind, Strategy, get_strategy
 from mmload.tokenizer import load_tokenizer
-from models.config import ModelConfig
-from models.train import EpochStream, apply_freeze, build_model, make_optimizer
+from models.build import apply_freeze, build_model, make_optimizer
+from models.config import ModelConfig, TrainConfig
+from models.step import StepOptions
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_FREEZE = {"source": "Cross Modality Pre-training and the Intrinsic Values of Data Modality",
@@ -224,37 +226,38 @@ class Bench:
         self.tokenizer = load_tokenizer(args.tokenizer, self.urls)
         self.masking = MLMMasking.from_tokenizer(self.tokenizer, seed=args.seed)
         self.shape = ModelConfig.preset(args.preset, vocab_size=len(self.tokenizer))
+        # the trainer's own configuration of a run like this one: its step options and optimizer are the bench's
+        self.train_config = TrainConfig(preset=args.preset, batch_size=args.batch_size, num_workers=args.workers,
+                                        lr=args.lr, precision=args.precision, seed=args.seed, device=args.device)
+        self.opts = StepOptions.from_config(self.train_config)
         self.skipped: dict[str, str] = {}
         self.emb_data: list[str] | None = None
-        if "embeddings" in args.strategies:
+        if any(not get_strategy(s).has_raw_inputs for s in args.strategies):
             try:
                 self.emb_data = _data.embedding_data(
                     self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
                     tokens=args.emb == "tokens", device=self.device, progress=args.progress)
             except ValueError as e:  # e.g. paired image_text samples: precompute takes one modality per sample
-                self.skipped["embeddings"] = f"precompute failed: {e}"
+                self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
+                                     if not get_strategy(s).has_raw_inputs})
+        self.data_of = {DataKind.RAW: self.data, DataKind.PRECOMPUTED: self.emb_data}
         n = args.collate_batches * args.batch_size
-        self.samples = {"raw": self.first_samples("padded", n)}  # pre-decoded, for collate and copy timing
-        if self.emb_data is not None:
-            self.samples["emb"] = self.first_samples("embeddings", n)
-        self.num_classes = _data.num_classes(self.urls, self.samples["raw"])
+        # pre-decoded samples of each kind of data, for the collate and copy timings
+        self.samples = {kind: self.first_samples(data, n) for kind, data in self.data_of.items() if data is not None}
+        self.num_classes = _data.num_classes(self.urls, self.samples[DataKind.RAW])
 
-    def data_for(self, strategy: str) -> list[str]:
-        return self.emb_data if strategy == "embeddings" else self.data
+    def data_for(self, strategy: Strategy) -> list[str]:
+        return self.data_of[strategy.data]
 
-    def first_samples(self, strategy: str, n: int) -> list:
-        return _data.first_samples(self.data_for(strategy), n, seed=self.args.seed, tokenizer=self.tokenizer,
-                                   transform=self.masking, image_size=self.shape.image_size,
-                                   max_text_len=self.shape.max_text_len)
+    def first_samples(self, data: list[str], n: int) -> list:
+        return _data.first_samples(data, n, seed=self.args.seed, tokenizer=self.tokenizer, transform=self.masking,
+                                   image_size=self.shape.image_size, max_text_len=self.shape.max_text_len)
 
-    def groups(self, strategy: str, n: int) -> list[list]:
+    def groups(self, strategy: Strategy, n: int) -> list[list]:
         """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
-        samples, B = self.samples["emb" if strategy == "embeddings" else "raw"], self.args.batch_size
-        if strategy == "bucketed":
-            return list(BucketBatcher(B)(iter(samples)))[:n]
-        return [samples[i:i + B] for i in range(0, len(samples), B)][:n]
+        return list(strategy.group(self.samples[strategy.data], self.args.batch_size))[:n]
 
-    def stream(self, strategy: str) -> EpochStream:
+    def stream(self, strategy: Strategy) -> EpochStream:
         a = self.args
 
         def make(epoch: int) -> Any:
@@ -262,51 +265,45 @@ class Bench:
                                seed=a.seed, transform=self.masking, tokenizer=self.tokenizer,
                                image_size=self.shape.image_size, max_text_len=self.shape.max_text_len)
 
-        return EpochStream(make, a.workers)
+        return EpochStream(make)
 
-    def model(self, strategy: str, freeze: str = "full") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        extra = {"emb_dim": self.shape.d_model} if strategy == "embeddings" else {}
+    def model(self, strategy: Strategy, freeze: str = "full") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        extra = {} if strategy.has_raw_inputs else {"emb_dim": self.shape.d_model}
         model = build_model(self.args.preset, len(self.tokenizer), num_classes=self.num_classes, seed=self.args.seed,
                             **extra)
         apply_freeze(model, freeze)
         model.to(self.device).train()
-        return model, make_optimizer(model, self.args.lr)
+        cfg = self.train_config
+        return model, make_optimizer(model, cfg.lr, cfg.weight_decay)
 
     def step_kwargs(self, desc: str) -> dict[str, Any]:
-        return {"text_loss_weight": 1.0, "precision": self.args.precision, "desc": desc,
-                "progress": self.args.progress}
+        return {"opts": self.opts, "desc": desc, "progress": self.args.progress}
 
 
-def close(stream: EpochStream) -> None:
-    """Stop the stream's loader workers now, not whenever the garbage collector gets to them."""
-    stream.it = stream.loader = None
-    gc.collect()
-
-
-def measure_strategy(bench: Bench, strategy: str, reference: dict[str, Any]) -> dict[str, Any]:
+def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]) -> dict[str, Any]:
     a, device = bench.args, bench.device
-    steps = a.per_sample_steps if strategy == "per-sample" else a.steps
-    collate = make_collator(strategy)
+    steps = a.per_sample_steps if strategy.one_call_per_sample else a.steps
+    collate = strategy.collator()
     packs = bool(getattr(collate, "pack", False))
     groups = bench.groups(strategy, min(steps, a.collate_batches))
     collate_fig = _measure.time_collate(collate, groups)
-    unpacked = [make_collator(strategy, pack=False)(g) for g in groups]
+    unpacked = [strategy.collator(pack=False)(g) for g in groups]
     copies = _measure.time_copies(unpacked, device)
     form = "packed" if packs else "unpacked"
     loaded_variant = f"{form}_pinned" if f"{form}_pinned" in copies else f"{form}_pageable"  # what the loader hands
 
     stream = bench.stream(strategy)
     try:
-        loader = _measure.time_loader(stream, a.warmup, steps, f"{strategy} loader", a.progress)
+        loader = _measure.time_loader(stream, a.warmup, steps, f"{strategy.name} loader", a.progress)
     finally:
-        close(stream)
+        stream.close()
     model, optimizer = bench.model(strategy)
     stream = bench.stream(strategy)
     try:
         e2e = _measure.train_steps(stream, model, optimizer, device, warmup=a.warmup, steps=steps,
-                                   **bench.step_kwargs(f"{strategy} train"))
+                                   **bench.step_kwargs(f"{strategy.name} train"))
     finally:
-        close(stream)
+        stream.close()
     per_step, memory = e2e.pop("per_step"), e2e.pop("memory")
     stats, moved = e2e.pop("stats"), e2e.pop("moved")
     copy_loaded = copies[loaded_variant]
@@ -342,17 +339,17 @@ def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
 def synthetic_batches(bench: Bench) -> list[Any]:
     """The exact batches the padded loader yields for warm-up and measured steps, moved to the device once."""
     a = bench.args
-    stream = bench.stream("padded")
+    stream = bench.stream(get_strategy(REFERENCE))
     try:
         return [_measure.to_device(next(stream), bench.device, non_blocking=False)[0]
                 for _ in range(a.warmup + a.steps)]
     finally:
-        close(stream)
+        stream.close()
 
 
 def measure_synthetic(bench: Bench, batches: list[Any], desc: str) -> dict[str, Any]:
     a = bench.args
-    model, optimizer = bench.model("padded")
+    model, optimizer = bench.model(get_strategy(REFERENCE))
     out = _measure.synthetic_steps(model, optimizer, batches, bench.device, warmup=a.warmup, steps=a.steps,
                                    **bench.step_kwargs(desc))
     return {k: out[k] for k in ("samples_per_s", "real_tokens_per_s", "ms_per_batch", "ms_per_sample", "phases_ms",
@@ -362,10 +359,10 @@ def measure_synthetic(bench: Bench, batches: list[Any], desc: str) -> dict[str, 
 def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) -> dict[str, Any]:
     """``full`` vs ``frozen`` (trainer's ``apply_freeze``) on padded's device batches, interleaved step by step."""
     a = bench.args
-    runs = {mode: bench.model("padded", freeze=mode) for mode in ("full", "frozen")}
+    runs = {mode: bench.model(get_strategy(REFERENCE), freeze=mode) for mode in ("full", "frozen")}
     timed = _measure.interleaved_steps(runs, batches, bench.device, warmup=a.warmup, steps=a.freeze_steps,
                                        **bench.step_kwargs("frozen vs full"))
-    out: dict[str, Any] = {"strategy": "padded", "steps": a.freeze_steps, "paper": PAPER_FREEZE,
+    out: dict[str, Any] = {"strategy": REFERENCE, "steps": a.freeze_steps, "paper": PAPER_FREEZE,
                            "how": "compute only (forward, backward, optimizer) on padded's loader batches already on "
                                   "the device, the two modes interleaved step by step; the loader's share of an "
                                   "epoch is the same for both"}
@@ -391,11 +388,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     synthetic = {"batches": "the padded loader's own batches for the warm-up and measured steps, moved to the "
                             "device once before timing",
                  "before": measure_synthetic(bench, batches, "synthetic (before)")}
-    for strategy in args.strategies:
-        if strategy in bench.skipped:
-            strategies[strategy] = {"status": f"skipped: {bench.skipped[strategy]}"}
+    for name in args.strategies:
+        if name in bench.skipped:
+            strategies[name] = {"status": f"skipped: {bench.skipped[name]}"}
             continue
-        strategies[strategy] = measure_strategy(bench, strategy, reference)
+        strategies[name] = measure_strategy(bench, get_strategy(name), reference)
     freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
     synthetic["after"] = measure_synthetic(bench, batches, "synthetic (after)")
     reliability = None
@@ -415,19 +412,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     profile_dir = None
     if args.profile:
         profile_dir = str(Path(args.out) / "tb" / run_name)
-        for strategy, r in strategies.items():
+        for name, r in strategies.items():
             if r["status"] != "ok":
                 continue
-            model, optimizer = bench.model(strategy)
-            stream = bench.stream(strategy)
+            model, optimizer = bench.model(get_strategy(name))
+            stream = bench.stream(get_strategy(name))
             try:
-                _measure.profiled_steps(stream, model, optimizer, device, profile_dir, strategy,
-                                        text_loss_weight=1.0, precision=args.precision)
+                _measure.profiled_steps(stream, model, optimizer, device, profile_dir, name, opts=bench.opts)
             finally:
-                close(stream)
+                stream.close()
     config = dict(vars(args))
     config.update(data=bench.data, embedding_data=bench.emb_data, model=vars(bench.shape) | {"num_classes":
-                  bench.num_classes}, tokenizer_vocab=len(bench.tokenizer), cache_dir=str(bench.cache))
+                  bench.num_classes}, tokenizer_vocab=len(bench.tokenizer), cache_dir=str(bench.cache),
+                  step_options=vars(bench.opts))
     result = {
         "run": run_name, "date": date.isoformat(timespec="seconds"), "git": git_state(), "machine": info,
         "threads": torch.get_num_threads(), "config": config, "argv": sys.argv[1:] if args.argv is None else

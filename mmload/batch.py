@@ -12,83 +12,20 @@ put back in sample order and a paired (image_text) sample shows up under the sam
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import torch
 
+from mmload.layouts import ImageBatch, JaggedText, ModelInput, PackedEmbeddings, TextBatch
 from mmload.sample import Modality, Sample
+from mmload.tensors import BatchStats, TensorBatch, can_pin_memory, collect_tensors, map_leaves, map_tensors
 
 
-def can_pin_memory() -> bool:
-    """Pinning needs an accelerator; on a CPU-only build ``Tensor.pin_memory()`` raises."""
-    return torch.accelerator.is_available()
+class Batch(TensorBatch):
+    """What every batch type has beyond the tensor mixin: its accounting, its samples back, its model input."""
 
-
-def map_leaves(obj: Any, fn: Callable[[Any], Any], leaf: type = torch.Tensor) -> Any:
-    """Rebuild ``obj`` (dataclasses, lists, tuples, dicts) with ``fn`` applied to every ``leaf``, in field order."""
-    if isinstance(obj, leaf):
-        return fn(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: map_leaves(getattr(obj, f.name), fn, leaf) for f in dataclasses.fields(obj)}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, list | tuple):
-        return type(obj)(map_leaves(x, fn, leaf) for x in obj)
-    if isinstance(obj, dict):
-        return {k: map_leaves(v, fn, leaf) for k, v in obj.items()}
-    return obj
-
-
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Rebuild ``obj`` with ``fn`` applied to every tensor, in field order."""
-    return map_leaves(obj, fn, torch.Tensor)
-
-
-def collect_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor of ``obj`` in the order ``map_tensors`` visits them."""
-    found: list[torch.Tensor] = []
-    map_tensors(obj, found.append)
-    return found
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What one batch costs. Text tokens only: every image has the same number of patch tokens."""
-
-    samples: int
-    images: int
-    texts: int
-    real_tokens: int  # text tokens that carry data
-    padded_tokens: int  # text tokens that are padding
-    bytes: int  # bytes to move host -> device
-    tensors: int  # tensors to move, i.e. host -> device copies
-
-    @property
-    def padding_fraction(self) -> float:
-        total = self.real_tokens + self.padded_tokens
-        return self.padded_tokens / total if total else 0.0
-
-    def __add__(self, other: BatchStats) -> BatchStats:
-        return BatchStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
-
-
-class TensorBatch:
-    """Mixin for batch dataclasses: pinning, moving, accounting."""
-
-    def pin_memory(self) -> Self:
-        if not can_pin_memory():
-            return self
-        return map_tensors(self, torch.Tensor.pin_memory)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
-        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
-
-    def tensors(self) -> list[torch.Tensor]:
-        return collect_tensors(self)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+    keys: list[str]
 
     def stats(self) -> BatchStats:
         raise NotImplementedError(f"{type(self).__name__} must define stats()")
@@ -96,48 +33,8 @@ class TensorBatch:
     def unbatch(self) -> list[Sample]:
         raise NotImplementedError(f"{type(self).__name__} must define unbatch()")
 
-
-@dataclass
-class ImageBatch(TensorBatch):
-    pixels: torch.Tensor  # uint8 (N, 3, H, W), normalized on the device by the model
-    labels: torch.Tensor  # int64 (N,), IGNORE_INDEX when unlabelled
-    index: torch.Tensor  # int64 (N,), see NOTE [index fields]
-
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
-
-
-@dataclass
-class TextBatch(TensorBatch):
-    """Texts padded to the longest member."""
-
-    ids: torch.Tensor  # int (N, T), pad_id past each length
-    mask: torch.Tensor  # bool (N, T), True on real tokens
-    mlm_labels: torch.Tensor  # int (N, T), ids' dtype, IGNORE_INDEX where no MLM loss is taken
-    labels: torch.Tensor  # int64 (N,)
-    index: torch.Tensor  # int64 (N,)
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-
-@dataclass
-class JaggedText(TensorBatch):
-    """Texts packed end to end, no padding; ``offsets`` double as ``cu_seqlens`` for varlen attention."""
-
-    values: torch.Tensor  # int (sum T,)
-    offsets: torch.Tensor  # int64 (N+1,), offsets[0] == 0
-    mlm_labels: torch.Tensor  # int (sum T,), ids' dtype
-    labels: torch.Tensor  # int64 (N,)
-    index: torch.Tensor  # int64 (N,)
-    max_len: int  # kept on the host so kernels need no device sync to read it
-
-    def __len__(self) -> int:
-        return self.offsets.shape[0] - 1
-
-    def nested(self) -> torch.Tensor:
-        """The ids as a ``torch.nested`` jagged tensor ``(N, j)``."""
-        return torch.nested.nested_tensor_from_jagged(self.values, self.offsets)
+    def model_input(self) -> ModelInput:
+        raise NotImplementedError(f"{type(self).__name__} must define model_input()")
 
 
 def _image_samples(images: ImageBatch | None, keys: list[str]) -> dict[int, Sample]:
@@ -159,7 +56,7 @@ def _add_text(out: dict[int, Sample], keys: list[str], i: int, ids: torch.Tensor
 
 
 @dataclass
-class PaddedBatch(TensorBatch):
+class PaddedBatch(Batch):
     """The baseline: one dense sub-batch per modality present. Bucketed batches hold a single modality."""
 
     image: ImageBatch | None
@@ -182,9 +79,12 @@ class PaddedBatch(TensorBatch):
                           int(self.text.labels[row]))
         return [out[i] for i in range(len(self.keys))]
 
+    def model_input(self) -> ModelInput:
+        return ModelInput(image=self.image, text=self.text)
+
 
 @dataclass
-class PerSampleBatch(TensorBatch):
+class PerSampleBatch(Batch):
     """A list of one-sample batches; the model runs them one at a time until its losses are summed."""
 
     items: list[PaddedBatch]
@@ -197,9 +97,23 @@ class PerSampleBatch(TensorBatch):
     def unbatch(self) -> list[Sample]:
         return [s for item in self.items for s in item.unbatch()]
 
+    def model_input(self) -> ModelInput:
+        """One part per item, run one after another; each item's indices shifted to the whole batch's."""
+        parts, start = [], 0
+        for item in self.items:
+            part = item.model_input()
+            parts.append(ModelInput(image=_shifted(part.image, start), text=_shifted(part.text, start)))
+            start += len(item.keys)
+        return ModelInput(parts=tuple(parts))
+
+
+def _shifted(layout: Any, start: int) -> Any:
+    """A layout (any with an ``index`` field) with its indices moved by ``start``; None stays None."""
+    return layout if layout is None or start == 0 else dataclasses.replace(layout, index=layout.index + start)
+
 
 @dataclass
-class NestedBatch(TensorBatch):
+class NestedBatch(Batch):
     """Texts as one jagged tensor; images (all one size after decoding) as one dense tensor.
 
     The model joins image patch sequences and text sequences into a single jagged sequence batch.
@@ -225,9 +139,12 @@ class NestedBatch(TensorBatch):
                           int(self.text.labels[row]))
         return [out[i] for i in range(len(self.keys))]
 
+    def model_input(self) -> ModelInput:
+        return ModelInput(image=self.image, text=self.text)
+
 
 @dataclass
-class EmbeddingBatch(TensorBatch):
+class EmbeddingBatch(Batch):
     """Precomputed embeddings, jagged: a pooled vector is a sequence of length 1."""
 
     values: torch.Tensor  # float16 (sum L, D)
@@ -261,8 +178,16 @@ class EmbeddingBatch(TensorBatch):
                               teacher_logits=logits))
         return out
 
+    def model_input(self) -> ModelInput:
+        return ModelInput(embeddings=PackedEmbeddings(
+            values=self.values, offsets=self.offsets, is_text=self.is_text, labels=self.labels,
+            mlm_labels=self.mlm_labels,
+            index=torch.arange(len(self), device=self.offsets.device), max_len=self.max_len,
+            teacher_logits=self.teacher_logits))
 
-AnyBatch = PaddedBatch | PerSampleBatch | NestedBatch | EmbeddingBatch
 
-__all__ = ["AnyBatch", "BatchStats", "EmbeddingBatch", "ImageBatch", "JaggedText", "NestedBatch", "PaddedBatch",
-           "PerSampleBatch", "TensorBatch", "TextBatch"]
+AnyBatch = Batch  # every batch type, PackedBatch included, is a Batch
+
+__all__ = ["AnyBatch", "Batch", "BatchStats", "EmbeddingBatch", "ImageBatch", "JaggedText", "NestedBatch",
+           "PaddedBatch", "PerSampleBatch", "TensorBatch", "TextBatch", "can_pin_memory", "collect_tensors",
+           "map_leaves", "map_tensors"]

@@ -1,15 +1,24 @@
-"""The ``mmload`` command: ``make-shards``, ``inspect``, ``precompute``."""
+"""The ``mmload`` command: ``make-shards``, ``inspect``, ``precompute``.
+
+NOTE [layers]: this module is the top floor. The library (every other module of ``mmload``) never imports
+``models``; ``models`` imports the library. The command line may import both: ``mmload precompute --encoder
+CHECKPOINT`` turns a path into an encoder object with ``models.features.load_encoder`` and hands that object to
+the library's ``mmload.precompute.precompute``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmload import inspect, make_shards, precompute
+    from mmload import inspect, make_shards
 
     parser = argparse.ArgumentParser(prog="mmload", description="Mixed image/text webdataset shards: make them, "
                                      "inspect them, precompute embeddings for them.")
@@ -18,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     make_shards.add_parser(sub)
     inspect.add_parser(sub)
-    precompute.add_parser(sub)
+    _add_precompute(sub)
     return parser
 
 
@@ -26,6 +35,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s %(message)s")
     return int(args.func(args) or 0)
+
+
+def _add_precompute(subparsers: Any) -> None:
+    p = subparsers.add_parser("precompute", help="embed shards once with a frozen encoder",
+                              description="Run a frozen encoder over shards once (batched, on the GPU when "
+                                          "present) and write shards with KEY.emb.npy (float16) beside the labels.")
+    p.add_argument("shards", nargs="+", help="input shards (paths, brace patterns or directories)")
+    p.add_argument("out", help="output directory for the embedding shards")
+    p.add_argument("--encoder", action="append", required=True, metavar="[image=|text=]PATH",
+                   help="an mmload checkpoint (.pt: both modalities) or a HF model directory (a text model for "
+                        "texts, a vision model for images); prefix image= or text= to give each its own")
+    p.add_argument("--tokens", action="store_true", help="keep every token's embedding, not only the pooled one")
+    p.add_argument("--teacher", metavar="PATH",
+                   help="also store an image teacher's class logits (KEY.logits.npy) for distillation: a HF image "
+                        "classifier folder or an mmload checkpoint")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per encoder batch (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the input (default 0)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--max-samples-per-shard", type=int, default=1000, help="output shard size (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=_precompute)
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    """``mmload precompute``: resolve --encoder and --teacher paths into objects, then run the library's precompute."""
+    import torch
+
+    from mmload.precompute import precompute
+    from models.features import load_encoder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image_enc = text_enc = None
+    for spec in args.encoder:
+        kind, sep, path = spec.partition("=")
+        if not sep:
+            kind, path = "both", spec
+        if kind not in ("image", "text", "both"):
+            raise SystemExit(f"--encoder {spec!r}: the prefix must be image= or text=")
+        if not os.path.exists(path):
+            raise SystemExit(f"--encoder {spec!r}: {path} does not exist")
+        enc = load_encoder(path, device)
+        if kind in ("image", "both") and enc.image_size is not None:
+            image_enc = enc
+        if kind in ("text", "both") and enc.takes_text:
+            text_enc = enc
+    teacher = None
+    if args.teacher:
+        from models.kd import ImageTeacher
+
+        teacher = ImageTeacher(args.teacher).to(device)
+        teacher.name = args.teacher
+    manifest = precompute(args.shards, args.out, image_encoder=image_enc, text_encoder=text_enc, tokens=args.tokens,
+                          batch_size=args.batch_size, num_workers=args.workers, device=device,
+                          maxcount=args.max_samples_per_shard, overwrite=args.overwrite, teacher=teacher)
+    print(json.dumps({"out": args.out, "samples": manifest["samples"], "shards": len(manifest["shards"])}))
+    return 0
 
 
 if __name__ == "__main__":

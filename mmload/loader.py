@@ -1,4 +1,4 @@
-"""The five batching strategies as ready DataLoaders over the same shards and sample schema."""
+"""The batching strategies (``mmload.strategy``) as ready DataLoaders over the same shards and sample schema."""
 
 from __future__ import annotations
 
@@ -10,44 +10,33 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mmload.bucketing import BucketBatcher
-from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
 from mmload.dataset import StreamDataset, open_data
 from mmload.errors import WorkerDied, new_trace, read_trace
 from mmload.sample import Sample
+from mmload.strategy import STRATEGIES, Strategy, get_strategy
 
-STRATEGIES = ("per-sample", "padded", "bucketed", "embeddings", "nested")
 
-
-def make_collator(strategy: str, *, pack: bool | None = None, ids_dtype: torch.dtype = torch.int32) -> Callable:
+def make_collator(strategy: str | Strategy, *, pack: bool | None = None,
+                  ids_dtype: torch.dtype = torch.int32) -> Callable:
     """The collator of ``strategy``; ``pack=None`` keeps each collator's default (only nested packs)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    opts = {} if pack is None else {"pack": pack}
-    if strategy == "per-sample":
-        return PerSampleCollator(single=PaddedCollator(ids_dtype=ids_dtype), **opts)
-    if strategy in ("padded", "bucketed"):
-        return PaddedCollator(ids_dtype=ids_dtype, **opts)
-    if strategy == "embeddings":
-        return EmbeddingCollator(**opts)
-    return NestedCollator(ids_dtype=ids_dtype, **opts)
+    return get_strategy(strategy).collator(pack=pack, ids_dtype=ids_dtype)
 
 
-def make_loader(strategy: str, data: str | Sequence[str], *, batch_size: int = 32, num_workers: int = 2,
+def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_size: int = 32, num_workers: int = 2,
                 pin_memory: bool | None = None, pack: bool | None = None, stateful: bool = False,
                 transform: Callable[[Sample], Sample] | None = None, seed: int = 0,
                 prefetch_factor: int | None = None, **dataset_kwargs: Any) -> DataLoader:
     """A DataLoader that yields batches of ``strategy`` from ``data`` (``--data`` specs, see ``open_data``).
 
-    ``embeddings`` expects shards written by ``mmload precompute``. ``stateful=True`` returns a
+    ``strategy`` is a name or a :class:`~mmload.strategy.Strategy` of the registry; ``embeddings`` (a strategy whose
+    ``data`` is precomputed) expects shards written by ``mmload precompute``. ``stateful=True`` returns a
     :class:`StatefulLoader` (torchdata's ``StatefulDataLoader``: the same arguments, plus ``state_dict()`` and
     ``load_state_dict()`` to resume mid-epoch).
     ``dataset_kwargs`` go to :class:`~mmload.ShardDataset` (``image_size``, ``tokenizer``, ``shuffle``, ...).
     """
-    collate = make_collator(strategy, pack=pack)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batcher = BucketBatcher(batch_size) if strategy == "bucketed" else None
+    strategy = get_strategy(strategy)
+    collate = strategy.collator(pack=pack)
+    batcher = strategy.batcher(batch_size)
     dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **dataset_kwargs)
     if pin_memory is None:
         pin_memory = torch.accelerator.is_available()
@@ -102,3 +91,6 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
                              f"this loader has {self.num_workers}: shards are split by rank and worker, so "
                              "resume with the same number of ranks and DataLoader workers")
         super().load_state_dict(state_dict)
+
+
+__all__ = ["STRATEGIES", "Loader", "StatefulLoader", "make_collator", "make_loader", "saved_num_workers"]

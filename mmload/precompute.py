@@ -4,14 +4,16 @@ Each output sample keeps its key, modality and label and gets ``KEY.emb.npy`` (f
 vector ``(D,)`` (the class / [CLS] token) or, with ``tokens=True``, every token ``(L, D)``; per-token text
 embeddings also keep their ids (``KEY.ids.npy``) so that masked-token labels can be made from them.
 Read the output with ``ShardDataset`` and batch it with ``EmbeddingCollator``.
+
+The library takes encoder objects (anything with :class:`FeatureEncoder`'s fields: ``HFFeatures`` for a Hugging
+Face model folder, ``ModuleImageFeatures`` for any torch module, ``models.features.MMLoadFeatures`` for an mmload
+ViT-BERT); turning a path on the command line into one is the command line's work (``mmload.cli``).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,35 +38,13 @@ class FeatureEncoder(Protocol):
 
     name: str
     image_size: int | None  # None: this encoder takes no images
-    tokenizer: Any  # None: this encoder takes no texts
+    tokenizer: Any  # None: texts are tokenized with the shards' tokenizer
+    takes_text: bool  # False: this encoder takes no texts
     max_text_len: int  # texts are truncated to this many tokens
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor: ...  # uint8 (N, 3, H, W) -> (N, L, D)
 
     def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...  # (B, T), (B, T) -> (B, T, D)
-
-
-@dataclass
-class MMLoadFeatures:
-    """The image and text towers of an mmload ViT-BERT (a model object or a checkpoint path)."""
-
-    model: nn.Module
-    tokenizer: Any = None
-    name: str = "mmload"
-
-    @property
-    def image_size(self) -> int:
-        return self.model.config.image_size
-
-    @property
-    def max_text_len(self) -> int:
-        return self.model.config.max_text_len
-
-    def images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixels)
-
-    def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(ids, mask)
 
 
 @dataclass
@@ -77,6 +57,7 @@ class ModuleImageFeatures:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     name: str = "module"
     tokenizer: Any = None
+    takes_text: bool = False
     max_text_len: int = 512
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -102,6 +83,7 @@ class HFFeatures:
         self.image_size = int(config.image_size) if self.vision else None
         self.max_text_len = int(getattr(config, "max_position_embeddings", 512))
         self.tokenizer = None
+        self.takes_text = not self.vision
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViT's processor default
         if self.vision:
             cfg = Path(path) / "preprocessor_config.json"
@@ -128,19 +110,6 @@ def _normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255 - m) / s  # (N, 3, H, W)
-
-
-def load_encoder(spec: str, device: torch.device | str = "cpu") -> FeatureEncoder:
-    """An encoder from a path: an mmload checkpoint file (``.pt``) or a Hugging Face model directory."""
-    path = Path(spec)
-    if path.is_file():
-        from models.checkpoint import load_model
-
-        model, tokenizer = load_model(path, map_location=device)
-        return MMLoadFeatures(model.eval(), tokenizer, name=str(path))
-    enc = HFFeatures(spec)
-    enc.model.to(device).eval()
-    return enc
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -199,7 +168,8 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     ``teacher`` (e.g. ``models.kd.ImageTeacher``) maps a batch to image class logits by ascending sample index;
     they are stored as ``KEY.logits.npy`` for distillation without running the teacher again.
     """
-    from mmload.shards.writer import MANIFEST, write_json, write_shards
+    from mmload.manifest import MANIFEST, write_json
+    from mmload.shards.writer import write_shards
 
     if image_encoder is None and text_encoder is None:
         raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
@@ -237,51 +207,4 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     return manifest
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("precompute", help="embed shards once with a frozen encoder",
-                              description="Run a frozen encoder over shards once (batched, on the GPU when "
-                                          "present) and write shards with KEY.emb.npy (float16) beside the labels.")
-    p.add_argument("shards", nargs="+", help="input shards (paths, brace patterns or directories)")
-    p.add_argument("out", help="output directory for the embedding shards")
-    p.add_argument("--encoder", action="append", required=True, metavar="[image=|text=]PATH",
-                   help="an mmload checkpoint (.pt: both modalities) or a HF model directory (a text model for "
-                        "texts, a vision model for images); prefix image= or text= to give each its own")
-    p.add_argument("--tokens", action="store_true", help="keep every token's embedding, not only the pooled one")
-    p.add_argument("--teacher", metavar="PATH",
-                   help="also store an image teacher's class logits (KEY.logits.npy) for distillation: a HF image "
-                        "classifier folder or an mmload checkpoint")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per encoder batch (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the input (default 0)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--max-samples-per-shard", type=int, default=1000, help="output shard size (default 1000)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    image_enc = text_enc = None
-    for spec in args.encoder:
-        kind, sep, path = spec.partition("=")
-        if not sep:
-            kind, path = "both", spec
-        if kind not in ("image", "text", "both"):
-            raise SystemExit(f"--encoder {spec!r}: the prefix must be image= or text=")
-        if not os.path.exists(path):
-            raise SystemExit(f"--encoder {spec!r}: {path} does not exist")
-        enc = load_encoder(path, device)
-        if kind in ("image", "both") and enc.image_size is not None:
-            image_enc = enc
-        if kind in ("text", "both") and (enc.tokenizer is not None or isinstance(enc, MMLoadFeatures)):
-            text_enc = enc
-    teacher = None
-    if args.teacher:
-        from models.kd import ImageTeacher
-
-        teacher = ImageTeacher(args.teacher).to(device)
-        teacher.name = args.teacher
-    manifest = precompute(args.shards, args.out, image_encoder=image_enc, text_encoder=text_enc, tokens=args.tokens,
-                          batch_size=args.batch_size, num_workers=args.workers, device=device,
-                          maxcount=args.max_samples_per_shard, overwrite=args.overwrite, teacher=teacher)
-    print(json.dumps({"out": args.out, "samples": manifest["samples"], "shards": len(manifest["shards"])}))
-    return 0
+__all__ = ["FeatureEncoder", "HFFeatures", "ModuleImageFeatures", "precompute"]

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from mmload.batch import BatchStats, can_pin_memory, collect_tensors, map_leaves, map_tensors
+from mmload.batch import Batch
+from mmload.layouts import ModelInput
+from mmload.tensors import BatchStats, can_pin_memory, collect_tensors, map_leaves, map_tensors
 
 ALIGN = 64  # bytes; a multiple of every dtype's size and of a cache line
 
@@ -30,8 +32,12 @@ class Slot:
 
 
 @dataclass
-class PackedBatch:
-    """A batch whose tensors share one uint8 buffer; ``to(device)`` gives back the batch with views on the device."""
+class PackedBatch(Batch):
+    """A batch whose tensors share one uint8 buffer; ``to(device)`` gives back the batch with views on the device.
+
+    It is a batch like the others: ``stats()``, ``unbatch()``, ``keys`` and ``model_input()`` (host views) work on
+    it directly.
+    """
 
     buffer: torch.Tensor  # uint8 (nbytes,)
     template: Any  # the original batch with every tensor replaced by its Slot
@@ -56,6 +62,9 @@ class PackedBatch:
 
     def unbatch(self) -> list:
         return self.unpack().unbatch()
+
+    def model_input(self) -> ModelInput:
+        return self.unpack().model_input()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.buffer]

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from mmload.shards.writer import write_json
+from mmload.manifest import local_folder, write_json
 
 if TYPE_CHECKING:  # transformers costs ~1 s to import: load it when a tokenizer is made, not at CLI start
     from transformers import PreTrainedTokenizerFast
@@ -93,7 +91,7 @@ def load_tokenizer(name_or_path: str | None, shard_urls: Sequence[str] = ()) -> 
     if name_or_path is not None:
         path = Path(name_or_path).expanduser()
         return _load(str(path.resolve()) if path.exists() else name_or_path)
-    folder = _local_folder(shard_urls[0]) if shard_urls else None
+    folder = local_folder(shard_urls[0]) if shard_urls else None
     if folder is not None and (folder / TOKENIZER_FILE).is_file():
         return _load(str(folder.resolve()))
     where = f"beside the shards in {folder}" if folder is not None else (
@@ -107,13 +105,3 @@ def _load(resolved: str) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolved)
-
-
-def _local_folder(url: str) -> Path | None:
-    """The folder of a local shard url (plain path, ``file:`` url, or a brace pattern); None for remote urls."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(parsed.path).parent
-    if parsed.scheme and len(parsed.scheme) > 1:  # pipe:, http:, s3:, ...; one letter is a Windows drive
-        return None
-    return Path(os.path.expanduser(url)).parent

@@ -1,10 +1,14 @@
-"""The joint ViT-BERT model's configuration: one validated dataclass plus named presets."""
+"""Configuration: the joint ViT-BERT model's (``ModelConfig``, with named presets) and a training run's
+(``TrainConfig``), each one validated dataclass."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from mmload.strategy import get_strategy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,3 +103,114 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}; valid fields are {sorted(known)}")
         return cls(**{**cls.PRESETS[name], **overrides})
+
+
+FREEZE_MODES = ("full", "frozen", "scratch")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one run of ``python -m models.train`` is told: the CLI fills it, tests and the benchmark build it.
+
+    Frozen: nothing changes a config once it is made (``dataclasses.replace`` makes another). ``__post_init__``
+    checks every field and says how to fix a bad one. Names are the CLI's options with ``_`` for ``-``.
+    """
+
+    # data
+    data: tuple[str, ...] | None = None  # shard specs (SHARDS[@WEIGHT]); None: the cached builtin shards
+    strategy: str = "padded"
+    batch_size: int = 32
+    num_workers: int = 2
+    tokenizer: str | None = None
+    shuffle: bool = True
+    mask_prob: float = 0.15
+    nsp: bool = False
+    # model
+    preset: str = "small"
+    num_classes: int | None = None
+    image_size: int | None = None
+    max_text_len: int | None = None
+    dropout: float | None = None
+    emb_dim: int | None = None
+    freeze: str = "full"
+    init_bert: str | None = None
+    init_vit: str | None = None
+    # optimization
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    power: float = 1.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    text_loss_weight: float = 1.0
+    nsp_weight: float = 1.0
+    precision: str = "bf16"
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    # knowledge distillation
+    kd_alpha: float = 0.0
+    kd_temperature: float = 1.0
+    text_teacher: str | None = None
+    image_teacher: str | None = None
+    teacher_logits: bool = False
+    # gradient masking
+    mask_ratio: float = 0.0
+    mask_step: float = 0.1
+    mask_interval: int = 1000
+    # output, checkpoints, evaluation
+    out: str | None = None
+    log_every: int = 10
+    save_every: int = 0
+    resume: str | None = None
+    eval_only: bool = False
+    limit_samples: int = 1000
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            data = (self.data,) if isinstance(self.data, str | os.PathLike) else self.data
+            object.__setattr__(self, "data", tuple(os.fspath(d) for d in data) or None)
+        strategy = get_strategy(self.strategy)
+        for name, choices in (("preset", tuple(ModelConfig.PRESETS)), ("freeze", FREEZE_MODES),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "limit_samples", "mask_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "save_every", "warmup", "grad_clip", "text_loss_weight", "nsp_weight",
+                     "mask_ratio", "weight_decay", "kd_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ValueError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.init_bert and self.init_vit:
+            raise ValueError("--init-bert and --init-vit both initialize the shared encoder (post-LN BERT vs pre-LN "
+                             "ViT blocks); pick one")
+        if self.freeze == "scratch" and (self.init_bert or self.init_vit):
+            raise ValueError("--freeze scratch means random initialization; drop --init-bert/--init-vit or use "
+                             "--freeze full|frozen")
+        if self.kd_alpha > 0 and not (self.text_teacher or self.image_teacher or self.teacher_logits):
+            raise ValueError(f"--kd-alpha {self.kd_alpha} needs a teacher: --text-teacher, --image-teacher or "
+                             "--teacher-logits")
+        if self.teacher_logits and self.image_teacher:
+            raise ValueError("--teacher-logits and --image-teacher are two image teachers; pick one")
+        if self.nsp and not strategy.has_raw_inputs:
+            raise ValueError(f"--nsp pairs token ids, which the {strategy.name} strategy's batches do not have; use "
+                             "another --strategy")
+        if self.teacher_logits and strategy.has_raw_inputs:
+            raise ValueError("--teacher-logits reads logits stored beside precomputed embeddings: use a strategy "
+                             "over shards written by `mmload precompute --teacher` (--strategy embeddings)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples), for ``args.json`` and checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

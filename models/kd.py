@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmload.batch import AnyBatch, EmbeddingBatch, NestedBatch, PaddedBatch, PerSampleBatch
+from mmload.layouts import ModelInput, model_input
 from mmload.sample import IGNORE_INDEX
 
 
@@ -45,65 +46,36 @@ def kd_loss_sum(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logi
 
 # ---- the rows of a batch, in ModelOutput order ----
 
-def _parts(batch: AnyBatch) -> list[tuple[int, PaddedBatch | NestedBatch]]:
-    """(first sample index, sub-batch) pairs; a per-sample batch's items have item-local indices."""
-    if isinstance(batch, EmbeddingBatch):
+def _leaves(batch: Any) -> tuple[ModelInput, ...]:
+    """The batch's model inputs (one, or the per-sample parts); indices are those of the whole batch."""
+    leaves = model_input(batch).leaves()
+    if any(leaf.embeddings is not None for leaf in leaves):
         raise ValueError("precomputed-embedding batches carry no pixels or ids for a teacher; distill with the "
                          "padded, bucketed, per-sample or nested strategy")
-    if isinstance(batch, PerSampleBatch):
-        out, start = [], 0
-        for item in batch.items:
-            out.append((start, item))
-            start += len(item.keys)
-        return out
-    if isinstance(batch, PaddedBatch | NestedBatch):
-        return [(0, batch)]
-    raise TypeError(f"cannot read teacher inputs from {type(batch).__name__}; move a PackedBatch to the device "
-                    "first (.to(device) unpacks it)")
+    return leaves
 
 
-def image_rows(batch: AnyBatch) -> torch.Tensor | None:
+def image_rows(batch: Any) -> torch.Tensor | None:
     """uint8 pixels (Ni, 3, H, W) of every image of ``batch``, by ascending sample index; None without images."""
-    pixels, index = [], []
-    for start, part in _parts(batch):
-        if part.image is not None:
-            pixels.append(part.image.pixels)
-            index.append(part.image.index.long() + start)
-    if not pixels:
+    images = [leaf.image for leaf in _leaves(batch) if leaf.image is not None]
+    if not images:
         return None
-    order = torch.cat(index).argsort()  # (Ni,)
-    return torch.cat(pixels)[order]  # (Ni, 3, H, W)
+    order = torch.cat([im.index.long() for im in images]).argsort()  # (Ni,)
+    return torch.cat([im.pixels for im in images])[order]  # (Ni, 3, H, W)
 
 
-def text_rows(batch: AnyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def text_rows(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Padded ``ids`` (B, T), ``mask`` (B, T) and ``mlm_labels`` (B, T) (IGNORE_INDEX on padding), rows by
-    ascending sample index; None without texts."""
-    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # ids, mask, labels, index
-    for start, part in _parts(batch):
-        text = part.text
-        if text is None:
-            continue
-        if isinstance(part, NestedBatch):
-            n, total = len(text), text.values.shape[0]
-            lengths = text.offsets.diff()  # (n,)
-            row = torch.repeat_interleave(torch.arange(n, device=lengths.device), lengths, output_size=total)
-            pos = torch.arange(total, device=lengths.device) - text.offsets[row]  # (sum T,)
-            ids = text.values.new_zeros(n, text.max_len)  # (n, T)
-            ids[row, pos] = text.values
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            labels[row, pos] = text.mlm_labels
-            mask = torch.zeros(n, text.max_len, dtype=torch.bool, device=ids.device)
-            mask[row, pos] = True
-            rows.append((ids, mask, labels, text.index.long() + start))
-        else:
-            rows.append((text.ids, text.mask, text.mlm_labels, text.index.long() + start))
-    if not rows:
+    ascending sample index; None without texts. Packed text is padded here: an HF teacher reads (B, T)."""
+    texts = [leaf.text.padded() for leaf in _leaves(batch) if leaf.text is not None]
+    if not texts:
         return None
-    T = max(r[0].shape[1] for r in rows)
-    ids = torch.cat([F.pad(r[0].long(), (0, T - r[0].shape[1])) for r in rows])  # (B, T)
-    mask = torch.cat([F.pad(r[1], (0, T - r[1].shape[1])) for r in rows])  # (B, T)
-    labels = torch.cat([F.pad(r[2].long(), (0, T - r[2].shape[1]), value=IGNORE_INDEX) for r in rows])  # (B, T)
-    order = torch.cat([r[3] for r in rows]).argsort()  # (B,)
+    T = max(t.ids.shape[1] for t in texts)
+    ids = torch.cat([F.pad(t.ids.long(), (0, T - t.ids.shape[1])) for t in texts])  # (B, T)
+    mask = torch.cat([F.pad(t.mask, (0, T - t.mask.shape[1])) for t in texts])  # (B, T)
+    labels = torch.cat([F.pad(t.mlm_labels.long(), (0, T - t.mlm_labels.shape[1]), value=IGNORE_INDEX)
+                        for t in texts])  # (B, T)
+    order = torch.cat([t.index.long() for t in texts]).argsort()  # (B,)
     labels = torch.where(mask, labels, IGNORE_INDEX)  # as the model: never a loss on padding
     return ids[order], mask[order], labels[order]
 
@@ -125,7 +97,7 @@ class TextTeacher(nn.Module):
                              f"teacher's tokenizer (--tokenizer {path}) or pick a teacher with our vocabulary")
 
     @torch.no_grad()
-    def forward(self, batch: AnyBatch) -> torch.Tensor | None:
+    def forward(self, batch: Any) -> torch.Tensor | None:
         rows = text_rows(batch)
         if rows is None:
             return None
@@ -166,7 +138,7 @@ class ImageTeacher(nn.Module):
                              "same classes in the same order")
 
     @torch.no_grad()
-    def forward(self, batch: AnyBatch) -> torch.Tensor | None:
+    def forward(self, batch: Any) -> torch.Tensor | None:
         pixels = image_rows(batch)
         if pixels is None:
             return None
@@ -185,14 +157,16 @@ class ShardImageTeacher(nn.Module):
         super().__init__()
         self.num_classes = num_classes
 
-    def forward(self, batch: AnyBatch) -> torch.Tensor | None:
-        if not isinstance(batch, EmbeddingBatch) or batch.teacher_logits is None:
+    def forward(self, batch: Any) -> torch.Tensor | None:
+        emb = model_input(batch).embeddings
+        if emb is None or emb.teacher_logits is None:
             raise ValueError("--teacher-logits reads the logits that `mmload precompute --teacher` stored beside the "
                              "embeddings: train with --strategy embeddings on such shards")
-        rows = (~batch.is_text).nonzero().squeeze(1)  # (Ni,), ascending: ModelOutput's image order
+        rows = (~emb.is_text).nonzero().squeeze(1)  # (Ni,)
         if rows.numel() == 0:
             return None
-        logits = batch.teacher_logits[rows]  # (Ni, C)
+        rows = rows[emb.index[rows].argsort()]  # ModelOutput's image order: ascending sample index
+        logits = emb.teacher_logits[rows]  # (Ni, C)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"the shards' teacher logits have {logits.shape[1]} classes, the student "
                              f"{self.num_classes}; KD needs the same classes in the same order")
@@ -218,7 +192,7 @@ class Distiller:
     def active(self) -> bool:
         return self.alpha > 0 and (self.text is not None or self.image is not None)
 
-    def teacher_logits(self, batch: AnyBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def teacher_logits(self, batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.active:
             return None, None
         image = self.image(batch) if self.image is not None else None

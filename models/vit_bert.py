@@ -26,15 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmload.batch import (
-    AnyBatch,
-    EmbeddingBatch,
-    ImageBatch,
-    NestedBatch,
-    PaddedBatch,
-    PerSampleBatch,
-    TextBatch,
-)
+from mmload.layouts import ImageBatch, JaggedText, ModelInput, PackedEmbeddings, TextBatch, model_input, row_positions
 from mmload.sample import IGNORE_INDEX
 from models.config import ModelConfig
 
@@ -118,7 +110,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         d = config.d_model
         self.n_head = config.n_head
-        # three projections, not one fused qkv: jagged SDPA on the CPU needs contiguous q, k, v (DESIGN.md)
+        # three projections, not one fused qkv: jagged SDPA on the CPU needs contiguous q, k, v (NOTE [two
+        # encoder paths]; with a fused qkv, chunk() gives non-contiguous views and SDPA finds no viable backend)
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
         self.v = nn.Linear(d, d)
@@ -375,31 +368,32 @@ class ModelOutput:
         return ((self.nsp_logits.argmax(-1) == self.nsp_labels) & (self.nsp_labels != IGNORE_INDEX)).sum()
 
     @staticmethod
-    def cat(parts: list[ModelOutput], index_offsets: list[int]) -> ModelOutput:
-        """Concatenate outputs of consecutive sub-batches; ``index_offsets[i]`` shifts part i's sample indices."""
+    def cat(parts: list[ModelOutput]) -> ModelOutput:
+        """Concatenate the outputs of inputs run one after another (indices already those of the whole batch)."""
         fields = {}
         for task in ("image", "mlm", "nsp"):
-            fields[f"{task}_logits"] = torch.cat([getattr(p, f"{task}_logits") for p in parts])
-            fields[f"{task}_labels"] = torch.cat([getattr(p, f"{task}_labels") for p in parts])
-            fields[f"{task}_index"] = torch.cat([getattr(p, f"{task}_index") + o for p, o in zip(parts, index_offsets)])
+            for what in ("logits", "labels", "index"):
+                fields[f"{task}_{what}"] = torch.cat([getattr(p, f"{task}_{what}") for p in parts])
         return ModelOutput(**fields)
 
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logits, labels, sample index) of one task
 
 
-def _image_index(batch: PaddedBatch | NestedBatch) -> torch.Tensor:
-    """Sample indices (Ni,) of the batch's images: a text at one of them is the text of an image_text pair."""
-    return batch.image.index if batch.image is not None else batch.text.index[:0]
+def _image_index(inp: ModelInput) -> torch.Tensor:
+    """Sample indices (Ni,) of the input's images: a text at one of them is the text of an image_text pair."""
+    if inp.image is not None:
+        return inp.image.index
+    return inp.text.index[:0] if inp.text is not None else torch.zeros(0, dtype=torch.long)
 
 
-def _token_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed tokens: the row (B,) each token belongs to and its position inside that row, both (sum T,)."""
-    lengths = offsets.diff()  # (B,)
-    rows = torch.arange(lengths.shape[0], device=offsets.device)  # (B,)
-    row = torch.repeat_interleave(rows, lengths, output_size=total)  # (sum T,); output_size: no device sync
-    pos = torch.arange(total, device=offsets.device) - offsets[row]  # (sum T,)
-    return row, pos
+@dataclass
+class _Stretch:
+    """One side's tokens in a packed encoder call: ``x`` (n, D) and its sequences' lengths' ``offsets``."""
+
+    x: torch.Tensor  # (n, D)
+    offsets: torch.Tensor  # int64 (S+1,), offsets[0] == 0
+    max_len: int
 
 
 class ViTBERT(nn.Module):
@@ -480,97 +474,109 @@ class ViTBERT(nn.Module):
         """Text tokens (sum T, D), plus each token's row and position (sum T,)."""
         self._check_text_len(max_len)
         ids = ids.long()
-        row, pos = _token_positions(offsets, ids.shape[0])  # (sum T,), (sum T,)
+        row, pos = row_positions(offsets, ids.shape[0])  # (sum T,), (sum T,)
         types = packed_token_types(ids, offsets, row, self.config.sep_id) if self.config.nsp else None  # (sum T,)
         return self.text(ids, pos, types), row, pos
 
-    # ---- forward, one method per batch type ----
+    # ---- forward: one input contract, branches on layouts ----
 
-    def forward(self, batch: AnyBatch) -> ModelOutput:
-        if isinstance(batch, PerSampleBatch):
-            return self._forward_per_sample(batch)
-        if isinstance(batch, PaddedBatch):
-            return self._forward_padded(batch)
-        if isinstance(batch, NestedBatch):
-            return self._forward_nested(batch)
-        if isinstance(batch, EmbeddingBatch):
-            return self._forward_embeddings(batch)
-        raise TypeError(f"ViTBERT cannot consume {type(batch).__name__}; expected one of PerSampleBatch, "
-                        f"PaddedBatch, NestedBatch, EmbeddingBatch (a PackedBatch must be .to(device) first)")
+    def forward(self, batch: Any) -> ModelOutput:
+        """``batch``: any mmload batch (packed or not) or a :class:`~mmload.layouts.ModelInput`."""
+        inp = model_input(batch)
+        if inp.parts:  # run one after another: the per-sample baseline, slow by design
+            return ModelOutput.cat([self._forward_input(part) for part in inp.parts])
+        return self._forward_input(inp)
 
-    def _forward_per_sample(self, batch: PerSampleBatch) -> ModelOutput:
-        """The slow baseline by design: one encoder call per item; item indices are local to the item."""
-        if not batch.items:
-            raise ValueError("PerSampleBatch has no items")
-        parts = [self._forward_padded(item) for item in batch.items]
-        starts = [0]
-        for item in batch.items[:-1]:
-            starts.append(starts[-1] + len(item.keys))
-        return ModelOutput.cat(parts, starts)
-
-    def _forward_padded(self, batch: PaddedBatch) -> ModelOutput:
-        """One dense encoder call per modality present (a bucketed batch holds one)."""
-        images = self._images_dense(batch.image) if batch.image is not None else None
-        mlm = nsp = None
-        if batch.text is not None:
-            mlm, nsp = self._text_dense(batch.text, _image_index(batch))
-        return self._output(images, mlm, nsp)
-
-    def _forward_nested(self, batch: NestedBatch) -> ModelOutput:
-        """Image patch sequences and texts joined into one packed sequence batch: one encoder call, no padding."""
-        xs, offsets, max_len, n_img_tokens = [], [], 0, 0
-        if batch.image is not None:
-            xi = self.image(batch.image.pixels)  # (Ni, L, D), L = 1+P
-            Ni, L, D = xi.shape
-            n_img_tokens, max_len = Ni * L, L
-            xs.append(xi.reshape(Ni * L, D))  # (Ni*L, D)
-            offsets.append(torch.arange(0, n_img_tokens + 1, L, device=xi.device))  # (Ni+1,)
-        if batch.text is not None:
-            text = batch.text
-            xt, row, pos = self._embed_text_packed(text.values, text.offsets, text.max_len)  # (sum T, D)
-            xs.append(xt)
-            text_offsets = text.offsets + n_img_tokens  # (Nt+1,)
-            offsets.append(text_offsets[1:] if offsets else text_offsets)
-            max_len = max(max_len, text.max_len)
-        if not xs:
-            raise ValueError("NestedBatch has neither images nor texts")
-        packed = Packed(torch.cat(offsets), max_len)  # offsets (Ni+Nt+1,)
-        x = self.encoder(torch.cat(xs), packed=packed)  # (Ni*L + sum T, D)
-
+    def _forward_input(self, inp: ModelInput) -> ModelOutput:
+        """Dense sides get one dense encoder call each. When any side is packed (packed text, embeddings), dense
+        images join it: image patch sequences and the packed sequences go through one packed encoder call."""
+        if inp.image is None and inp.text is None and inp.embeddings is None:
+            raise ValueError("the batch has neither images nor texts nor embeddings")
         images = mlm = nsp = None
-        if batch.image is not None:
-            cls = x[:n_img_tokens:L]  # (Ni, D): token 0 of every image sequence
-            images = self._classify(self.image_head, cls, batch.image.labels, batch.image.index)
-        if batch.text is not None:
-            xt = x[n_img_tokens:]  # (sum T, D)
-            sample = text.index.long()[row]  # (sum T,)
-            mlm = self._mlm(xt, text.mlm_labels.long(), sample, pos, stride=text.max_len)
-            if self.nsp_head is not None:
-                nsp = self._nsp(xt[text.offsets[:-1]], text.labels, text.index, _image_index(batch))  # [CLS] (Nt, D)
+        stretches: list[tuple[str, _Stretch]] = []
+        if inp.image is not None:
+            if inp.packed:
+                stretches.append(("image", self._image_stretch(inp.image)))
+            else:
+                images = self._images_dense(inp.image)
+        if inp.text is not None:
+            if inp.text.packed:
+                stretches.append(("text", self._text_stretch(inp.text)))
+            else:
+                mlm, nsp = self._text_dense(inp.text, _image_index(inp))
+        if inp.embeddings is not None:
+            stretches.append(("embeddings", self._embedding_stretch(inp.embeddings)))
+        if stretches:
+            for side, h in zip((side for side, _ in stretches), self._encode_packed([s for _, s in stretches])):
+                if side == "image":
+                    images = self._images_packed(h, inp.image)
+                elif side == "text":
+                    mlm, nsp = self._text_packed(h, inp.text, _image_index(inp))
+                else:
+                    emb_images, mlm = self._embeddings_packed(h, inp.embeddings)
+                    images = images if emb_images is None else emb_images
         return self._output(images, mlm, nsp)
 
-    def _forward_embeddings(self, batch: EmbeddingBatch) -> ModelOutput:
-        """Precomputed embeddings: projected, mask embedding at MLM positions, then the packed encoder path."""
-        if self.emb_in is None:
-            raise ValueError("an EmbeddingBatch needs a projection: build the model with "
-                             "ModelConfig(emb_dim=<width of the precomputed embeddings>)")
-        if batch.values.shape[-1] != self.config.emb_dim:
-            raise ValueError(f"embeddings are {batch.values.shape[-1]} wide but config.emb_dim is "
-                             f"{self.config.emb_dim}; set emb_dim to the width of the precomputed embeddings")
-        self._check_text_len(batch.max_len)  # embedding rows take the text tokenizer's positions
-        N = batch.values.shape[0]
-        row, pos = _token_positions(batch.offsets, N)  # (sum L,), (sum L,); rows are sample indices
-        labels = torch.where(batch.is_text[row], batch.mlm_labels.long(), IGNORE_INDEX)  # (sum L,)
-        x = self.emb_in(batch.values, labels != IGNORE_INDEX, self.text.wpe(pos))  # (sum L, D)
-        x = self.encoder(x, packed=Packed(batch.offsets, batch.max_len))  # (sum L, D)
+    def _encode_packed(self, stretches: list[_Stretch]) -> list[torch.Tensor]:
+        """One packed encoder call over every stretch's sequences; the hidden states split back per stretch."""
+        offsets, base = [stretches[0].offsets[:1]], 0
+        for st in stretches:
+            offsets.append(st.offsets[1:] + base)
+            base += st.x.shape[0]
+        packed = Packed(torch.cat(offsets), max(st.max_len for st in stretches))  # offsets (S+1,)
+        x = self.encoder(torch.cat([st.x for st in stretches]), packed=packed)  # (sum n, D)
+        return list(x.split([st.x.shape[0] for st in stretches]))
 
-        image_rows = (~batch.is_text).nonzero().squeeze(1)  # (Ni,), ascending
+    def _image_stretch(self, images: ImageBatch) -> _Stretch:
+        xi = self.image(images.pixels)  # (Ni, L, D), L = 1+P
+        Ni, L, D = xi.shape
+        offsets = torch.arange(0, Ni * L + 1, L, device=xi.device)  # (Ni+1,)
+        return _Stretch(xi.reshape(Ni * L, D), offsets, L)
+
+    def _images_packed(self, h: torch.Tensor, images: ImageBatch) -> Rows:
+        L = h.shape[0] // len(images)
+        return self._classify(self.image_head, h[::L], images.labels, images.index)  # token 0 of every image
+
+    def _text_stretch(self, text: JaggedText) -> _Stretch:
+        x, _, _ = self._embed_text_packed(text.values, text.offsets, text.max_len)  # (sum T, D)
+        return _Stretch(x, text.offsets, text.max_len)
+
+    def _text_packed(self, h: torch.Tensor, text: JaggedText, image_index: torch.Tensor) -> tuple[Rows, Rows | None]:
+        row, pos = text.row_positions()  # (sum T,), (sum T,)
+        sample = text.index.long()[row]  # (sum T,)
+        mlm = self._mlm(h, text.mlm_labels.long(), sample, pos, stride=text.max_len)
+        nsp = None
+        if self.nsp_head is not None:
+            nsp = self._nsp(h[text.offsets[:-1]], text.labels, text.index, image_index)  # [CLS] (Nt, D)
+        return mlm, nsp
+
+    def _embedding_stretch(self, emb: PackedEmbeddings) -> _Stretch:
+        """Precomputed embeddings projected, with the mask embedding at MLM positions."""
+        if self.emb_in is None:
+            raise ValueError("precomputed embeddings need a projection: build the model with "
+                             "ModelConfig(emb_dim=<width of the precomputed embeddings>)")
+        if emb.values.shape[-1] != self.config.emb_dim:
+            raise ValueError(f"embeddings are {emb.values.shape[-1]} wide but config.emb_dim is "
+                             f"{self.config.emb_dim}; set emb_dim to the width of the precomputed embeddings")
+        self._check_text_len(emb.max_len)  # embedding rows take the text tokenizer's positions
+        row, pos = emb.row_positions()  # (sum L,), (sum L,)
+        labels = self._embedding_labels(emb, row)  # (sum L,)
+        return _Stretch(self.emb_in(emb.values, labels != IGNORE_INDEX, self.text.wpe(pos)), emb.offsets,
+                        emb.max_len)
+
+    @staticmethod
+    def _embedding_labels(emb: PackedEmbeddings, row: torch.Tensor) -> torch.Tensor:
+        return torch.where(emb.is_text[row], emb.mlm_labels.long(), IGNORE_INDEX)  # (sum L,), text rows only
+
+    def _embeddings_packed(self, h: torch.Tensor, emb: PackedEmbeddings) -> tuple[Rows | None, Rows]:
+        row, pos = emb.row_positions()  # (sum L,), (sum L,)
+        image_rows = (~emb.is_text).nonzero().squeeze(1)  # (Ni,)
         images = None
         if image_rows.numel():
-            images = self._classify(self.image_head, x[batch.offsets[image_rows]], batch.labels[image_rows],
-                                    image_rows)
-        mlm = self._mlm(x, labels, row, pos, stride=batch.max_len)
-        return self._output(images, mlm)
+            images = self._classify(self.image_head, h[emb.offsets[image_rows]], emb.labels[image_rows],
+                                    emb.index[image_rows])
+        mlm = self._mlm(h, self._embedding_labels(emb, row), emb.index.long()[row], pos, stride=emb.max_len)
+        return images, mlm
 
     # ---- pieces shared by the paths ----
 

@@ -28,12 +28,13 @@ def worker(rank: int, port: int, data: str, out: str) -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        from models.config import TrainConfig
         from models.train import train
 
         for name, extra in RUNS.items():
-            result = train({"data": data, "preset": "tiny", "steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2,
-                            "num_workers": 0, "progress": False, "device": "cpu", "log_every": 3,
-                            "out": f"{out}/{name}", **extra})
+            result = train(TrainConfig(data=data, preset="tiny", steps=6, batch_size=8, lr=3e-3, warmup=2,
+                                       num_workers=0, progress=False, device="cpu", log_every=3,
+                                       out=f"{out}/{name}", **extra))
             torch.save(result["model"].state_dict(), f"{out}/{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

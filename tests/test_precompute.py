@@ -11,9 +11,10 @@ import torch
 
 from mmload import EmbeddingCollator, PaddedCollator, ShardDataset
 from mmload.cli import main
-from mmload.precompute import HFFeatures, MMLoadFeatures, precompute
+from mmload.precompute import HFFeatures, precompute
 from models.checkpoint import model_state, save_checkpoint
 from models.config import ModelConfig
+from models.features import MMLoadFeatures
 from models.vit_bert import ViTBERT
 
 
@@ -98,6 +99,7 @@ def test_hf_text_encoder(tmp_path: Path) -> None:
 def test_teacher_logits_stored_beside_embeddings_drive_distillation(tmp_path: Path, builtin_shards: list[str],
                                                                     encoder_ckpt: Path) -> None:
     from models.checkpoint import load_model
+    from models.config import TrainConfig
     from models.kd import ImageTeacher, ShardImageTeacher
     from models.train import train
 
@@ -120,12 +122,12 @@ def test_teacher_logits_stored_beside_embeddings_drive_distillation(tmp_path: Pa
         ShardImageTeacher(10)(PaddedCollator()(list(src.values())[:4]))
     assert ImageTeacher(encoder_ckpt).hf is False  # a checkpoint teacher needs no class count to load
     # and the trainer distils from them
-    result = train({"data": [str(out)], "strategy": "embeddings", "preset": "tiny", "steps": 2, "batch_size": 8,
-                    "num_workers": 0, "kd_alpha": 0.5, "teacher_logits": True, "progress": False, "warmup": 1})
+    result = train(TrainConfig(data=[str(out)], strategy="embeddings", preset="tiny", steps=2, batch_size=8,
+                               num_workers=0, kd_alpha=0.5, teacher_logits=True, progress=False, warmup=1))
     assert result["step"] == 2
     with pytest.raises(ValueError, match="strategy embeddings"):
-        train({"data": builtin_shards[:1], "strategy": "padded", "preset": "tiny", "steps": 1, "kd_alpha": 0.5,
-               "teacher_logits": True, "progress": False})
+        TrainConfig(data=builtin_shards[:1], strategy="padded", preset="tiny", steps=1, kd_alpha=0.5,
+                    teacher_logits=True, progress=False)
 
 
 def test_manifest_counts_the_inputs_errors(tmp_path: Path, builtin_shards: list[str], encoder_ckpt: Path) -> None:

@@ -28,10 +28,10 @@ from typing import Any
 
 import webdataset as wds
 
+from mmload.manifest import MANIFEST, write_json
 from mmload.sample import Modality
 
 SHARD_PATTERN = "shard-%06d.tar"
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mmload-shards/1"
 IMAGE_EXTS = ("jpg", "png", "webp")
 
@@ -131,31 +131,5 @@ def write_shards(
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The ``manifest.json`` of a shard folder; FileNotFoundError or ValueError (bad JSON) otherwise."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {folder}; make the shards with `mmload make-shards`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exn:
-        raise ValueError(f"{path} is not valid JSON ({exn}); make the shards again with `mmload make-shards`") from exn
-
-
-def manifest_beside(url: str) -> dict[str, Any] | None:
-    """The manifest in the folder of a local shard ``url`` (path, ``file:`` URL); None for remote or unmanifested
-    shards, or a manifest that does not parse."""
-    from mmload.tokenizer import _local_folder
-
-    folder = _local_folder(url)
-    if folder is None:
-        return None
-    try:
-        return read_manifest(folder)
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline)."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+__all__ = ["IMAGE_EXTS", "MANIFEST", "MANIFEST_FORMAT", "SHARD_PATTERN", "encode_record", "mmload_version",
+           "write_shards"]

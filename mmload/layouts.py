@@ -1,0 +1,162 @@
+"""The model's one input contract: every batch type turns into a :class:`ModelInput` made of layouts.
+
+NOTE [layouts]: a batch type says how samples were grouped and moved; a layout says how the model reads one
+modality side. There are four layouts, each a dataclass of tensors:
+
+* :class:`ImageBatch`: dense images, uint8 ``(N, 3, H, W)``;
+* :class:`TextBatch`: dense text, ids padded to ``(N, T)`` with a mask;
+* :class:`JaggedText`: packed text, ids ``(sum T,)`` with ``offsets (N+1,)`` (= ``cu_seqlens``);
+* :class:`PackedEmbeddings`: precomputed embeddings ``(sum L, E)`` with offsets; each row an image or a text side.
+
+A :class:`ModelInput` holds at most one layout per side, or ``parts``: inputs to run one after another (the
+per-sample strategy). The model branches on these layouts only (``text.packed``, ``parts``, ...), never on the
+batch class or strategy name, so a new batch type only needs a ``model_input()`` method. Every layout row keeps
+its ``index``: the position of its sample in the list given to the collator (NOTE [index fields] in
+:mod:`mmload.batch`); inside ``parts`` the indices are those of the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from mmload.sample import IGNORE_INDEX
+from mmload.tensors import TensorBatch
+
+
+@dataclass
+class ImageBatch(TensorBatch):
+    """Dense images."""
+
+    pixels: torch.Tensor  # uint8 (N, 3, H, W), normalized on the device by the model
+    labels: torch.Tensor  # int64 (N,), IGNORE_INDEX when unlabelled
+    index: torch.Tensor  # int64 (N,), see NOTE [index fields]
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+
+@dataclass
+class TextBatch(TensorBatch):
+    """Dense text: ids padded to the longest member."""
+
+    packed: ClassVar[bool] = False
+
+    ids: torch.Tensor  # int (N, T), pad_id past each length
+    mask: torch.Tensor  # bool (N, T), True on real tokens
+    mlm_labels: torch.Tensor  # int (N, T), ids' dtype, IGNORE_INDEX where no MLM loss is taken
+    labels: torch.Tensor  # int64 (N,)
+    index: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def padded(self) -> TextBatch:
+        return self
+
+
+@dataclass
+class JaggedText(TensorBatch):
+    """Packed text: ids end to end, no padding; ``offsets`` double as ``cu_seqlens`` for varlen attention."""
+
+    packed: ClassVar[bool] = True
+
+    values: torch.Tensor  # int (sum T,)
+    offsets: torch.Tensor  # int64 (N+1,), offsets[0] == 0
+    mlm_labels: torch.Tensor  # int (sum T,), ids' dtype
+    labels: torch.Tensor  # int64 (N,)
+    index: torch.Tensor  # int64 (N,)
+    max_len: int  # kept on the host so kernels need no device sync to read it
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def nested(self) -> torch.Tensor:
+        """The ids as a ``torch.nested`` jagged tensor ``(N, j)``."""
+        return torch.nested.nested_tensor_from_jagged(self.values, self.offsets)
+
+    def row_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row (N,) each token belongs to and its position inside that row, both ``(sum T,)``."""
+        return row_positions(self.offsets, self.values.shape[0])
+
+    def padded(self, pad_id: int = 0) -> TextBatch:
+        """The same texts as a dense :class:`TextBatch` (for consumers that need ``(N, T)``, e.g. an HF teacher)."""
+        row, pos = self.row_positions()  # (sum T,), (sum T,)
+        n, T = len(self), self.max_len
+        ids = self.values.new_full((n, T), pad_id)  # (N, T)
+        ids[row, pos] = self.values
+        mlm = self.mlm_labels.new_full((n, T), IGNORE_INDEX)  # (N, T)
+        mlm[row, pos] = self.mlm_labels
+        mask = torch.zeros(n, T, dtype=torch.bool, device=ids.device)  # (N, T)
+        mask[row, pos] = True
+        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, labels=self.labels, index=self.index)
+
+
+@dataclass
+class PackedEmbeddings(TensorBatch):
+    """Precomputed embeddings, jagged: a pooled vector is a sequence of length 1. A row is an image side or a
+    text side (``is_text``); the two sides of a pair are two rows with the same ``index``."""
+
+    values: torch.Tensor  # float (sum L, E)
+    offsets: torch.Tensor  # int64 (N+1,)
+    is_text: torch.Tensor  # bool (N,)
+    labels: torch.Tensor  # int64 (N,), the sample's label (an image's class; IGNORE_INDEX when unlabelled)
+    mlm_labels: torch.Tensor  # int64 (sum L,), IGNORE_INDEX where no MLM loss (always, for pooled vectors)
+    index: torch.Tensor  # int64 (N,)
+    max_len: int
+    teacher_logits: torch.Tensor | None = None  # (N, C) stored by `mmload precompute --teacher`; 0 on text rows
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def row_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_positions(self.offsets, self.values.shape[0])
+
+
+TextLayout = TextBatch | JaggedText
+
+
+@dataclass
+class ModelInput(TensorBatch):
+    """What the model reads: one layout per modality side, or ``parts`` run one after another."""
+
+    image: ImageBatch | None = None
+    text: TextLayout | None = None
+    embeddings: PackedEmbeddings | None = None
+    parts: tuple[ModelInput, ...] = ()
+
+    def model_input(self) -> ModelInput:
+        return self
+
+    @property
+    def packed(self) -> bool:
+        """Whether the sides share one packed encoder call: when any side is packed, dense images join it."""
+        return (self.text is not None and self.text.packed) or self.embeddings is not None
+
+    def leaves(self) -> tuple[ModelInput, ...]:
+        """The inputs that run as encoder calls: ``parts``, or this input itself."""
+        return self.parts or (self,)
+
+
+def model_input(batch: Any) -> ModelInput:
+    """``batch.model_input()``, with an error that says what is accepted."""
+    to_input = getattr(batch, "model_input", None)
+    if to_input is None:
+        raise TypeError(f"expected an mmload batch (anything with model_input(): the collators' batches, a "
+                        f"PackedBatch, a ModelInput), got {type(batch).__name__}")
+    return to_input()
+
+
+def row_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens: the row each token belongs to and its position inside that row, both ``(sum T,)``."""
+    lengths = offsets.diff()  # (B,)
+    rows = torch.arange(lengths.shape[0], device=offsets.device)  # (B,)
+    row = torch.repeat_interleave(rows, lengths, output_size=total)  # (sum T,); output_size: no device sync
+    pos = torch.arange(total, device=offsets.device) - offsets[row]  # (sum T,)
+    return row, pos
+
+
+__all__ = ["ImageBatch", "JaggedText", "ModelInput", "PackedEmbeddings", "TextBatch", "TextLayout", "model_input",
+           "row_positions"]

@@ -1,0 +1,52 @@
+"""The ``manifest.json`` beside a folder of shards: reading it, finding it from a shard URL, writing JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a shard folder; FileNotFoundError or ValueError (bad JSON) otherwise."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}; make the shards with `mmload make-shards`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{path} is not valid JSON ({exn}); make the shards again with `mmload make-shards`") from exn
+
+
+def manifest_beside(url: str) -> dict[str, Any] | None:
+    """The manifest in the folder of a local shard ``url`` (path, ``file:`` URL); None for remote or unmanifested
+    shards, or a manifest that does not parse."""
+    folder = local_folder(url)
+    if folder is None:
+        return None
+    try:
+        return read_manifest(folder)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline)."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def local_folder(url: str) -> Path | None:
+    """The folder of a local shard url (plain path, ``file:`` url, or a brace pattern); None for remote urls."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(parsed.path).parent
+    if parsed.scheme and len(parsed.scheme) > 1:  # pipe:, http:, s3:, ...; one letter is a Windows drive
+        return None
+    return Path(os.path.expanduser(url)).parent
+
+
+__all__ = ["MANIFEST", "local_folder", "manifest_beside", "read_manifest", "write_json"]
