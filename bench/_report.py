@@ -347,23 +347,24 @@ def reading(result: dict[str, Any]) -> str:
            f"{_n(c['workers'], 'loader worker')}, {_n(result['threads'], 'compute thread')}), {best} was the fastest "
            f"strategy end to end at "
            f"{sps[best]:.1f} samples/s"]
-    if "padded" in sps and best != "padded":
-        out[-1] += f" ({sps[best] / sps['padded']:.2f}x padded)"
-    if "per-sample" in sps and best != "per-sample":
-        out[-1] += f"; per-sample ran at {sps['per-sample']:.1f} samples/s, {sps[best] / sps['per-sample']:.1f}x below"
+    ref, slow = REFERENCE, BASELINES[-1]  # the baseline every user starts from, and the slow one
+    if ref in sps and best != ref:
+        out[-1] += f" ({sps[best] / sps[ref]:.2f}x {ref})"
+    if slow in sps and best != slow:
+        out[-1] += f"; {slow} ran at {sps[slow]:.1f} samples/s, {sps[best] / sps[slow]:.1f}x below"
     out[-1] += "."
     shares = {s: r["e2e"]["data_wait_share"] for s, r in ok.items()}
     hi = max(shares, key=shares.get)
     out.append(f"Data wait took {min(shares.values()):.1%} to {shares[hi]:.1%} of the step (most: {hi})"
                + (f", so the loader starved {hi}" if shares[hi] > 0.1 else "") + ".")
-    if "padded" in sps:
-        gap = 1 - sps["padded"] / syn["samples_per_s"]
-        out.append(f"The synthetic baseline (padded's own batches, already on the device, no loader) ran at "
-                   f"{syn['samples_per_s']:.1f} samples/s, so the data path cost padded {gap:.0%} of its upper bound"
+    if ref in sps:
+        gap = 1 - sps[ref] / syn["samples_per_s"]
+        out.append(f"The synthetic baseline ({ref}'s own batches, already on the device, no loader) ran at "
+                   f"{syn['samples_per_s']:.1f} samples/s, so the data path cost {ref} {gap:.0%} of its upper bound"
                    if gap > 0 else f"The synthetic baseline ran at {syn['samples_per_s']:.1f} samples/s, no faster "
-                   f"than padded through its loader, so the data path did not limit padded")
+                   f"than {ref} through its loader, so the data path did not limit {ref}")
         compute = {k: sum(v[p] for p in ("forward", "backward", "optimizer")) for k, v in
-                   (("loop", ok["padded"]["step_ms"]), ("synthetic", syn["phases_ms"]))}
+                   (("loop", ok[ref]["step_ms"]), ("synthetic", syn["phases_ms"]))}
         if gap > 0 and compute["loop"] > 1.1 * compute["synthetic"]:
             out[-1] += (f"; little of it was waiting: the same batches' compute took {compute['loop']:.0f} ms in the "
                         f"loader run against {compute['synthetic']:.0f} ms in the synthetic one; "
@@ -371,25 +372,30 @@ def reading(result: dict[str, Any]) -> str:
                         f"{_n(m['cpu_count'], 'core')} (with whatever else runs on the machine), so the loader's work "
                         f"likely shows up as slower compute")
         out[-1] += "."
-    if "nested" in ok and "padded" in ok:
-        compute = {s: sum(ok[s]["step_ms"][p] for p in ("forward", "backward", "optimizer")) for s in ("nested",
-                                                                                                      "padded")}
-        pf = ok["padded"]["padding"]["padding_fraction"]
-        verdict = ("its jagged kernels cost more than the padding they remove" if compute["nested"] > compute["padded"]
+    promised = {metric: [s for s in REGISTRY.values() if s.name in ok and any(t.metric == metric for t in s.targets)]
+                for metric in ("padded_tokens", "padding_fraction", "transfer_fraction")}
+    for strategy in promised["padded_tokens"]:  # the strategies that promise no padding at all
+        if ref not in ok:
+            break
+        name = strategy.name
+        compute = {s: sum(ok[s]["step_ms"][p] for p in ("forward", "backward", "optimizer")) for s in (name, ref)}
+        pf = ok[ref]["padding"]["padding_fraction"]
+        verdict = ("its jagged kernels cost more than the padding they remove" if compute[name] > compute[ref]
                    else "removing the padding paid for its jagged kernels")
-        out.append(f"Padded wasted {pf:.0%} of its text tokens on padding, nested none; nested's compute "
-                   f"(forward+backward+optimizer) took {compute['nested']:.0f} ms per batch against padded's "
-                   f"{compute['padded']:.0f} ms, so here {verdict}.")
-    if "bucketed" in ok:
-        out.append(f"Bucketing cut padding to {ok['bucketed']['padding']['padding_fraction']:.1%}.")
-    if cuda and "nested" in ok:
-        tr = ok["nested"]["transfer"]
-        out.append(f"Nested moved {_kb(tr['as_loaded']['bytes_per_batch'])} per batch in "
-                   f"{tr['as_loaded']['copies_per_batch']:g} copy at {tr['GBps']:.1f} GB/s, "
+        out.append(f"{ref.capitalize()} wasted {pf:.0%} of its text tokens on padding, {name} "
+                   f"{ok[name]['padding']['padded_tokens']} tokens; {name}'s compute (forward+backward+optimizer) "
+                   f"took {compute[name]:.0f} ms per batch against {ref}'s {compute[ref]:.0f} ms, so here {verdict}.")
+    for strategy in promised["padding_fraction"]:
+        out.append(f"{strategy.name.capitalize()} cut padding to "
+                   f"{ok[strategy.name]['padding']['padding_fraction']:.1%}.")
+    for strategy in promised["transfer_fraction"] if cuda else ():
+        tr = ok[strategy.name]["transfer"]
+        out.append(f"{strategy.name.capitalize()} moved {_kb(tr['as_loaded']['bytes_per_batch'])} per batch in "
+                   f"{tr['as_loaded']['copies_per_batch']:g} copies at {tr['GBps']:.1f} GB/s, "
                    f"{tr['fraction_of_reference']:.0%} of a pinned memcpy of the same size on this GPU "
                    f"({tr['copy_time']['same_size_reference']['GBps']:.1f} GB/s; large-copy peak "
                    f"{result['reference_bandwidth']['GBps']:.1f} GB/s).")
-    elif not cuda:
+    if not cuda:
         out.append("There is no host-to-device copy on the CPU: the transfer column is the hand-over of the batch "
                    "(views, no copy) and the copy times are host memcpy stand-ins, so the bandwidth target needs a "
                    "CUDA run.")

@@ -437,17 +437,14 @@ class ViTBERT(nn.Module):
         """Names (as in ``named_parameters()``) of one of ``FREEZE_GROUPS``; groups may overlap."""
         if group not in FREEZE_GROUPS:
             raise ValueError(f"unknown parameter group {group!r}; choose one of {FREEZE_GROUPS}")
-        names = [n for n, _ in self.named_parameters()]
-        if group == "embeddings":
-            return [n for n in names if n.startswith(("image.", "text.", "emb_in."))]
+        if group == "layer_norms":
+            return [f"{m}.{p}" for m, mod in self.named_modules() if isinstance(mod, nn.LayerNorm)
+                    for p, _ in mod.named_parameters(recurse=False)]
         if group == "position_embeddings":
             return ["image.pos", "text.wpe.weight"]
-        if group == "heads":
-            return [n for n in names if n.startswith(("image_head.", "mlm_head.", "nsp_head."))]
-        if group == "encoder":
-            return [n for n in names if n.startswith("encoder.")]
-        return [f"{m}.{p}" for m, mod in self.named_modules() if isinstance(mod, nn.LayerNorm)
-                for p, _ in mod.named_parameters(recurse=False)]
+        prefixes = {"embeddings": ("image.", "text.", "emb_in."), "heads": ("image_head.", "mlm_head.", "nsp_head."),
+                    "encoder": ("encoder.",)}[group]
+        return [n for n, _ in self.named_parameters() if n.startswith(prefixes)]
 
     # ---- encoders: final hidden states, no heads ----
 

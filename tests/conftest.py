@@ -1,36 +1,65 @@
-"""Shared test helpers: synthetic samples, and builtin shards made once per session."""
+"""Shared test helpers: the one synthetic sample factory, the one exactly-once check, and builtin shards made once
+per session."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import pytest
 import torch
 
+from mmload.coverage import Coverage
 from mmload.sample import IGNORE_INDEX, Modality, Sample
+
+MIXED = (Modality.IMAGE, Modality.TEXT, Modality.IMAGE_TEXT)  # one of each kind in turn
 
 
 def make_samples(n: int = 24, seed: int = 0, image_size: int = 32, vocab: int = 100, paired_every: int = 0,
-                 max_len: int = 40) -> list[Sample]:
-    """A mixed list of samples: about one text in three, ids starting with 2 ([CLS]-like) and ending with 3."""
+                 max_len: int = 40, *, kinds: Sequence[Modality] = (Modality.IMAGE, Modality.IMAGE, Modality.TEXT),
+                 unlabelled: Sequence[int] = (), masking: Callable[[Sample], Sample] | None = None,
+                 key: str = "{:06d}") -> list[Sample]:
+    """The one synthetic sample factory of the tests: sample ``i`` (key ``key.format(i)``) is of kind
+    ``kinds[i % len(kinds)]`` (every ``paired_every``-th an image_text pair instead); ids start with 2 ([CLS]-like)
+    and end with 3 ([SEP]-like); images get a class label in [0, 10) unless their index is in ``unlabelled``, texts
+    none. MLM labels: ``masking`` applied to each sample, else about 30% of the tokens. Everything is drawn from
+    ``seed``, in a fixed order per sample (label, pixels, length, ids, MLM)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        key = f"{i:06d}"
+        kind = kinds[i % len(kinds)]
         if paired_every and i % paired_every == paired_every - 1:
             kind = Modality.IMAGE_TEXT
-        else:
-            kind = Modality.TEXT if i % 3 == 2 else Modality.IMAGE
+        label = IGNORE_INDEX if i in unlabelled else int(torch.randint(0, 10, (), generator=g))
+        label = IGNORE_INDEX if kind == Modality.TEXT else label
         pixels = ids = mlm = None
-        label = IGNORE_INDEX
         if kind != Modality.TEXT:
             pixels = torch.randint(0, 256, (3, image_size, image_size), generator=g, dtype=torch.uint8)
-            label = int(torch.randint(0, 10, (1,), generator=g))
         if kind != Modality.IMAGE:
-            length = int(torch.randint(3, max_len, (1,), generator=g))
+            length = int(torch.randint(3, max_len, (), generator=g))
             ids = torch.randint(5, vocab, (length,), generator=g)
             ids[0], ids[-1] = 2, 3
-            mlm = torch.where(torch.rand(length, generator=g) < 0.3, ids, torch.full_like(ids, IGNORE_INDEX))
-        out.append(Sample(key, kind, pixels=pixels, ids=ids, mlm_labels=mlm, label=label))
+            if masking is None:
+                mlm = torch.where(torch.rand(length, generator=g) < 0.3, ids, torch.full_like(ids, IGNORE_INDEX))
+        sample = Sample(key.format(i), kind, pixels=pixels, ids=ids, mlm_labels=mlm, label=label)
+        out.append(sample if masking is None else masking(sample))
     return out
+
+
+def assert_exactly_once(got: Iterable[Any], want: Iterable[str]) -> None:
+    """Every key of ``want`` delivered exactly once in ``got`` (batches of any strategy, or keys): none repeated,
+    none lost, none extra. The one exactly-once check of the tests."""
+    got = list(got)
+    coverage = Coverage()
+    for item in got:
+        coverage.update([item]) if isinstance(item, str) else coverage.add(item)
+    want = list(want)
+    assert len(set(want)) == len(want), "the expected keys repeat themselves"
+    report = coverage.report(expected=len(want))
+    assert report["repeats"] == 0, f"repeated keys: {report['repeated_keys']}"
+    assert set(coverage.counts) == set(want), (f"lost {sorted(set(want) - set(coverage.counts))[:5]}, "
+                                               f"extra {sorted(set(coverage.counts) - set(want))[:5]}")
+    assert report["lost"] == 0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_samples
+from conftest import assert_exactly_once, make_samples
 
 from mmload import BucketBatcher, ModalityBucketBatchSampler, PaddedCollator, Sample
 from mmload.bucketing import DEFAULT_BOUNDARIES, bucket_key
@@ -22,8 +22,7 @@ def image(key: str) -> Sample:
 def test_every_batch_holds_one_bucket_and_every_sample_comes_out_once() -> None:
     samples = make_samples(200, seed=3, paired_every=11, max_len=120)
     batches = list(BucketBatcher(8)(iter(samples)))
-    keys = [s.key for b in batches for s in b]
-    assert sorted(keys) == sorted(s.key for s in samples)
+    assert_exactly_once([s.key for b in batches for s in b], [s.key for s in samples])
     for b in batches:
         assert 1 <= len(b) <= 8
         assert len({bucket_key(s.modality, s.num_text_tokens, DEFAULT_BOUNDARIES) for s in b}) == 1
@@ -46,7 +45,7 @@ def test_rare_modality_is_flushed_within_max_wait_and_buffer_is_capped() -> None
     for batch in batcher(counting()):
         for s in batch:
             out_at[s.key] = len(arrivals) - 1
-    assert sorted(out_at) == sorted(s.key for s in stream)
+    assert_exactly_once(out_at, [s.key for s in stream])
     waits = [out_at[k] - arrivals[k] for k in out_at if k.startswith("t")]
     assert max(waits) <= 40
     in_buffer = [sum(1 for k in out_at if arrivals[k] <= n < out_at[k]) for n in range(0, 2000, 37)]

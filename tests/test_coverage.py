@@ -10,16 +10,6 @@ from mmload.coverage import Coverage, loader_errors
 from mmload.loader import make_loader
 
 
-def test_one_epoch_with_workers_sees_every_key_once(builtin_shards: list[str]) -> None:
-    loader = make_loader("bucketed", builtin_shards, batch_size=8, num_workers=2, stateful=True, image_size=16)
-    cov = Coverage()
-    for batch in loader:
-        cov.add(batch)
-    report = cov.report(expected=300, errors=loader_errors(loader.state_dict()))
-    assert report["samples"] == report["unique"] == 300
-    assert report["repeats"] == 0 and report["lost"] == 0 and report["errors"] == {}
-
-
 def test_repeats_and_losses_are_reported() -> None:
     cov = Coverage()
     cov.update(["a", "b", "a"])

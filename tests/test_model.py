@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import MIXED, make_samples
 
 from mmload.batch import PaddedBatch, TextBatch
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
@@ -19,27 +20,13 @@ EMB_DIM = 24
 
 
 def make_mixed(n: int = 18, seed: int = 0, size: int = 32, nsp: bool = False) -> list[Sample]:
-    """Images, texts of varied lengths and image_text pairs, MLM-masked; labels on most images. ``nsp``: texts
+    """Images, texts of varied lengths and image_text pairs in turn, MLM-masked; one unlabelled image. ``nsp``: texts
     become sentence-order pairs first, their label the pair's (IGNORE_INDEX when too short to cut)."""
-    g = torch.Generator().manual_seed(seed)
     masking = MLMMasking(vocab_size=VOCAB, mask_id=MASK_ID, special_ids=SPECIAL, prob=0.3, seed=seed)
     if nsp:
         masking = Compose((NextSegmentPairs(cls_id=2, sep_id=3, seed=seed), masking))
-    out = []
-    for i in range(n):
-        kind = (Modality.IMAGE, Modality.TEXT, Modality.IMAGE_TEXT)[i % 3]
-        pixels = ids = None
-        label = IGNORE_INDEX if i == 3 else int(torch.randint(0, 10, (), generator=g))  # one unlabelled image
-        if nsp and kind == Modality.TEXT:
-            label = IGNORE_INDEX  # texts have no class
-        if kind != Modality.TEXT:
-            pixels = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
-        if kind != Modality.IMAGE:
-            length = int(torch.randint(3, 40, (), generator=g))
-            ids = torch.randint(5, VOCAB, (length,), generator=g)
-            ids[0], ids[-1] = 2, 3
-        out.append(masking(Sample(f"k{i:03d}", kind, pixels=pixels, ids=ids, label=label)))
-    return out
+    return make_samples(n, seed, image_size=size, vocab=VOCAB, kinds=MIXED, unlabelled=(3,), masking=masking,
+                        key="k{:03d}")
 
 
 def tiny(**overrides: object) -> ModelConfig:
@@ -239,8 +226,14 @@ def test_metrics_and_text_length_check() -> None:
     model = ViTBERT(tiny()).eval()
     with torch.no_grad():
         out = model(NestedCollator(pack=False)(make_mixed(6)))
-    assert 0 <= int(out.image_correct()) <= int(out.image_count()) == out.image_labels.numel() - 1
-    assert 0 <= int(out.mlm_correct()) <= int(out.mlm_count()) == out.mlm_labels.numel()
+    assert int(out.image_count()) == out.image_labels.numel() - 1 and int(out.mlm_count()) == out.mlm_labels.numel()
+    for task in ("image", "mlm"):  # logits that name the label are all correct; logits that name another, none
+        labels, width = getattr(out, f"{task}_labels"), getattr(out, f"{task}_logits").shape[1]
+        right = torch.nn.functional.one_hot(labels.clamp(min=0), width).float()  # (N, C)
+        wrong = torch.nn.functional.one_hot((labels.clamp(min=0) + 1) % width, width).float()  # (N, C)
+        count = int(getattr(out, f"{task}_count")())
+        assert int(getattr(dataclasses.replace(out, **{f"{task}_logits": right}), f"{task}_correct")()) == count
+        assert int(getattr(dataclasses.replace(out, **{f"{task}_logits": wrong}), f"{task}_correct")()) == 0
     long = Sample("long", Modality.TEXT, ids=torch.full((65,), 7))
     with pytest.raises(ValueError, match="max_text_len"):
         model(NestedCollator(pack=False)([long]))

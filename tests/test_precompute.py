@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_exactly_once
 
 from mmload import EmbeddingCollator, PaddedCollator, ShardDataset
 from mmload.cli import main
@@ -34,7 +35,7 @@ def test_cli_precompute_pooled_then_train_on_it(tmp_path: Path, builtin_shards: 
     assert summary["samples"]["total"] == 80
     src = {s.key: s for s in ShardDataset(builtin_shards[:2], image_size=32)}
     got = list(ShardDataset(str(out)))
-    assert sorted(s.key for s in got) == sorted(src)
+    assert_exactly_once([s.key for s in got], src)
     for s in got:
         assert s.emb.dtype == torch.float16 and s.emb.shape == (64,)
         assert s.modality == src[s.key].modality and s.label == src[s.key].label
