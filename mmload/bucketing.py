@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -73,35 +74,71 @@ class BucketBatcher:
                  start: int = 0) -> Iterator[list[Sample]]:
         """Batches from ``samples``; to resume, ``pending`` gives back the held samples with their arrival
         numbers (in arrival order) and ``start`` the arrival number of the first new sample."""
-        buckets: dict[BucketKey, list[Sample]] = {}
-        arrived: dict[BucketKey, int] = {}  # arrival number of each bucket's oldest sample
-
-        def put(n: int, sample: Sample) -> tuple[BucketKey, list[Sample]]:
-            key = bucket_key(sample.modality, sample.num_text_tokens, self.boundaries)
-            bucket = buckets.setdefault(key, [])
-            if not bucket:
-                arrived[key] = n
-            bucket.append(sample)
-            return key, bucket
-
+        held = self.holder(start)
         for n, sample in pending:
-            put(n, sample)
-        buffered = len(pending)
-        for n, sample in enumerate(samples, start=start):
-            key, bucket = put(n, sample)
-            buffered += 1
-            if len(bucket) == self.batch_size:
-                buffered -= len(bucket)
-                yield buckets.pop(key)
-            stale = [k for k, first in arrived.items() if k in buckets and n - first >= self.max_wait]
-            if buffered > self.max_buffered:
-                stale.append(max(buckets, key=lambda k: len(buckets[k])))
-            for k in dict.fromkeys(stale):
-                if k in buckets:
-                    buffered -= len(buckets[k])
-                    yield buckets.pop(k)
-        for k in sorted(buckets, key=arrived.__getitem__):
-            yield buckets[k]
+            held.put(sample, arrival=n)
+        for sample in samples:
+            for batch in held.add(sample):
+                yield [s for s, _ in batch]
+        for batch in held.drain():
+            yield [s for s, _ in batch]
+
+    def holder(self, arrivals: int = 0) -> Held:
+        """The buckets of one stream, empty; ``arrivals`` numbers the first sample to come."""
+        return Held(self, arrivals)
+
+
+class Held:
+    """What a :class:`BucketBatcher` holds for one stream: each sample with a tag of the caller's (a stream
+    position, say) and its arrival number. ``add`` puts one sample in and returns the batches it completes;
+    ``drain`` empties every bucket, oldest first. ``held()`` lists what is held, so a stage that owns it can save
+    and restore it (NOTE [bounded buckets] says when buckets flush)."""
+
+    def __init__(self, batcher: BucketBatcher, arrivals: int = 0) -> None:
+        self.batcher = batcher
+        self.arrivals = arrivals  # arrival number of the next sample
+        self.buckets: dict[BucketKey, list[tuple[Sample, Any, int]]] = {}  # (sample, tag, arrival)
+        self.count = 0
+
+    def put(self, sample: Sample, tag: Any = None, arrival: int | None = None) -> BucketKey:
+        """Hold ``sample`` (arrival: its number when restoring what was held, else the next one)."""
+        if arrival is None:
+            arrival, self.arrivals = self.arrivals, self.arrivals + 1
+        key = bucket_key(sample.modality, sample.num_text_tokens, self.batcher.boundaries)
+        self.buckets.setdefault(key, []).append((sample, tag, arrival))
+        self.count += 1
+        return key
+
+    def _pop(self, key: BucketKey) -> list[tuple[Sample, Any]]:
+        bucket = self.buckets.pop(key)
+        self.count -= len(bucket)
+        return [(s, tag) for s, tag, _ in bucket]
+
+    def add(self, sample: Sample, tag: Any = None) -> list[list[tuple[Sample, Any]]]:
+        """Hold one more sample; the batches (``(sample, tag)`` lists) that are now due: its bucket if full, then
+        buckets whose oldest sample waited ``max_wait`` arrivals, then the fullest if more than ``max_buffered``
+        are held."""
+        b = self.batcher
+        n = self.arrivals
+        key = self.put(sample, tag)
+        out = []
+        if len(self.buckets[key]) == b.batch_size:
+            out.append(self._pop(key))
+        stale = [k for k, bucket in self.buckets.items() if n - bucket[0][2] >= b.max_wait]
+        if self.count > b.max_buffered:
+            stale.append(max(self.buckets, key=lambda k: len(self.buckets[k])))
+        for k in dict.fromkeys(stale):
+            if k in self.buckets:
+                out.append(self._pop(k))
+        return out
+
+    def drain(self) -> list[list[tuple[Sample, Any]]]:
+        """Every bucket, oldest first: the end of the stream."""
+        return [self._pop(k) for k in sorted(self.buckets, key=lambda k: self.buckets[k][0][2])]
+
+    def held(self) -> list[tuple[Any, int]]:
+        """``(tag, arrival)`` of every held sample, in arrival order."""
+        return sorted(((tag, n) for bucket in self.buckets.values() for _, tag, n in bucket), key=lambda x: x[1])
 
 
 class ModalityBucketBatchSampler(Sampler[list[int]]):

@@ -48,7 +48,7 @@ def loader_errors(state: dict[str, Any]) -> Counter[str]:
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            if "errors" in node and "shard" in node:  # a ShardDataset position state
+            if node.get("stage") == "decode":  # a decode stage's state (mmload.stages.Decode)
                 total.update(node["errors"])
                 return
             for v in node.values():

@@ -1,207 +1,43 @@
-"""Reading webdataset shards into a stream of :class:`Sample`: split, shuffle, decode, count what is bad.
+"""Datasets of :class:`Sample` over webdataset shards: a shard split per rank and worker, then the stream stages.
 
 NOTE [splitting]: the shard list is expanded and (when shuffling) permuted with a generator seeded by
 ``seed + epoch``, the same on every rank. Rank ``r`` of ``W`` takes shards ``r::W`` and worker ``w`` of ``K``
 takes ``w::K`` of those, so each shard, and therefore each sample, is read exactly once per epoch by exactly
 one worker of one rank. With fewer shards than ``W x K`` some workers get none; make more shards than that.
 
-NOTE [shuffling]: samples are shuffled inside each shard through a bounded buffer of raw (undecoded) samples
-that is drained at the end of each shard. Shard order is shuffled too, and the DataLoader interleaves workers,
-so batches mix shards. Keeping the shuffle inside a shard makes the position ``(shard, sample)`` a complete
-description of progress: resuming skips finished shards without reading them.
+Each worker then runs the stages of :mod:`mmload.stages` over its shards: source (with the per-shard shuffle,
+NOTE [shuffling] there), decode, transform and, with a batcher, the bucket stage. Shard order is shuffled too,
+and the DataLoader interleaves workers, so batches mix shards. The tar reader is :mod:`mmload.reader`.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tarfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import braceexpand
 import torch
-import webdataset
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from mmload.decode import Decoder
-from mmload.errors import ErrorCounter, ErrorKind, SampleError, log, write_trace
+from mmload.errors import ErrorCounter, log
+from mmload.reader import MAX_MEMBER_BYTES, expand_urls, read_shard
 from mmload.sample import Sample
+from mmload.stages import (
+    STATE_FORMAT,
+    BucketStage,
+    Decode,
+    Position,
+    ShardSource,
+    Split,
+    Transform,
+    check_format,
+    check_split,
+)
 from mmload.tokenizer import load_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork; each tokenizes single texts anyway
-
-MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is skipped unread
-
-
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand (``shard-{000..009}.tar``) and list directories (every ``*.tar`` inside, sorted)."""
-    if isinstance(urls, str | os.PathLike):
-        urls = [os.fspath(urls)]
-    out: list[str] = []
-    for spec in urls:
-        for url in braceexpand.braceexpand(os.fspath(spec)):
-            if os.path.isdir(url):
-                found = sorted(str(p) for p in Path(url).glob("*.tar"))
-                if not found:
-                    raise FileNotFoundError(f"no *.tar shards in directory {url}")
-                out.extend(found)
-            else:
-                out.append(url)
-    if not out:
-        raise ValueError(f"no shard URLs in {urls!r}")
-    return out
-
-
-def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2,
-               backoff: float = 0.5) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one tar (local path, ``pipe:`` or URL).
-
-    Members are grouped by key (everything before the first dot of the file name). A bad member (too large,
-    duplicated) or a key seen earlier in the shard is listed under ``"__errors__"`` of its sample; a shard
-    that cannot be opened or ends early raises :class:`SampleError` of kind ``shard_read`` after the samples
-    read before the damage. A remote shard (``pipe:``, ``http:``, ...) that fails before its first sample is
-    tried ``retries`` more times, ``backoff`` seconds apart, doubling; one that fails later is not re-read, since
-    that would repeat samples. A local file is not retried: waiting does not mend it.
-    """
-    if not _is_remote(url):
-        retries = 0
-    for attempt in range(retries + 1):
-        started = False
-        try:
-            for raw in _read_tar(url, max_member_bytes):
-                started = True
-                yield raw
-            return
-        except SampleError as e:
-            if started or attempt == retries:
-                if attempt:
-                    e.args = (f"{e.args[0]} (after {attempt + 1} attempts)",)
-                raise
-            log.info("retrying %s after: %s", url, e)
-            time.sleep(backoff * 2**attempt)
-
-
-def _is_remote(url: str) -> bool:
-    scheme = urlparse(url).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
-
-
-def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
-    try:
-        stream = webdataset.gopen(url, "rb")
-    except Exception as e:
-        raise SampleError(ErrorKind.SHARD_READ, f"cannot open: {type(e).__name__}: {e}", url) from e
-    current: dict[str, Any] | None = None
-    seen: set[str] = set()
-    counted = _TailReader(stream)
-    done = False
-    try:
-        with tarfile.open(fileobj=counted, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, ext = base_plus_ext(info.name)
-                if key is None or key.startswith("__"):
-                    continue
-                if current is not None and key != current["__key__"]:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                    if key in seen:
-                        current["__errors__"] = [SampleError(ErrorKind.DUPLICATE_KEY, "key seen earlier in the "
-                                                             "shard (members of one sample must be adjacent)",
-                                                             url, key)]
-                    seen.add(key)
-                ext = ext.lower()
-                if info.size > max_member_bytes:
-                    current.setdefault("__errors__", []).append(
-                        SampleError(ErrorKind.MEMBER_TOO_LARGE, f"{info.name} is {info.size} bytes", url, key))
-                    continue
-                if ext in current:
-                    current.setdefault("__errors__", []).append(
-                        SampleError(ErrorKind.DUPLICATE_MEMBER, f"{info.name} appears twice", url, key))
-                    continue
-                current[ext] = tar.extractfile(info).read()
-            plain = tar.fileobj.comptype == "tar"
-            if not (counted.ends_cleanly(tar.offset) if plain else _inflates_to_the_end(tar.fileobj, tar.offset)):
-                raise tarfile.ReadError(f"truncated after {tar.offset} bytes: no end-of-archive block")
-            if current is not None:
-                yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
-                current = None
-        done = True
-    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError) as e:  # TypeError: a gzip header cut short
-        raise SampleError(ErrorKind.SHARD_READ, f"unreadable or truncated tar: {type(e).__name__}: {e}", url) from e
-    finally:
-        try:
-            stream.close()  # a pipe: reports its command's exit status here
-        except Exception as e:
-            # After an error, or when the reader stops early (the command then dies of SIGPIPE), the first
-            # cause stands; after a complete read, a failed command still marks the shard as damaged.
-            if done:
-                raise SampleError(ErrorKind.SHARD_READ, f"the source failed: {type(e).__name__}: {e}", url) from e
-
-
-class _TailReader:
-    """A read-only stream that remembers how many bytes it gave and the last ones.
-
-    NOTE [truncated tars]: Python's tarfile treats a header cut short anywhere but at offset 0 as the end of
-    the archive, so a truncated shard would end without an error and its lost samples would go unnoticed.
-    A complete uncompressed tar has a zero block where its members end; we check for it. A compressed one
-    must reach the end of its compressed stream: tarfile stops quietly where compressed data stops, too. Until
-    then the sample being read is not known to be whole (the cut may have taken its next member), so it is
-    dropped with the shard's ``shard_read``.
-
-    NOTE [reads past the end]: in stream mode tarfile skips the data of a member it is not asked to read by
-    reading on, block by block, and goes on past the end of the data: a header whose size field says 2**80
-    bytes would spin for ever. A complete read meets the end only a few times, so a stream read at its end
-    more than ``READS_AT_END`` times raises instead.
-    """
-
-    KEEP = 1 << 16
-    READS_AT_END = 64
-
-    def __init__(self, raw: Any) -> None:
-        self.raw, self.total, self.tail, self.at_end = raw, 0, b"", 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        if not data and n:
-            self.at_end += 1
-            if self.at_end > self.READS_AT_END:
-                raise EOFError(f"read past the end of the data after {self.total} bytes (a member's size runs "
-                               "past the end)")
-        self.total += len(data)
-        self.tail = (self.tail + data)[-self.KEEP:]
-        return data
-
-    def ends_cleanly(self, offset: int) -> bool:
-        # read the padding after the last member (tar pads to 10 KiB records), but no more than KEEP bytes
-        more = True
-        while more and self.total - offset <= self.KEEP:
-            more = bool(self.read(1 << 14))
-        after = self.total - offset
-        if after > self.KEEP:
-            return False  # more than padding follows what tarfile read: it stopped early
-        block = self.tail[len(self.tail) - after:][:512]
-        return len(block) == 512 and not any(block)
-
-
-def _inflates_to_the_end(stream: Any, offset: int) -> bool:
-    """Whether a compressed tar ends cleanly: tarfile read a whole block where its members end (not a header cut
-    short), and its decompressing ``_Stream`` reaches the end of the compressed data (bounded like
-    ``_TailReader.ends_cleanly``: at most ``KEEP`` bytes of padding after the last member)."""
-    if stream.tell() != offset + 512:
-        return False
-    for _ in range(_TailReader.KEEP >> 14):
-        if not stream.read(1 << 14):
-            return getattr(stream.cmp, "eof", True)
-    return False
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -210,84 +46,64 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-Position = tuple[int, ...]  # where a sample sits in this worker's stream: (shard, raw sample) or (source, ...)
-
-
 class StreamDataset(IterableDataset):
-    """What ShardDataset and BlendedDataset share: the optional batcher stage and resumable state.
+    """What ShardDataset and BlendedDataset share: the bucket stage and the resumable state.
 
-    NOTE [resumable state]: ``state_dict()`` describes the stream after the last item it gave out: the position
-    of the next raw sample, error counts and, with a batcher, the samples it holds (``pending``, by position and
-    arrival number). ``load_state_dict`` makes the next ``iter()`` re-read the pending samples, hand them back
-    to a fresh batcher in their old buckets, and go on from the position, skipping finished shards unread.
-    torchdata's ``StatefulDataLoader`` calls both in each worker, so a loader resumes mid-epoch with workers
-    and yields exactly the rest of the uninterrupted run. A batcher resumes exactly when it takes
-    ``pending=`` and ``start=`` (``BucketBatcher`` does).
+    NOTE [resumable state]: ``state_dict()`` describes the stream after the last item it gave out: its stages'
+    states (NOTE [stage state] in :mod:`mmload.stages`) under a ``format`` version. ``load_state_dict`` makes the
+    next ``iter()`` go on from there: finished shards are skipped unread, the samples the bucket stage held are
+    re-read and put back in their buckets. torchdata's ``StatefulDataLoader`` calls both in each worker, so a
+    loader resumes mid-epoch with workers and yields exactly the rest of the uninterrupted run.
     """
 
-    batcher: Callable[..., Iterator[list[Sample]]] | None
+    batcher: Any
     trace: torch.Tensor | None = None  # see NOTE [worker trace] in mmload.errors; set by the loader
-    STATE_FED, STATE_PENDING, STATE_STREAM = "fed", "pending", "stream"
 
     def _init_state(self) -> None:
         self._resume: dict[str, Any] | None = None
-        self._fed = 0
-        self._pending: dict[int, tuple[Position, int]] = {}  # id(sample) -> (position, arrival number)
+        self._bucket: BucketStage | None = None
 
-    def _positioned(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
+    def _items(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
+        """The decoded, transformed samples of this rank and worker with their positions; the stages are set up
+        (and, given ``resume``, restored) before this returns."""
         raise NotImplementedError
 
     def _reread(self, positions: Iterable[Position]) -> dict[Position, Sample]:
         raise NotImplementedError
 
-    def _position_state(self) -> dict[str, Any]:
+    def _items_state(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _load_position_state(self, state: dict[str, Any]) -> None:
+    def _load_items_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def samples(self) -> Iterator[Sample]:
         """Decoded samples of this rank and worker, in order; bad ones skipped and counted (or raised)."""
-        for _, sample in self._positioned(None):
+        for _, sample in self._items(None):
             yield sample
 
     def __iter__(self) -> Iterator[Sample] | Iterator[list[Sample]]:
         resume, self._resume = self._resume, None
-        stream = self._positioned(None if resume is None else resume[self.STATE_STREAM])
-        self._fed, self._pending = 0, {}
+        items = self._items(None if resume is None else resume["stream"])
+        self._bucket = None
         if self.batcher is None:
-            return (sample for _, sample in stream)
-        restored: list[tuple[int, Sample]] = []
-        if resume is not None:
-            self._fed = resume[self.STATE_FED]
-            pending = [(tuple(pos), arrival) for pos, arrival in resume[self.STATE_PENDING]]
-            samples = self._reread(pos for pos, _ in pending)
-            for pos, arrival in pending:
-                restored.append((arrival, samples[pos]))
-                self._pending[id(samples[pos])] = (pos, arrival)
-        return self._batched(stream, restored)
-
-    def _batched(self, stream: Iterator[tuple[Position, Sample]],
-                 restored: list[tuple[int, Sample]]) -> Iterator[list[Sample]]:
-        def feed() -> Iterator[Sample]:
-            for pos, sample in stream:
-                self._pending[id(sample)] = (pos, self._fed)
-                self._fed += 1
-                yield sample
-
-        kwargs = {"pending": restored, "start": self._fed} if restored or self._fed else {}
-        for batch in self.batcher(feed(), **kwargs):
-            for sample in batch:
-                self._pending.pop(id(sample), None)
-            yield batch
+            return (sample for _, sample in items)
+        self._bucket = BucketStage(self.batcher)
+        if resume is not None and resume["bucket"] is not None:
+            held = resume["bucket"]
+            self._bucket.restore(held, self._reread(self._bucket.positions(held)))
+        return self._bucket(items)
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.STATE_STREAM: self._position_state(), self.STATE_FED: self._fed,
-                self.STATE_PENDING: sorted(self._pending.values(), key=lambda v: v[1])}
+        if self._resume is not None:  # loaded, not iterated yet: the stream is where the state says
+            return self._resume
+        return {"format": STATE_FORMAT, "stream": self._items_state(),
+                "bucket": None if self._bucket is None else self._bucket.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_format(state, type(self).__name__)
         self._resume = state
-        self._load_position_state(state[self.STATE_STREAM])
+        self._load_items_state(state["stream"])
 
 
 class ShardDataset(StreamDataset):
@@ -304,8 +120,8 @@ class ShardDataset(StreamDataset):
         strict: raise on the first bad sample or shard (the message names the URL and key) instead of
             skipping and counting it.
         transform: a picklable ``Sample -> Sample`` applied after decoding (e.g. ``MLMMasking``).
-        batcher: a picklable stage ``Iterator[Sample] -> Iterator[list[Sample]]`` run in the workers
-            (e.g. ``BucketBatcher``); use ``DataLoader(batch_size=None)`` with it.
+        batcher: a picklable batcher run in the workers as the bucket stage: a ``BucketBatcher`` (or anything
+            with its ``holder()``); use ``DataLoader(batch_size=None)`` with it.
         rank, world_size: this process's share; default from ``torch.distributed`` when initialised.
         max_pixels: images with more pixels are skipped as ``image_too_large``.
         max_consecutive_errors: stop with ``TooManyErrors`` after this many bad samples in a row.
@@ -344,9 +160,9 @@ class ShardDataset(StreamDataset):
             raise ValueError(f"max_member_bytes must be >= 1 and retries >= 0, got {max_member_bytes}, {retries}")
         self.max_member_bytes, self.retries = max_member_bytes, retries
         self.errors = ErrorCounter(max_consecutive_errors)
+        self._decode = Decode(self.decoder, self.errors, strict)
         self.epoch = 0
-        self._shard = self._sample = 0
-        self._where = {"worker": 0, "num_workers": 1}
+        self._stages: tuple[Split, ShardSource] | None = None
         self._init_state()
 
     @property
@@ -374,109 +190,52 @@ class ShardDataset(StreamDataset):
             order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
         return order[self.rank::self.world_size][worker::num_workers]
 
-    def _worker(self) -> tuple[int, int]:
+    def split(self) -> Split:
+        """This stream's share: the rank's, and the DataLoader worker's it runs in (0 of 1 outside workers)."""
         info = get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+        rank, world = self._rank_world or _dist_rank_world()
+        return Split(rank, world, *((0, 1) if info is None else (info.id, info.num_workers)))
 
-    def _raw(self, url: str, rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Raw samples of one shard, buffer-shuffled when shuffling; a shard error ends the shard."""
-        buffer: list[dict[str, Any]] = []
-        damage = None
-        try:
-            for raw in read_shard(url, self.max_member_bytes, self.retries):
-                if not self.shuffle:
-                    yield raw
-                    continue
-                buffer.append(raw)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-        except SampleError as e:
-            damage = e
-        while buffer:
-            yield buffer.pop(rng.randrange(len(buffer)))
-        if damage is not None:  # counted where the shard ends for the stream, so a resume never counts it twice
-            self._bad(damage)
+    def _read(self, url: str) -> Iterator[dict[str, Any]]:
+        return read_shard(url, self.max_member_bytes, self.retries)
 
-    def _bad(self, err: SampleError) -> None:
-        if self.strict:
-            raise err
-        self.errors.add(err)
+    def _rng(self, url: str) -> random.Random | None:
+        # string seeds hash stably across processes
+        return random.Random(f"{self.seed}/{self.epoch}/{url}") if self.shuffle else None
 
-    def _decode(self, raw: dict[str, Any]) -> Sample | None:
-        """The sample of ``raw``, or None when it is bad (then counted, or raised in strict mode)."""
-        if "__errors__" in raw:
-            self._bad(raw["__errors__"][0])
-            return None
-        try:
-            sample = self.decoder(raw)
-        except SampleError as e:
-            self._bad(e)
-            return None
-        self.errors.ok()
-        return self.transform(sample) if self.transform is not None else sample
+    def _source(self, split: Split) -> ShardSource:
+        return ShardSource(self.shards(split.worker, split.num_workers), self._read, rng=self._rng,
+                           buffer=self.shuffle_buffer, on_damage=self._decode.bad, trace=self.trace,
+                           worker=split.worker)
 
-    def _positioned(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
-        worker, num_workers = self._worker()
-        self._check_resume(resume, worker, num_workers)
-        self._where = {"worker": worker, "num_workers": num_workers}
-        start_shard, start_sample = (resume["shard"], resume["sample"]) if resume else (0, 0)
-        shards = self.shards(worker, num_workers)
-        if not shards and resume is None:
+    def _items(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
+        split = self.split()
+        if resume is not None:
+            check_split(resume["split"], split.as_dict())
+            self.epoch = resume["epoch"]
+        source = self._source(split)
+        if not source.shards and resume is None:
             log.warning("rank %d worker %d of %d has no shard to read (%d shards for %d ranks x %d workers): make "
-                        "more shards, or fewer workers", self.rank, worker, num_workers, len(self.urls),
-                        self.world_size, num_workers)
-        self._shard, self._sample = start_shard, start_sample
-        for k in range(start_shard, len(shards)):
-            for j, raw in enumerate(self._raw(shards[k], self._rng(shards[k]))):
-                if k == start_shard and j < start_sample:
-                    continue  # resuming: finished raw samples are skipped undecoded
-                self._shard, self._sample = k, j + 1
-                if self.trace is not None:
-                    write_trace(self.trace, worker, shards[k], raw["__key__"])
-                sample = self._decode(raw)
-                if sample is not None:
-                    yield (k, j), sample
-            self._shard, self._sample = k + 1, 0
-
-    def _rng(self, url: str) -> random.Random:
-        return random.Random(f"{self.seed}/{self.epoch}/{url}")  # string seeds hash stably across processes
+                        "more shards, or fewer workers", split.rank, split.worker, split.num_workers, len(self.urls),
+                        split.world_size, split.num_workers)
+        if resume is not None:
+            source.load_state_dict(resume["source"])
+        self._stages = (split, source)
+        return Transform(self.transform)(self._decode(source))
 
     def _reread(self, positions: Iterable[Position]) -> dict[Position, Sample]:
-        wanted = set(positions)
-        worker, num_workers = self._worker()
-        shards = self.shards(worker, num_workers)
-        out: dict[Position, Sample] = {}
-        for k in sorted({k for k, _ in wanted}):
-            last = max(j for kk, j in wanted if kk == k)
-            for j, raw in enumerate(self._raw(shards[k], self._rng(shards[k]))):
-                if (k, j) in wanted:
-                    out[(k, j)] = self._decode(raw)
-                if j >= last:
-                    break
-        return out
+        raws = self._stages[1].reread(positions)
+        fn = self.transform or (lambda s: s)
+        return {pos: fn(self.decoder(raw)) for pos, raw in raws.items()}  # held samples decoded fine before
 
-    def _position_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "rank": self.rank, "world_size": self.world_size, **self._where,
-                "shard": self._shard, "sample": self._sample, "errors": dict(self.errors.counts)}
+    def _items_state(self) -> dict[str, Any]:
+        split, source = self._stages or (self.split(), self._source(self.split()))
+        return {"epoch": self.epoch, "split": split.as_dict(), "source": source.state_dict(),
+                "decode": self._decode.state_dict()}
 
-    def _check_resume(self, resume: dict[str, Any] | None, worker: int, num_workers: int) -> None:
-        if resume is None:
-            return
-        # NOTE [resume policy]: shards are split by rank and worker, so a position means something only for the
-        # same split. Resuming on another world size or worker count would repeat or skip samples: refuse.
-        were = (resume["world_size"], resume["num_workers"], resume["rank"], resume["worker"])
-        now = (self.world_size, num_workers, self.rank, worker)
-        if were != now:
-            raise ValueError(f"cannot resume a stream saved as (world_size, num_workers, rank, worker)={were} as "
-                             f"{now}: shards are split by rank and worker, so another split would repeat or skip "
-                             "samples. Resume with the same number of ranks and DataLoader workers, or start the "
-                             "epoch over")
-        self.epoch = resume["epoch"]
-
-    def _load_position_state(self, state: dict[str, Any]) -> None:
-        self.epoch = state["epoch"]  # before iter(): re-reading pending samples needs this epoch's order
-        self.errors.counts.clear()
-        self.errors.counts.update(state["errors"])
+    def _load_items_state(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]  # before iter(): re-reading held samples needs this epoch's order
+        self._decode.load_state_dict(state["decode"])
 
 
 class BlendedDataset(StreamDataset):
@@ -519,7 +278,7 @@ class BlendedDataset(StreamDataset):
         for s in self.sources:
             s.set_epoch(epoch)
 
-    def _positioned(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
+    def _items(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
         info = get_worker_info()
         self._rng = random.Random(f"{self.seed}/{self.epoch}/{0 if info is None else info.id}")
         self._live = list(range(len(self.sources)))
@@ -529,7 +288,10 @@ class BlendedDataset(StreamDataset):
             self._live, subs = list(resume["live"]), resume["sources"]
         for src in self.sources:
             src.trace = self.trace
-        streams = [src._positioned(sub) for src, sub in zip(self.sources, subs)]
+        streams = [src._items(sub) for src, sub in zip(self.sources, subs)]
+        return self._blend(streams)
+
+    def _blend(self, streams: list[Iterator[tuple[Position, Sample]]]) -> Iterator[tuple[Position, Sample]]:
         while self._live:
             i = self._rng.choices(self._live, weights=[self.weights[j] for j in self._live])[0]
             try:
@@ -546,17 +308,18 @@ class BlendedDataset(StreamDataset):
         out: dict[Position, Sample] = {}
         for i, src in enumerate(self.sources):
             mine = [p[1:] for p in positions if p[0] == i]
-            out.update({(i, *p): smp for p, smp in src._reread(mine).items()})
+            if mine:
+                out.update({(i, *p): smp for p, smp in src._reread(mine).items()})
         return out
 
-    def _position_state(self) -> dict[str, Any]:
+    def _items_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "rng": self._rng.getstate(), "live": list(self._live),
-                "sources": [src._position_state() for src in self.sources]}
+                "sources": [src._items_state() for src in self.sources]}
 
-    def _load_position_state(self, state: dict[str, Any]) -> None:
+    def _load_items_state(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
         for src, sub in zip(self.sources, state["sources"]):
-            src._load_position_state(sub)
+            src._load_items_state(sub)
 
 
 def _as_tuple(x: Any) -> Any:
@@ -600,3 +363,5 @@ def open_data(specs: str | Sequence[str], *, seed: int = 0,
     rest = [ShardDataset(u, seed=seed, tokenizer=first.tokenizer, **kwargs) for u, _ in parsed[1:]]
     return BlendedDataset([first, *rest], [w for _, w in parsed], seed=seed, batcher=batcher)
 
+
+__all__ = ["BlendedDataset", "ShardDataset", "StreamDataset", "expand_urls", "open_data", "parse_data", "read_shard"]

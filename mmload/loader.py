@@ -13,6 +13,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mmload.dataset import StreamDataset, open_data
 from mmload.errors import WorkerDied, new_trace, read_trace
 from mmload.sample import Sample
+from mmload.stages import check_split
 from mmload.strategy import STRATEGIES, Strategy, get_strategy
 
 
@@ -78,7 +79,8 @@ class Loader(_ReportsDeadWorkers, DataLoader):
 
 
 class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
-    """torchdata's ``StatefulDataLoader``, with a clear refusal to resume on another worker count."""
+    """torchdata's ``StatefulDataLoader``, with a clear refusal to resume on another worker count
+    (``mmload.stages.check_split``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13
@@ -86,10 +88,8 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
             super().__init__(*args, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict and saved_num_workers(state_dict) != self.num_workers:
-            raise ValueError(f"this loader state was saved with num_workers={saved_num_workers(state_dict)}, "
-                             f"this loader has {self.num_workers}: shards are split by rank and worker, so "
-                             "resume with the same number of ranks and DataLoader workers")
+        if state_dict:
+            check_split({"num_workers": saved_num_workers(state_dict)}, {"num_workers": self.num_workers})
         super().load_state_dict(state_dict)
 
 

@@ -335,7 +335,7 @@ def no_hang(seconds: int = HANG_SECONDS) -> Iterator[None]:
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        with mock.patch("mmload.dataset.time.sleep"):  # time.sleep itself: retried shards wait no backoff
+        with mock.patch("mmload.reader.time.sleep"):  # time.sleep itself: retried shards wait no backoff
             yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

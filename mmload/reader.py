@@ -1,0 +1,193 @@
+"""Reading webdataset tars: shard URLs expanded, members grouped into raw samples, damage detected and named.
+
+A raw sample is ``{"__key__", "__url__", ext: bytes, ...}``; what is wrong with it (a member too large, a
+duplicate) is listed under ``"__errors__"``, and a shard that cannot be read to its end raises
+:class:`~mmload.errors.SampleError` of kind ``shard_read`` after the samples read before the damage.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+import webdataset
+from webdataset.tariterators import base_plus_ext
+
+from mmload.errors import ErrorKind, SampleError, log
+
+MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is skipped unread
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expand (``shard-{000..009}.tar``) and list directories (every ``*.tar`` inside, sorted)."""
+    if isinstance(urls, str | os.PathLike):
+        urls = [os.fspath(urls)]
+    out: list[str] = []
+    for spec in urls:
+        for url in braceexpand.braceexpand(os.fspath(spec)):
+            if os.path.isdir(url):
+                found = sorted(str(p) for p in Path(url).glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"no *.tar shards in directory {url}")
+                out.extend(found)
+            else:
+                out.append(url)
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return out
+
+
+def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2,
+               backoff: float = 0.5) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one tar (local path, ``pipe:`` or URL).
+
+    Members are grouped by key (everything before the first dot of the file name). A bad member (too large,
+    duplicated) or a key seen earlier in the shard is listed under ``"__errors__"`` of its sample; a shard
+    that cannot be opened or ends early raises :class:`SampleError` of kind ``shard_read`` after the samples
+    read before the damage. A remote shard (``pipe:``, ``http:``, ...) that fails before its first sample is
+    tried ``retries`` more times, ``backoff`` seconds apart, doubling; one that fails later is not re-read, since
+    that would repeat samples. A local file is not retried: waiting does not mend it.
+    """
+    if not _is_remote(url):
+        retries = 0
+    for attempt in range(retries + 1):
+        started = False
+        try:
+            for raw in _read_tar(url, max_member_bytes):
+                started = True
+                yield raw
+            return
+        except SampleError as e:
+            if started or attempt == retries:
+                if attempt:
+                    e.args = (f"{e.args[0]} (after {attempt + 1} attempts)",)
+                raise
+            log.info("retrying %s after: %s", url, e)
+            time.sleep(backoff * 2**attempt)
+
+
+def _is_remote(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
+
+
+def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+    try:
+        stream = webdataset.gopen(url, "rb")
+    except Exception as e:
+        raise SampleError(ErrorKind.SHARD_READ, f"cannot open: {type(e).__name__}: {e}", url) from e
+    current: dict[str, Any] | None = None
+    seen: set[str] = set()
+    counted = _TailReader(stream)
+    done = False
+    try:
+        with tarfile.open(fileobj=counted, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is None or key.startswith("__"):
+                    continue
+                if current is not None and key != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                    if key in seen:
+                        current["__errors__"] = [SampleError(ErrorKind.DUPLICATE_KEY, "key seen earlier in the "
+                                                             "shard (members of one sample must be adjacent)",
+                                                             url, key)]
+                    seen.add(key)
+                ext = ext.lower()
+                if info.size > max_member_bytes:
+                    current.setdefault("__errors__", []).append(
+                        SampleError(ErrorKind.MEMBER_TOO_LARGE, f"{info.name} is {info.size} bytes", url, key))
+                    continue
+                if ext in current:
+                    current.setdefault("__errors__", []).append(
+                        SampleError(ErrorKind.DUPLICATE_MEMBER, f"{info.name} appears twice", url, key))
+                    continue
+                current[ext] = tar.extractfile(info).read()
+            plain = tar.fileobj.comptype == "tar"
+            if not (counted.ends_cleanly(tar.offset) if plain else _inflates_to_the_end(tar.fileobj, tar.offset)):
+                raise tarfile.ReadError(f"truncated after {tar.offset} bytes: no end-of-archive block")
+            if current is not None:
+                yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
+                current = None
+        done = True
+    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError) as e:  # TypeError: a gzip header cut short
+        raise SampleError(ErrorKind.SHARD_READ, f"unreadable or truncated tar: {type(e).__name__}: {e}", url) from e
+    finally:
+        try:
+            stream.close()  # a pipe: reports its command's exit status here
+        except Exception as e:
+            # After an error, or when the reader stops early (the command then dies of SIGPIPE), the first
+            # cause stands; after a complete read, a failed command still marks the shard as damaged.
+            if done:
+                raise SampleError(ErrorKind.SHARD_READ, f"the source failed: {type(e).__name__}: {e}", url) from e
+
+
+class _TailReader:
+    """A read-only stream that remembers how many bytes it gave and the last ones.
+
+    NOTE [truncated tars]: Python's tarfile treats a header cut short anywhere but at offset 0 as the end of
+    the archive, so a truncated shard would end without an error and its lost samples would go unnoticed.
+    A complete uncompressed tar has a zero block where its members end; we check for it. A compressed one
+    must reach the end of its compressed stream: tarfile stops quietly where compressed data stops, too. Until
+    then the sample being read is not known to be whole (the cut may have taken its next member), so it is
+    dropped with the shard's ``shard_read``.
+
+    NOTE [reads past the end]: in stream mode tarfile skips the data of a member it is not asked to read by
+    reading on, block by block, and goes on past the end of the data: a header whose size field says 2**80
+    bytes would spin for ever. A complete read meets the end only a few times, so a stream read at its end
+    more than ``READS_AT_END`` times raises instead.
+    """
+
+    KEEP = 1 << 16
+    READS_AT_END = 64
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.total, self.tail, self.at_end = raw, 0, b"", 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if not data and n:
+            self.at_end += 1
+            if self.at_end > self.READS_AT_END:
+                raise EOFError(f"read past the end of the data after {self.total} bytes (a member's size runs "
+                               "past the end)")
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.KEEP:]
+        return data
+
+    def ends_cleanly(self, offset: int) -> bool:
+        # read the padding after the last member (tar pads to 10 KiB records), but no more than KEEP bytes
+        more = True
+        while more and self.total - offset <= self.KEEP:
+            more = bool(self.read(1 << 14))
+        after = self.total - offset
+        if after > self.KEEP:
+            return False  # more than padding follows what tarfile read: it stopped early
+        block = self.tail[len(self.tail) - after:][:512]
+        return len(block) == 512 and not any(block)
+
+
+def _inflates_to_the_end(stream: Any, offset: int) -> bool:
+    """Whether a compressed tar ends cleanly: tarfile read a whole block where its members end (not a header cut
+    short), and its decompressing ``_Stream`` reaches the end of the compressed data (bounded like
+    ``_TailReader.ends_cleanly``: at most ``KEEP`` bytes of padding after the last member)."""
+    if stream.tell() != offset + 512:
+        return False
+    for _ in range(_TailReader.KEEP >> 14):
+        if not stream.read(1 << 14):
+            return getattr(stream.cmp, "eof", True)
+    return False
+
+
+__all__ = ["MAX_MEMBER_BYTES", "expand_urls", "read_shard"]

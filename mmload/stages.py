@@ -1,0 +1,253 @@
+"""The stream stages a dataset runs in each DataLoader worker, each a small unit with explicit state.
+
+    ShardSource  this worker's shards in order; raw samples, each shard shuffled by ``shuffle_shard``
+      -> Decode        raw sample -> Sample; bad input skipped and counted (or raised, strict)
+      -> Transform     a per-sample ``Sample -> Sample`` (e.g. MLM masking), seeded by key: no state
+      -> BucketStage   optional: a batcher (``BucketBatcher``) that holds samples until their batch is due
+
+Every item carries its **position**, ``(url, offset)``: the shard and the number of the raw sample in that
+shard's (shuffled) order. NOTE [stage state]: ``state_dict()`` of each stage describes the stream after the last
+item it handed on. The source's is per shard (the shards it finished, the one it is in and how far), not per
+rank/worker split, so that a later resume can hand unfinished shards to another split; the decoder's is its
+error counts; the bucket stage's is the positions of the samples it holds, which a resume re-reads from the
+source (a shard's shuffled order is a pure function of ``(seed, epoch, url)``) and hands back to it. The
+shuffle and the transform are pure functions of their seeds and so have nothing to save. A dataset's state
+gathers its stages' states with a ``format`` version and the ``split`` it was saved under; ``check_split`` is
+the one place that decides whether a saved split can be resumed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mmload.errors import ErrorCounter, SampleError, write_trace
+from mmload.sample import Sample
+
+STATE_FORMAT = 2  # 1: positions per split (shard index, sample), before mmload.stages; 2: per shard
+Position = tuple[Any, ...]  # (url, offset) from one source; a blend prefixes its source's index
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which share of the shards this stream reads: ``rank`` of ``world_size``, ``worker`` of ``num_workers``."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def check_split(saved: Mapping[str, int], now: Mapping[str, int]) -> None:
+    """The one resume check: a position means something only for the split it was saved under.
+
+    NOTE [resume policy]: shards are split by rank and worker, so resuming on another world size or worker
+    count would repeat or skip samples; it is refused with this message (the loader checks the worker count
+    with it, each worker its whole split). ``now`` may name only some fields: those are compared.
+    """
+    keys = [k for k in ("world_size", "num_workers", "rank", "worker") if k in now]
+    were, are = tuple(saved.get(k) for k in keys), tuple(now[k] for k in keys)
+    if were != are:
+        raise ValueError(f"cannot resume a stream saved as ({', '.join(keys)})={were} as {are}: shards are split by "
+                         "rank and worker, so another split would repeat or skip samples. Resume with the same number "
+                         "of ranks and DataLoader workers, or start the epoch over")
+
+
+def check_format(state: Mapping[str, Any], what: str) -> None:
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"this {what} state has format {state.get('format')!r}, this mmload reads format "
+                         f"{STATE_FORMAT}; resume it with the mmload version that saved it, or start the epoch over")
+
+
+def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buffer: int) -> Iterator[dict[str, Any]]:
+    """The shuffle stage: raw samples of one shard through a bounded buffer (``rng`` None: in order).
+
+    NOTE [shuffling]: the buffer is drained at the end of each shard, so the order of a shard is a pure function of
+    its rng (seeded by ``(seed, epoch, url)``) and a position ``(url, offset)`` says exactly what was read.
+    """
+    if rng is None:
+        yield from raws
+        return
+    held: list[dict[str, Any]] = []
+    for raw in raws:
+        held.append(raw)
+        if len(held) >= buffer:
+            yield held.pop(rng.randrange(len(held)))
+    while held:
+        yield held.pop(rng.randrange(len(held)))
+
+
+class ShardSource:
+    """The source stage: raw samples of ``shards`` in order, each through ``shuffle_shard``, with positions.
+
+    ``read(url)`` yields a shard's raw samples and raises :class:`SampleError` where it is damaged; the damage is
+    reported to ``on_damage`` where the shard ends for the stream (after its buffered samples), so a resume never
+    reports it twice. ``trace``: see NOTE [worker trace] in :mod:`mmload.errors`.
+    """
+
+    def __init__(self, shards: Sequence[str], read: Callable[[str], Iterator[dict[str, Any]]], *,
+                 rng: Callable[[str], random.Random | None], buffer: int, on_damage: Callable[[SampleError], None],
+                 trace: torch.Tensor | None = None, worker: int = 0) -> None:
+        self.shards, self.read, self.rng, self.buffer = list(shards), read, rng, buffer
+        self.on_damage, self.trace, self.worker = on_damage, trace, worker
+        self.finished: list[str] = []
+        self.current: str | None = None  # the shard being read
+        self.offset = 0  # raw samples of ``current`` handed on
+
+    def _raw(self, url: str) -> Iterator[dict[str, Any]]:
+        damage = None
+
+        def read() -> Iterator[dict[str, Any]]:
+            nonlocal damage
+            try:
+                yield from self.read(url)
+            except SampleError as e:
+                damage = e
+
+        yield from shuffle_shard(read(), self.rng(url), self.buffer)
+        if damage is not None:
+            self.on_damage(damage)
+
+    def __iter__(self) -> Iterator[tuple[Position, dict[str, Any]]]:
+        done = set(self.finished)
+        for url in self.shards:
+            if url in done:
+                continue  # resuming: a finished shard is not read again
+            start = self.offset if url == self.current else 0
+            self.current, self.offset = url, start
+            for j, raw in enumerate(self._raw(url)):
+                if j < start:
+                    continue  # resuming: raw samples handed on before are skipped undecoded
+                self.offset = j + 1
+                if self.trace is not None:
+                    write_trace(self.trace, self.worker, url, raw["__key__"])
+                yield (url, j), raw
+            self.finished.append(url)
+            self.current, self.offset = None, 0
+
+    def reread(self, positions: Iterable[Position]) -> dict[Position, dict[str, Any]]:
+        """The raw samples at ``positions`` (``(url, offset)``), read again; damage is not reported again."""
+        wanted: dict[str, set[int]] = {}
+        for url, j in positions:
+            wanted.setdefault(url, set()).add(j)
+        out: dict[Position, dict[str, Any]] = {}
+        for url, offsets in wanted.items():
+            last = max(offsets)
+            raws = self.read(url)
+            try:
+                for j, raw in enumerate(shuffle_shard(raws, self.rng(url), self.buffer)):
+                    if j in offsets:
+                        out[(url, j)] = raw
+                    if j >= last:
+                        break
+            except SampleError:
+                pass  # a held sample was read whole before the damage: it is in ``out`` already
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"finished": list(self.finished), "current": self.current, "offset": self.offset}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.finished, self.current, self.offset = list(state["finished"]), state["current"], int(state["offset"])
+
+
+class Decode:
+    """The decode stage: raw samples to :class:`Sample`; a bad one is skipped and counted by kind in ``errors`` (or
+    raised with ``strict``), so a stream of ``(position, raw)`` becomes one of ``(position, Sample)``."""
+
+    def __init__(self, decoder: Callable[[dict[str, Any]], Sample], errors: ErrorCounter, strict: bool = False) -> None:
+        self.decoder, self.errors, self.strict = decoder, errors, strict
+
+    def bad(self, err: SampleError) -> None:
+        if self.strict:
+            raise err
+        self.errors.add(err)
+
+    def one(self, raw: dict[str, Any]) -> Sample | None:
+        if "__errors__" in raw:
+            self.bad(raw["__errors__"][0])
+            return None
+        try:
+            sample = self.decoder(raw)
+        except SampleError as e:
+            self.bad(e)
+            return None
+        self.errors.ok()
+        return sample
+
+    def __call__(self, items: Iterable[tuple[Position, dict[str, Any]]]) -> Iterator[tuple[Position, Sample]]:
+        for pos, raw in items:
+            sample = self.one(raw)
+            if sample is not None:
+                yield pos, sample
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": "decode", "errors": dict(self.errors.counts)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.errors.counts.clear()
+        self.errors.counts.update(state["errors"])
+
+
+class Transform:
+    """The transform stage: ``fn`` on every sample. Seeded by each sample's key, it has no state to save."""
+
+    def __init__(self, fn: Callable[[Sample], Sample] | None) -> None:
+        self.fn = fn
+
+    def __call__(self, items: Iterable[tuple[Position, Sample]]) -> Iterator[tuple[Position, Sample]]:
+        if self.fn is None:
+            yield from items
+            return
+        for pos, sample in items:
+            yield pos, self.fn(sample)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class BucketStage:
+    """The bucketing stage: samples in, lists of samples out, through a batcher's ``holder()`` (``BucketBatcher``).
+
+    It owns what it holds: every held sample with its position, so ``state_dict()`` lists the positions to
+    re-read and ``restore`` puts those samples back in their buckets with their arrival numbers.
+    """
+
+    def __init__(self, batcher: Any) -> None:
+        if not hasattr(batcher, "holder"):
+            raise TypeError(f"a batcher must offer holder() (as BucketBatcher does) so that its stage can save what "
+                            f"it holds; got {type(batcher).__name__}")
+        self.held = batcher.holder()
+
+    def __call__(self, items: Iterable[tuple[Position, Sample]]) -> Iterator[list[Sample]]:
+        for pos, sample in items:
+            for batch in self.held.add(sample, pos):
+                yield [s for s, _ in batch]
+        for batch in self.held.drain():
+            yield [s for s, _ in batch]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"held": [[list(pos), arrival] for pos, arrival in self.held.held()], "arrivals": self.held.arrivals}
+
+    def positions(self, state: Mapping[str, Any]) -> list[Position]:
+        return [tuple(pos) for pos, _ in state["held"]]
+
+    def restore(self, state: Mapping[str, Any], samples: Mapping[Position, Sample]) -> None:
+        """Hold again what ``state`` held: ``samples`` by position, re-read and decoded by the caller."""
+        for pos, arrival in state["held"]:
+            self.held.put(samples[tuple(pos)], tuple(pos), arrival=arrival)
+        self.held.arrivals = int(state["arrivals"])
+
+
+__all__ = ["STATE_FORMAT", "BucketStage", "Decode", "Position", "ShardSource", "Split", "Transform", "check_format",
+           "check_split", "shuffle_shard"]

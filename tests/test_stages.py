@@ -1,0 +1,137 @@
+"""The stream stages, one by one: each saves what it needs and nothing else, and resumes from it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import assert_exactly_once, make_samples
+
+from mmload import BucketBatcher, ShardDataset
+from mmload.errors import ErrorCounter, ErrorKind, SampleError
+from mmload.loader import make_loader
+from mmload.stages import STATE_FORMAT, BucketStage, Decode, ShardSource, check_split, shuffle_shard
+
+
+def fake_shards(n_shards: int = 3, per_shard: int = 7, damaged: str | None = None):
+    """``read(url)`` over made-up shards ``s0``..: raw samples with keys ``s0-0``...; ``damaged`` ends early."""
+    def read(url: str):
+        for j in range(per_shard):
+            if url == damaged and j == 4:
+                raise SampleError(ErrorKind.SHARD_READ, "cut here", url)
+            yield {"__key__": f"{url}-{j}", "__url__": url}
+
+    return [f"s{i}" for i in range(n_shards)], read
+
+
+def seeded(url: str) -> random.Random:
+    return random.Random(f"1/0/{url}")
+
+
+def test_shuffle_is_a_pure_function_of_its_rng() -> None:
+    raws = [{"__key__": str(i)} for i in range(50)]
+    a = [r["__key__"] for r in shuffle_shard(raws, random.Random(3), 8)]
+    assert a == [r["__key__"] for r in shuffle_shard(raws, random.Random(3), 8)] and a != sorted(a, key=int)
+    assert sorted(a, key=int) == [str(i) for i in range(50)]
+    assert [r["__key__"] for r in shuffle_shard(raws, None, 8)] == [str(i) for i in range(50)]
+
+
+def test_the_source_keeps_its_position_per_shard_and_resumes_from_it() -> None:
+    shards, read = fake_shards()
+    damage = []
+    keys = {pos: raw["__key__"] for pos, raw in ShardSource(shards, read, rng=seeded, buffer=3,
+                                                            on_damage=damage.append)}
+    full = list(keys)
+    assert len(full) == 21 and {url for url, _ in full} == set(shards)
+    source = ShardSource(shards, read, rng=seeded, buffer=3, on_damage=damage.append)
+    it = iter(source)
+    head = [next(it)[0] for _ in range(10)]
+    state = source.state_dict()
+    assert state == {"finished": ["s0"], "current": "s1", "offset": 3}  # per shard, not per split
+    again = ShardSource(shards, read, rng=seeded, buffer=3, on_damage=damage.append)
+    again.load_state_dict(state)
+    assert head + [pos for pos, _ in again] == full
+    raws = again.reread([head[-1], full[-1]])  # the same shuffled order: a position names one raw sample
+    assert {p: raw["__key__"] for p, raw in raws.items()} == {p: keys[p] for p in (head[-1], full[-1])}
+
+
+def test_shard_damage_is_reported_once_where_the_shard_ends() -> None:
+    shards, read = fake_shards(damaged="s1")
+    damage: list[SampleError] = []
+    source = ShardSource(shards, read, rng=lambda url: None, buffer=1, on_damage=damage.append)
+    it = iter(source)
+    head = [next(it)[0] for _ in range(9)]  # into s1, before its damage
+    assert head[-1] == ("s1", 1) and damage == []
+    again = ShardSource(shards, read, rng=lambda url: None, buffer=1, on_damage=damage.append)
+    again.load_state_dict(source.state_dict())
+    rest = [pos for pos, _ in again]
+    assert len(damage) == 1 and damage[0].kind == ErrorKind.SHARD_READ
+    assert head + rest == [(f"s{i}", j) for i in range(3) for j in range(4 if i == 1 else 7)]
+
+
+def test_decode_counts_bad_input_and_its_state_is_the_counts() -> None:
+    def decoder(raw):
+        if raw["__key__"].endswith("3"):
+            raise SampleError(ErrorKind.IMAGE_DECODE, "bad", raw["__url__"], raw["__key__"])
+        return make_samples(1)[0]
+
+    shards, read = fake_shards()
+    decode = Decode(decoder, ErrorCounter())
+    out = list(decode(ShardSource(shards, read, rng=lambda url: None, buffer=1, on_damage=decode.bad)))
+    assert len(out) == 18 and decode.state_dict() == {"stage": "decode", "errors": {"image_decode": 3}}
+    fresh = Decode(decoder, ErrorCounter())
+    fresh.load_state_dict(decode.state_dict())
+    assert fresh.errors.counts == {"image_decode": 3}
+    with pytest.raises(SampleError, match="bad"):
+        list(Decode(decoder, ErrorCounter(), strict=True)((p, r) for p, r in
+                                                          ShardSource(shards, read, rng=lambda u: None, buffer=1,
+                                                                      on_damage=print)))
+
+
+def test_the_bucket_stage_owns_what_it_holds() -> None:
+    samples = make_samples(60, seed=2, max_len=100)
+    items = [(("shard", i), s) for i, s in enumerate(samples)]
+    batcher = BucketBatcher(4)
+    full = [[s.key for s in b] for b in BucketStage(batcher)(iter(items))]
+    stage = BucketStage(batcher)
+    it = stage(iter(items))
+    head = [[s.key for s in next(it)] for _ in range(5)]
+    state = stage.state_dict()
+    held = stage.positions(state)
+    assert held and all(p[0] == "shard" for p in held)  # positions, not the samples themselves
+    fed = next(n for n in range(len(items) + 1)
+               if {s.key for _, s in items[:n]} == {k for b in head for k in b} | {samples[p[1]].key for p in held})
+    again = BucketStage(batcher)
+    again.restore(state, {p: samples[p[1]] for p in held})
+    rest = [[s.key for s in b] for b in again(iter(items[fed:]))]
+    assert head + rest == full
+    assert_exactly_once([k for b in full for k in b], [s.key for s in samples])
+    with pytest.raises(TypeError, match="holder"):
+        BucketStage(lambda samples: iter([list(samples)]))
+
+
+def test_states_carry_a_format_and_an_old_one_is_refused(builtin_shards: list[str]) -> None:
+    ds = ShardDataset(builtin_shards, image_size=16)
+    state = ds.state_dict()
+    assert state["format"] == STATE_FORMAT and state["stream"]["split"] == {"rank": 0, "world_size": 1, "worker": 0,
+                                                                             "num_workers": 1}
+    with pytest.raises(ValueError, match="format 1, this mmload reads format 2"):
+        ds.load_state_dict({**state, "format": 1})
+    with pytest.raises(ValueError, match=r"\(world_size, rank\)=\(1, 0\) as \(2, 1\)"):
+        check_split({"rank": 0, "world_size": 1}, {"world_size": 2, "rank": 1})
+
+
+def test_a_state_saved_before_every_worker_delivered_resumes(builtin_shards: list[str]) -> None:
+    """A worker that has not started yet reports its real place in the split, so its state loads back."""
+    def make():
+        return make_loader("padded", builtin_shards, batch_size=8, num_workers=2, stateful=True, image_size=16)
+
+    full = [list(b.keys) for b in make()]
+    loader = make()
+    it = iter(loader)
+    head = [list(next(it).keys)]  # worker 0 delivered; worker 1 may not have
+    state = loader.state_dict()
+    del it, loader
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + [list(b.keys) for b in resumed] == full
