@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,34 +82,51 @@ def peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
 # ---- copies ----
 
 class _CountCopies(TorchFunctionMode):
-    """Counts the ``Tensor.to`` calls (and their bytes) made inside it: the copies a batch's ``to()`` issues."""
+    """Counts the copies (``Tensor.to``, ``.cuda``, ``.copy_``) made inside it, and their bytes."""
+
+    COPIES = (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_)
 
     def __init__(self) -> None:
         super().__init__()
         self.copies = self.bytes = 0
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        if func is torch.Tensor.to:
+        if func in self.COPIES:
+            source = args[1] if func is torch.Tensor.copy_ else args[0]
             self.copies += 1
-            self.bytes += args[0].numel() * args[0].element_size()
+            self.bytes += source.numel() * source.element_size()
         return func(*args, **(kwargs or {}))
 
 
-def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> tuple[Any, int, int]:
-    """``batch.to(device)``, plus the copies and bytes it issued (counted as they happen, not taken from stats)."""
+def copies_issued(batch: Any) -> tuple[int, int]:
+    """The copies and bytes ``batch.to(device)`` issues, counted as they happen (not taken from ``stats()``) on a
+    dry run to the CPU, which takes the same code path and moves nothing: the timed transfer pays no counting."""
     with _CountCopies() as counted:
-        moved = batch.to(device, non_blocking=non_blocking)
-    return moved, counted.copies, counted.bytes
+        batch.to("cpu")
+    return counted.copies, counted.bytes
 
 
-def step(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer, opts: StepOptions) -> dict[str, float]:
-    """One ``train_step`` on one device batch, timed per phase: ``forward_s``, ``backward_s``, ``optimizer_s``, plus
-    the step's ``loss``, ``images`` and ``mlm_tokens``."""
-    timer = PhaseTimer(next(model.parameters()).device)
-    stats = train_step(model, [batch], optimizer, opts, timer=timer)
-    summary = summarize(stats.tolist(), opts.text_loss_weight, opts.nsp_weight)
-    return {**{f"{p}_s": s for p, s in timer.seconds.items()}, "loss": summary["loss"], "images": summary["images"],
-            "mlm_tokens": summary["mlm_tokens"]}
+def to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
+    return batch.to(device, non_blocking=non_blocking)
+
+
+@dataclass
+class Trainee:
+    """A model and the trainer's optimizer and schedule for it: what ``train_step`` steps."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    opts: StepOptions
+
+    def step(self, batch: Any) -> dict[str, float]:
+        """One ``train_step`` on one device batch, timed per phase: ``forward_s``, ``backward_s``, ``optimizer_s``,
+        plus the step's ``loss``, ``images`` and ``mlm_tokens``."""
+        timer = PhaseTimer(next(self.model.parameters()).device)
+        stats = train_step(self.model, [batch], self.optimizer, self.opts, scheduler=self.scheduler, timer=timer)
+        summary = summarize(stats.tolist(), self.opts.text_loss_weight, self.opts.nsp_weight)
+        return {**{f"{p}_s": s for p, s in timer.seconds.items()}, "loss": summary["loss"],
+                "images": summary["images"], "mlm_tokens": summary["mlm_tokens"]}
 
 
 def pinned_copy_ms(n: int, device: torch.device, repeats: int) -> list[float]:
@@ -217,9 +235,8 @@ def time_loader(stream: Iterator[Any], warmup: int, steps: int, desc: str, progr
             "real_tokens_per_s": tokens / seconds, "batches_per_s": steps / seconds}
 
 
-def train_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device, *, warmup: int, steps: int, opts: StepOptions, desc: str,
-                progress: bool) -> dict[str, Any]:
+def train_steps(stream: Iterator[Any], trainee: Trainee, device: torch.device, *, warmup: int, steps: int,
+                desc: str, progress: bool) -> dict[str, Any]:
     """Loader -> copy -> trainer step, ``warmup + steps`` times; per-phase times of the last ``steps``."""
     clock = Clock(device)
     if device.type == "cuda":
@@ -232,9 +249,10 @@ def train_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.
             start, rss_start = t0, rss_bytes()
         host = next(stream)
         t1 = clock()
-        batch, copies, nbytes = to_device(host, device)
+        batch = to_device(host, device)
         t2 = clock()
-        phases = step(model, batch, optimizer, opts)
+        phases = trainee.step(batch)
+        copies, nbytes = copies_issued(host) if i >= warmup else (0, 0)
         if i >= warmup:
             s = host.stats()
             rows.append({"data_wait_s": t1 - t0, "transfer_s": t2 - t1,
@@ -275,9 +293,8 @@ def summarize_steps(rows: Sequence[dict[str, Any]], seconds: float) -> dict[str,
     }
 
 
-def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Any],
-                    device: torch.device, *, warmup: int, steps: int, opts: StepOptions, desc: str,
-                    progress: bool) -> dict[str, Any]:
+def synthetic_steps(trainee: Trainee, batches: Sequence[Any], device: torch.device, *, warmup: int, steps: int,
+                    desc: str, progress: bool) -> dict[str, Any]:
     """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound)."""
     clock = Clock(device)
     stats = [b.stats() for b in batches]
@@ -286,7 +303,7 @@ def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
         if i == warmup:
             start = clock()
-        phases = step(model, batches[i % len(batches)], optimizer, opts)
+        phases = trainee.step(batches[i % len(batches)])
         if i >= warmup:
             rows.append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
                          **{f: getattr(stats[i % len(batches)], f) for f in STAT_FIELDS}})
@@ -295,10 +312,9 @@ def synthetic_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     return out
 
 
-def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], batches: Sequence[Any],
-                      device: torch.device, *, warmup: int, steps: int, opts: StepOptions, desc: str,
-                      progress: bool) -> dict[str, dict[str, Any]]:
-    """Each (model, optimizer) of ``runs`` steps on the same device batch in turn, the order alternating per step.
+def interleaved_steps(runs: dict[str, Trainee], batches: Sequence[Any], device: torch.device, *, warmup: int,
+                      steps: int, desc: str, progress: bool) -> dict[str, dict[str, Any]]:
+    """Each trainee of ``runs`` steps on the same device batch in turn, the order alternating per step.
 
     Interleaving puts every run under the same machine load, so their ratio holds on a busy machine.
     """
@@ -307,8 +323,7 @@ def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimiz
     for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
         batch = batches[i % len(batches)]
         for name in names if i % 2 == 0 else names[::-1]:
-            model, optimizer = runs[name]
-            phases = step(model, batch, optimizer, opts)
+            phases = runs[name].step(batch)
             if i >= warmup:
                 s = batch.stats()
                 rows[name].append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
@@ -320,8 +335,7 @@ def interleaved_steps(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimiz
     return out
 
 
-def profiled_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   device: torch.device, trace_dir: str, name: str, *, opts: StepOptions) -> None:
+def profiled_steps(stream: Iterator[Any], trainee: Trainee, device: torch.device, trace_dir: str, name: str) -> None:
     """Five steps under ``torch.profiler`` (1 wait, 1 warm-up, 3 recorded) with one range per phase
     (``train_step``'s ``PhaseTimer`` names forward, backward and optimizer; data_wait and h2d are named here)."""
     from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
@@ -333,6 +347,6 @@ def profiled_steps(stream: Iterator[Any], model: torch.nn.Module, optimizer: tor
             with record_function("data_wait"):
                 host = next(stream)
             with record_function("h2d"):
-                batch = to_device(host, device)[0]
-            step(model, batch, optimizer, opts)
+                batch = to_device(host, device)
+            trainee.step(batch)
             prof.step()

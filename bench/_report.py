@@ -51,10 +51,10 @@ def _transfer_fraction(r: dict[str, Any], result: dict[str, Any]) -> tuple[float
 
 
 def _copies(r: dict[str, Any], result: dict[str, Any]) -> tuple[float, str]:
+    """Copies per batch as ``stats()`` says and as the copy issued them; NaN (never met) when the two disagree."""
     tr = r["transfer"]
-    copies = max(tr["as_loaded"]["copies_per_batch"], tr["moved"]["copies_per_batch"])
-    return copies, (f"{tr['as_loaded']['copies_per_batch']:g} per batch by stats(), "
-                    f"{tr['moved']['copies_per_batch']:g} issued by the copy")
+    said, issued = tr["as_loaded"]["copies_per_batch"], tr["moved"]["copies_per_batch"]
+    return said if said == issued else float("nan"), f"{said:g} per batch by stats(), {issued:g} issued by the copy"
 
 
 # How each target metric (``mmload.strategy.Target.metric``) is read from a strategy's result: (value, text).

@@ -44,7 +44,7 @@ from mmload.masking import MLMMasking
 from mmload.staging import pack
 from mmload.strategy import REFERENCE, STRATEGIES, DataKind, Strategy, get_strategy
 from mmload.tokenizer import load_tokenizer
-from models.build import apply_freeze, build_model, make_optimizer
+from models.build import apply_freeze, build_model, make_optimizer, make_scheduler
 from models.config import ModelConfig, TrainConfig
 from models.step import StepOptions
 
@@ -228,7 +228,8 @@ class Bench:
         self.shape = ModelConfig.preset(args.preset, vocab_size=len(self.tokenizer))
         # the trainer's own configuration of a run like this one: its step options and optimizer are the bench's
         self.train_config = TrainConfig(preset=args.preset, batch_size=args.batch_size, num_workers=args.workers,
-                                        lr=args.lr, precision=args.precision, seed=args.seed, device=args.device)
+                                        lr=args.lr, precision=args.precision, seed=args.seed, device=args.device,
+                                        steps=args.warmup + args.steps, warmup=args.warmup)
         self.opts = StepOptions.from_config(self.train_config)
         self.skipped: dict[str, str] = {}
         self.emb_data: list[str] | None = None
@@ -267,17 +268,19 @@ class Bench:
 
         return EpochStream(make)
 
-    def model(self, strategy: Strategy, freeze: str = "full") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def model(self, strategy: Strategy, freeze: str = "full") -> _measure.Trainee:
+        """A fresh model for ``strategy`` with the trainer's optimizer, schedule and step options."""
         extra = {} if strategy.has_raw_inputs else {"emb_dim": self.shape.d_model}
         model = build_model(self.args.preset, len(self.tokenizer), num_classes=self.num_classes, seed=self.args.seed,
                             **extra)
         apply_freeze(model, freeze)
         model.to(self.device).train()
         cfg = self.train_config
-        return model, make_optimizer(model, cfg.lr, cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        return _measure.Trainee(model, optimizer, make_scheduler(optimizer, cfg), self.opts)
 
     def step_kwargs(self, desc: str) -> dict[str, Any]:
-        return {"opts": self.opts, "desc": desc, "progress": self.args.progress}
+        return {"desc": desc, "progress": self.args.progress}
 
 
 def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]) -> dict[str, Any]:
@@ -297,10 +300,10 @@ def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]
         loader = _measure.time_loader(stream, a.warmup, steps, f"{strategy.name} loader", a.progress)
     finally:
         stream.close()
-    model, optimizer = bench.model(strategy)
+    trainee = bench.model(strategy)
     stream = bench.stream(strategy)
     try:
-        e2e = _measure.train_steps(stream, model, optimizer, device, warmup=a.warmup, steps=steps,
+        e2e = _measure.train_steps(stream, trainee, device, warmup=a.warmup, steps=steps,
                                    **bench.step_kwargs(f"{strategy.name} train"))
     finally:
         stream.close()
@@ -341,7 +344,7 @@ def synthetic_batches(bench: Bench) -> list[Any]:
     a = bench.args
     stream = bench.stream(get_strategy(REFERENCE))
     try:
-        return [_measure.to_device(next(stream), bench.device, non_blocking=False)[0]
+        return [_measure.to_device(next(stream), bench.device, non_blocking=False)
                 for _ in range(a.warmup + a.steps)]
     finally:
         stream.close()
@@ -349,8 +352,8 @@ def synthetic_batches(bench: Bench) -> list[Any]:
 
 def measure_synthetic(bench: Bench, batches: list[Any], desc: str) -> dict[str, Any]:
     a = bench.args
-    model, optimizer = bench.model(get_strategy(REFERENCE))
-    out = _measure.synthetic_steps(model, optimizer, batches, bench.device, warmup=a.warmup, steps=a.steps,
+    out = _measure.synthetic_steps(bench.model(get_strategy(REFERENCE)), batches, bench.device, warmup=a.warmup,
+                                   steps=a.steps,
                                    **bench.step_kwargs(desc))
     return {k: out[k] for k in ("samples_per_s", "real_tokens_per_s", "ms_per_batch", "ms_per_sample", "phases_ms",
                                 "phases_ms_median", "seconds", "samples", "steps")}
@@ -371,7 +374,7 @@ def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) 
         out[mode] = {"seconds": r["seconds"], "samples": r["samples"], "s_per_1000_samples": 1000 * per_sample,
                      "s_per_epoch": per_sample * epoch_samples if epoch_samples else None,
                      "epoch_samples": epoch_samples, "phases_ms": r["phases_ms"],
-                     "trainable_params": sum(p.numel() for p in runs[mode][0].parameters() if p.requires_grad)}
+                     "trainable_params": sum(p.numel() for p in runs[mode].model.parameters() if p.requires_grad)}
     out["ratio"] = out["frozen"]["s_per_1000_samples"] / out["full"]["s_per_1000_samples"]
     return out
 
@@ -415,10 +418,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, r in strategies.items():
             if r["status"] != "ok":
                 continue
-            model, optimizer = bench.model(get_strategy(name))
+            trainee = bench.model(get_strategy(name))
             stream = bench.stream(get_strategy(name))
             try:
-                _measure.profiled_steps(stream, model, optimizer, device, profile_dir, name, opts=bench.opts)
+                _measure.profiled_steps(stream, trainee, device, profile_dir, name)
             finally:
                 stream.close()
     config = dict(vars(args))

@@ -31,8 +31,8 @@ _WHERE = {
     "Loader": "mmload.loader", "StatefulLoader": "mmload.loader", "make_collator": "mmload.loader",
     "make_loader": "mmload.loader", "EpochStream": "mmload.epochs",
     # reliability
-    "Coverage": "mmload.coverage", "ErrorKind": "mmload.errors", "SampleError": "mmload.errors",
-    "TooManyErrors": "mmload.errors", "WorkerDied": "mmload.errors",
+    "Coverage": "mmload.coverage", "loader_errors": "mmload.coverage", "ErrorKind": "mmload.errors",
+    "SampleError": "mmload.errors", "TooManyErrors": "mmload.errors", "WorkerDied": "mmload.errors",
 }
 
 __all__ = sorted(_WHERE)

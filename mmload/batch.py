@@ -140,7 +140,7 @@ class NestedBatch(Batch):
         return [out[i] for i in range(len(self.keys))]
 
     def model_input(self) -> ModelInput:
-        return ModelInput(image=self.image, text=self.text)
+        return ModelInput(image=self.image, text=self.text, joint=True)
 
 
 @dataclass

@@ -70,13 +70,9 @@ class BucketBatcher:
         if self.max_wait < 1:
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait}")
 
-    def __call__(self, samples: Iterable[Sample], pending: Sequence[tuple[int, Sample]] = (),
-                 start: int = 0) -> Iterator[list[Sample]]:
-        """Batches from ``samples``; to resume, ``pending`` gives back the held samples with their arrival
-        numbers (in arrival order) and ``start`` the arrival number of the first new sample."""
-        held = self.holder(start)
-        for n, sample in pending:
-            held.put(sample, arrival=n)
+    def __call__(self, samples: Iterable[Sample]) -> Iterator[list[Sample]]:
+        """Batches from ``samples``, each as soon as it is due (``holder()`` is the same, one sample at a time)."""
+        held = self.holder()
         for sample in samples:
             for batch in held.add(sample):
                 yield [s for s, _ in batch]

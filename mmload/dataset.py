@@ -89,16 +89,16 @@ class StreamDataset(IterableDataset):
         if self.batcher is None:
             return (sample for _, sample in items)
         self._bucket = BucketStage(self.batcher)
-        if resume is not None and resume["bucket"] is not None:
+        if resume is not None and resume["bucket"] != {"fresh": True}:
             held = resume["bucket"]
-            self._bucket.restore(held, self._reread(self._bucket.positions(held)))
+            self._bucket.restore(held, self._reread(self._bucket.positions(held or {"held": [], "due": []})))
         return self._bucket(items)
 
     def state_dict(self) -> dict[str, Any]:
         if self._resume is not None:  # loaded, not iterated yet: the stream is where the state says
             return self._resume
         return {"format": STATE_FORMAT, "stream": self._items_state(),
-                "bucket": None if self._bucket is None else self._bucket.state_dict()}
+                "bucket": {"fresh": True} if self._bucket is None else self._bucket.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_format(state, type(self).__name__)
@@ -182,14 +182,6 @@ class ShardDataset(StreamDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
-        """The shards this rank's ``worker`` reads this epoch (see NOTE [splitting])."""
-        order = list(self.urls)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
-        return order[self.rank::self.world_size][worker::num_workers]
-
     def split(self) -> Split:
         """This stream's share: the rank's, and the DataLoader worker's it runs in (0 of 1 outside workers)."""
         info = get_worker_info()
@@ -203,8 +195,20 @@ class ShardDataset(StreamDataset):
         # string seeds hash stably across processes
         return random.Random(f"{self.seed}/{self.epoch}/{url}") if self.shuffle else None
 
+    def _shard_ids(self, worker: int = 0, num_workers: int = 1) -> list[tuple[int, str]]:
+        """``(id, url)`` of the shards this rank's ``worker`` reads this epoch: ids index ``self.urls``."""
+        ids = list(range(len(self.urls)))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            ids = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+        return [(i, self.urls[i]) for i in ids[self.rank::self.world_size][worker::num_workers]]
+
+    def shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
+        """The shards this rank's ``worker`` reads this epoch (see NOTE [splitting])."""
+        return [url for _, url in self._shard_ids(worker, num_workers)]
+
     def _source(self, split: Split) -> ShardSource:
-        return ShardSource(self.shards(split.worker, split.num_workers), self._read, rng=self._rng,
+        return ShardSource(self._shard_ids(split.worker, split.num_workers), self._read, rng=self._rng,
                            buffer=self.shuffle_buffer, on_damage=self._decode.bad, trace=self.trace,
                            worker=split.worker)
 

@@ -1,8 +1,8 @@
 """Batches across epochs: one loader per epoch, resumable mid-epoch.
 
-A trainer counts optimizer steps, not epochs (NOTE [unequal shares] in the README's reliability section), so it
-reads an endless stream; :class:`EpochStream` makes that stream out of one loader per epoch and its state out of
-the epoch and that loader's position.
+A trainer counts optimizer steps, not epochs (unequal shares of the shards never leave one rank waiting, see
+the README's reliability section), so it reads an endless stream; :class:`EpochStream` makes that stream out of
+one loader per epoch, and its state out of the epoch and that loader's position.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class EpochStream:
         if state.get("format") != self.STATE_FORMAT:
             raise ValueError(f"this epoch-stream state has format {state.get('format')!r}, this mmload reads format "
                              f"{self.STATE_FORMAT}; resume with the mmload version that saved it, or start the run "
-                             "over from its weights")
+                             "over (a checkpoint's weights still load: --eval-only --resume, --image-teacher, "
+                             "mmload precompute --encoder)")
         self.close()
         self.epoch = int(state["epoch"])
         self.loader = self._open(self.epoch)

@@ -126,14 +126,16 @@ class ModelInput(TensorBatch):
     text: TextLayout | None = None
     embeddings: PackedEmbeddings | None = None
     parts: tuple[ModelInput, ...] = ()
+    joint: bool = False  # every side in one packed encoder call even when none is packed (the nested layout)
 
     def model_input(self) -> ModelInput:
         return self
 
     @property
     def packed(self) -> bool:
-        """Whether the sides share one packed encoder call: when any side is packed, dense images join it."""
-        return (self.text is not None and self.text.packed) or self.embeddings is not None
+        """Whether the sides share one packed encoder call: when asked (``joint``) or when any side is packed;
+        dense images then join it as sequences of equal length."""
+        return self.joint or (self.text is not None and self.text.packed) or self.embeddings is not None
 
     def leaves(self) -> tuple[ModelInput, ...]:
         """The inputs that run as encoder calls: ``parts``, or this input itself."""

@@ -5,12 +5,14 @@
       -> Transform     a per-sample ``Sample -> Sample`` (e.g. MLM masking), seeded by key: no state
       -> BucketStage   optional: a batcher (``BucketBatcher``) that holds samples until their batch is due
 
-Every item carries its **position**, ``(url, offset)``: the shard and the number of the raw sample in that
-shard's (shuffled) order. NOTE [stage state]: ``state_dict()`` of each stage describes the stream after the last
+Every item carries its **position**, ``(shard, offset)``: the shard's id (its index in the dataset's expanded
+URL list, so a shard listed twice is two shards) and the number of the raw sample in that shard's (shuffled)
+order. NOTE [stage state]: ``state_dict()`` of each stage describes the stream after the last
 item it handed on. The source's is per shard (the shards it finished, the one it is in and how far), not per
 rank/worker split, so that a later resume can hand unfinished shards to another split; the decoder's is its
 error counts; the bucket stage's is the positions of the samples it holds, which a resume re-reads from the
-source (a shard's shuffled order is a pure function of ``(seed, epoch, url)``) and hands back to it. The
+source (a shard's shuffled order is a pure function of ``(seed, epoch, url)``) and hands back to it, and the
+batches it has made but not handed on yet, in order. The
 shuffle and the transform are pure functions of their seeds and so have nothing to save. A dataset's state
 gathers its stages' states with a ``format`` version and the ``split`` it was saved under; ``check_split`` is
 the one place that decides whether a saved split can be resumed.
@@ -19,6 +21,7 @@ the one place that decides whether a saved split can be resumed.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,7 +32,7 @@ from mmload.errors import ErrorCounter, SampleError, write_trace
 from mmload.sample import Sample
 
 STATE_FORMAT = 2  # 1: positions per split (shard index, sample), before mmload.stages; 2: per shard
-Position = tuple[Any, ...]  # (url, offset) from one source; a blend prefixes its source's index
+Position = tuple[Any, ...]  # (shard id, offset) from one source; a blend prefixes its source's index
 
 
 @dataclass(frozen=True)
@@ -53,24 +56,28 @@ def check_split(saved: Mapping[str, int], now: Mapping[str, int]) -> None:
     with it, each worker its whole split). ``now`` may name only some fields: those are compared.
     """
     keys = [k for k in ("world_size", "num_workers", "rank", "worker") if k in now]
-    were, are = tuple(saved.get(k) for k in keys), tuple(now[k] for k in keys)
-    if were != are:
-        raise ValueError(f"cannot resume a stream saved as ({', '.join(keys)})={were} as {are}: shards are split by "
-                         "rank and worker, so another split would repeat or skip samples. Resume with the same number "
-                         "of ranks and DataLoader workers, or start the epoch over")
+    if any(saved.get(k) != now[k] for k in keys):
+        were = ", ".join(f"{k}={saved.get(k)}" for k in keys)
+        are = ", ".join(f"{k}={now[k]}" for k in keys)
+        raise ValueError(f"cannot resume a stream saved with {were} as one with {are}: shards are split by rank and "
+                         "worker, so another split would repeat or skip samples. Resume with the same number of "
+                         "ranks and DataLoader workers (torchrun --nproc_per_node, --num-workers), or start the "
+                         "epoch over")
 
 
 def check_format(state: Mapping[str, Any], what: str) -> None:
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"this {what} state has format {state.get('format')!r}, this mmload reads format "
-                         f"{STATE_FORMAT}; resume it with the mmload version that saved it, or start the epoch over")
+                         f"{STATE_FORMAT}; resume it with the mmload version that saved it, or start the epoch over "
+                         "(a trainer checkpoint's weights still load: --eval-only --resume, --image-teacher, "
+                         "mmload precompute --encoder)")
 
 
 def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buffer: int) -> Iterator[dict[str, Any]]:
     """The shuffle stage: raw samples of one shard through a bounded buffer (``rng`` None: in order).
 
     NOTE [shuffling]: the buffer is drained at the end of each shard, so the order of a shard is a pure function of
-    its rng (seeded by ``(seed, epoch, url)``) and a position ``(url, offset)`` says exactly what was read.
+    its rng (seeded by ``(seed, epoch, url)``) and a position ``(shard, offset)`` says exactly what was read.
     """
     if rng is None:
         yield from raws
@@ -85,70 +92,71 @@ def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buf
 
 
 class ShardSource:
-    """The source stage: raw samples of ``shards`` in order, each through ``shuffle_shard``, with positions.
+    """The source stage: raw samples of ``shards`` (``(shard id, url)`` pairs) in order, each through
+    ``shuffle_shard``, with positions ``(shard id, offset)``.
 
     ``read(url)`` yields a shard's raw samples and raises :class:`SampleError` where it is damaged; the damage is
     reported to ``on_damage`` where the shard ends for the stream (after its buffered samples), so a resume never
     reports it twice. ``trace``: see NOTE [worker trace] in :mod:`mmload.errors`.
     """
 
-    def __init__(self, shards: Sequence[str], read: Callable[[str], Iterator[dict[str, Any]]], *,
+    def __init__(self, shards: Sequence[tuple[int, str]], read: Callable[[str], Iterator[dict[str, Any]]], *,
                  rng: Callable[[str], random.Random | None], buffer: int, on_damage: Callable[[SampleError], None],
                  trace: torch.Tensor | None = None, worker: int = 0) -> None:
-        self.shards, self.read, self.rng, self.buffer = list(shards), read, rng, buffer
+        self.shards, self.read, self.rng, self.buffer = [(int(i), url) for i, url in shards], read, rng, buffer
         self.on_damage, self.trace, self.worker = on_damage, trace, worker
-        self.finished: list[str] = []
-        self.current: str | None = None  # the shard being read
+        self.finished: list[int] = []  # ids of the shards read to their end
+        self.current: int | None = None  # id of the shard being read
         self.offset = 0  # raw samples of ``current`` handed on
 
-    def _raw(self, url: str) -> Iterator[dict[str, Any]]:
-        damage = None
+    def _shuffled(self, url: str) -> tuple[Iterator[dict[str, Any]], list[SampleError]]:
+        """The shard's raw samples in their shuffled order, and (filled once they are all out) its damage: every
+        sample read whole before the damage comes out, buffered ones included."""
+        damage: list[SampleError] = []
 
         def read() -> Iterator[dict[str, Any]]:
-            nonlocal damage
             try:
                 yield from self.read(url)
             except SampleError as e:
-                damage = e
+                damage.append(e)
 
-        yield from shuffle_shard(read(), self.rng(url), self.buffer)
-        if damage is not None:
-            self.on_damage(damage)
+        return shuffle_shard(read(), self.rng(url), self.buffer), damage
 
     def __iter__(self) -> Iterator[tuple[Position, dict[str, Any]]]:
         done = set(self.finished)
-        for url in self.shards:
-            if url in done:
+        for shard, url in self.shards:
+            if shard in done:
                 continue  # resuming: a finished shard is not read again
-            start = self.offset if url == self.current else 0
-            self.current, self.offset = url, start
-            for j, raw in enumerate(self._raw(url)):
+            start = self.offset if shard == self.current else 0
+            self.current, self.offset = shard, start
+            raws, damage = self._shuffled(url)
+            for j, raw in enumerate(raws):
                 if j < start:
                     continue  # resuming: raw samples handed on before are skipped undecoded
                 self.offset = j + 1
                 if self.trace is not None:
                     write_trace(self.trace, self.worker, url, raw["__key__"])
-                yield (url, j), raw
-            self.finished.append(url)
+                yield (shard, j), raw
+            for err in damage:
+                self.on_damage(err)
+            self.finished.append(shard)
             self.current, self.offset = None, 0
 
     def reread(self, positions: Iterable[Position]) -> dict[Position, dict[str, Any]]:
-        """The raw samples at ``positions`` (``(url, offset)``), read again; damage is not reported again."""
-        wanted: dict[str, set[int]] = {}
-        for url, j in positions:
-            wanted.setdefault(url, set()).add(j)
+        """The raw samples at ``positions`` (``(shard id, offset)``), read again; damage is not reported again."""
+        urls = dict(self.shards)
+        wanted: dict[int, set[int]] = {}
+        for shard, j in positions:
+            wanted.setdefault(int(shard), set()).add(int(j))
         out: dict[Position, dict[str, Any]] = {}
-        for url, offsets in wanted.items():
+        for shard, offsets in wanted.items():
             last = max(offsets)
-            raws = self.read(url)
-            try:
-                for j, raw in enumerate(shuffle_shard(raws, self.rng(url), self.buffer)):
-                    if j in offsets:
-                        out[(url, j)] = raw
-                    if j >= last:
-                        break
-            except SampleError:
-                pass  # a held sample was read whole before the damage: it is in ``out`` already
+            raws, _ = self._shuffled(urls[shard])
+            for j, raw in enumerate(raws):
+                if j in offsets:
+                    out[(shard, j)] = raw
+                if j >= last:
+                    break
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,35 +225,51 @@ class Transform:
 
 
 class BucketStage:
-    """The bucketing stage: samples in, lists of samples out, through a batcher's ``holder()`` (``BucketBatcher``).
+    """The bucketing stage: samples in, lists of samples out, through a batcher.
 
-    It owns what it holds: every held sample with its position, so ``state_dict()`` lists the positions to
-    re-read and ``restore`` puts those samples back in their buckets with their arrival numbers.
+    A ``BucketBatcher`` (anything with its ``holder()``) makes the stage resumable: the stage owns what it holds,
+    every held sample with its position, and the batches that are due but not handed on yet (one sample can
+    complete several), so ``state_dict()`` lists the positions to re-read and ``restore`` puts those samples back
+    where they were. Any other batcher (``Iterator[Sample] -> Iterator[list[Sample]]``) runs as it is, but its
+    stream cannot be resumed mid-epoch: it keeps no state the stage can save.
     """
 
     def __init__(self, batcher: Any) -> None:
-        if not hasattr(batcher, "holder"):
-            raise TypeError(f"a batcher must offer holder() (as BucketBatcher does) so that its stage can save what "
-                            f"it holds; got {type(batcher).__name__}")
-        self.held = batcher.holder()
+        self.batcher = batcher
+        self.held = batcher.holder() if hasattr(batcher, "holder") else None
+        self.due: deque[list[tuple[Sample, Position]]] = deque()  # made, not handed on yet
 
     def __call__(self, items: Iterable[tuple[Position, Sample]]) -> Iterator[list[Sample]]:
+        if self.held is None:
+            yield from self.batcher(sample for _, sample in items)
+            return
         for pos, sample in items:
-            for batch in self.held.add(sample, pos):
-                yield [s for s, _ in batch]
-        for batch in self.held.drain():
-            yield [s for s, _ in batch]
+            self.due.extend(self.held.add(sample, pos))
+            yield from self._hand_on()
+        self.due.extend(self.held.drain())
+        yield from self._hand_on()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"held": [[list(pos), arrival] for pos, arrival in self.held.held()], "arrivals": self.held.arrivals}
+    def _hand_on(self) -> Iterator[list[Sample]]:
+        while self.due:  # one at a time: a state taken between two of them lists the rest
+            yield [s for s, _ in self.due.popleft()]
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if self.held is None:
+            return None
+        return {"held": [[list(pos), arrival] for pos, arrival in self.held.held()],
+                "due": [[list(pos) for _, pos in batch] for batch in self.due], "arrivals": self.held.arrivals}
 
     def positions(self, state: Mapping[str, Any]) -> list[Position]:
-        return [tuple(pos) for pos, _ in state["held"]]
+        return [tuple(pos) for pos, _ in state["held"]] + [tuple(pos) for batch in state["due"] for pos in batch]
 
-    def restore(self, state: Mapping[str, Any], samples: Mapping[Position, Sample]) -> None:
+    def restore(self, state: Mapping[str, Any] | None, samples: Mapping[Position, Sample]) -> None:
         """Hold again what ``state`` held: ``samples`` by position, re-read and decoded by the caller."""
+        if state is None or self.held is None:
+            raise ValueError(f"the batcher {type(self.batcher).__name__} keeps no state to resume from mid-epoch; give "
+                             "it a holder() as BucketBatcher has, or start the epoch over")
         for pos, arrival in state["held"]:
             self.held.put(samples[tuple(pos)], tuple(pos), arrival=arrival)
+        self.due.extend([(samples[tuple(pos)], tuple(pos)) for pos in batch] for batch in state["due"])
         self.held.arrivals = int(state["arrivals"])
 
 

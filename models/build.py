@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.config import FREEZE_MODES, ModelConfig
+from models.config import FREEZE_MODES, ModelConfig, TrainConfig
 from models.hf_init import config_from_hf_bert, config_from_hf_vit, load_hf_bert, load_hf_vit
+from models.schedule import warmup_poly_scheduler
 from models.vit_bert import ViTBERT
 
 FROZEN_TRAINABLE = ("embeddings", "position_embeddings", "layer_norms", "heads")  # Frozen Pretrained Transformer
@@ -58,6 +59,11 @@ def apply_freeze(model: ViTBERT, mode: str) -> list[str]:
     return [n for n, _ in model.named_parameters() if n in trainable]
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's learning-rate schedule: linear warm-up (capped at the run's steps), then polynomial decay."""
+    return warmup_poly_scheduler(optimizer, min(cfg.warmup, cfg.steps), cfg.steps, cfg.power)
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,4 +72,4 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01) -> t
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-__all__ = ["FREEZE_MODES", "FROZEN_TRAINABLE", "apply_freeze", "build_model", "make_optimizer"]
+__all__ = ["FREEZE_MODES", "FROZEN_TRAINABLE", "apply_freeze", "build_model", "make_optimizer", "make_scheduler"]

@@ -3,7 +3,7 @@
 A checkpoint is a dict saved with ``torch.save``. Every checkpoint has ``format``, ``config`` (the
 ``ModelConfig`` fields), ``model`` (the state dict of the bare model: no DDP ``module.`` or compile prefixes) and
 ``tokenizer`` (the fast tokenizer's JSON and special tokens, or None); a training checkpoint adds optimizer,
-scheduler, step, RNG, gradient-mask and loader state (see ``models.train``). ``load_model`` reads the first part
+scheduler, step, RNG, gradient-mask and loader state (see ``models.loop``). ``load_model`` reads the first part
 only, so a training checkpoint doubles as a model file (``mmload precompute --encoder``, ``--image-teacher``).
 
 NOTE [atomic writes]: the file is written to a temporary sibling and renamed over the target (``os.replace`` is

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,9 @@ from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.manifest import manifest_beside
+from mmload.stages import check_split
 from mmload.strategy import get_strategy
-from models.build import apply_freeze, build_model, make_optimizer
+from models.build import apply_freeze, build_model, make_optimizer, make_scheduler
 from models.checkpoint import NAME, load_checkpoint, model_from_state, model_state, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.distributed import DistInfo, gather, init_distributed, rng_state, set_rng_state
@@ -35,7 +35,6 @@ from models.evaluate import evaluate
 from models.gradmask import GradientMasker, MaskSchedule
 from models.kd import Distiller, ImageTeacher, ShardImageTeacher, TextTeacher
 from models.metrics_log import MetricsLog
-from models.schedule import warmup_poly_scheduler
 from models.step import STAT_NAMES, StepOptions, summarize, train_step
 from models.transforms import read_text_len, text_transform
 from models.vit_bert import ViTBERT
@@ -149,25 +148,20 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=True)  # a batch may hold one modality: the other's params idle
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_poly_scheduler(optimizer, min(cfg.warmup, cfg.steps), cfg.steps, cfg.power)
+    scheduler = make_scheduler(optimizer, cfg)
     masker = _make_masker(cfg, model)
     distiller = _make_distiller(cfg, config, device)
     transform = text_transform(config, tokenizer, seed=cfg.seed, mask_prob=cfg.mask_prob)
 
     def make_epoch_loader(epoch: int) -> Any:
-        with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            return make_loader(cfg.strategy, data, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                               stateful=True, transform=transform.for_epoch(epoch), seed=cfg.seed,
-                               tokenizer=tokenizer, shuffle=cfg.shuffle, image_size=config.image_size,
-                               max_text_len=read_text_len(config))
+        return make_loader(cfg.strategy, data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, stateful=True,
+                           transform=transform.for_epoch(epoch), seed=cfg.seed, tokenizer=tokenizer,
+                           shuffle=cfg.shuffle, image_size=config.image_size, max_text_len=read_text_len(config))
 
     stream = EpochStream(make_epoch_loader)
     step = 0
     if resume is not None:
-        if resume.get("world_size", 1) != info.world:
-            raise ValueError(f"checkpoint was made by {resume.get('world_size')} processes, this run has "
-                             f"{info.world}; the loader positions are per process: resume with the same count")
+        check_split({"world_size": resume.get("world_size", 1)}, {"world_size": info.world})  # one state per rank
         if "optimizer" not in resume:
             raise ValueError(f"{cfg.resume} holds weights only (no optimizer or loader state): evaluate it with "
                              "--eval-only or distill from it with --image-teacher")

@@ -489,6 +489,13 @@ class ViTBERT(nn.Module):
         images join it: image patch sequences and the packed sequences go through one packed encoder call."""
         if inp.image is None and inp.text is None and inp.embeddings is None:
             raise ValueError("the batch has neither images nor texts nor embeddings")
+        if inp.image is not None and inp.embeddings is not None:
+            raise ValueError("an input with both pixels and precomputed embeddings would give two sets of image rows; "
+                             "give images one layout")
+        where, here = next(t.device for t in inp.tensors()), self.mlm_head.out.weight.device
+        if where != here:
+            raise ValueError(f"the batch is on {where}, the model on {here}: move it with batch.to(device) first "
+                             "(a PackedBatch moves in one copy)")
         images = mlm = nsp = None
         stretches: list[tuple[str, _Stretch]] = []
         if inp.image is not None:
@@ -510,8 +517,7 @@ class ViTBERT(nn.Module):
                 elif side == "text":
                     mlm, nsp = self._text_packed(h, inp.text, _image_index(inp))
                 else:
-                    emb_images, mlm = self._embeddings_packed(h, inp.embeddings)
-                    images = images if emb_images is None else emb_images
+                    images, mlm = self._embeddings_packed(h, inp.embeddings)
         return self._output(images, mlm, nsp)
 
     def _encode_packed(self, stretches: list[_Stretch]) -> list[torch.Tensor]:

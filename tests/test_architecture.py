@@ -93,29 +93,56 @@ def test_the_package_exports_what_the_readme_documents() -> None:
         mmload.read_shard  # noqa: B018 - an internal of the reader, not exported
 
 
+def strategy_name_uses(tree: ast.Module) -> list[tuple[int, str]]:
+    """Where a strategy's name is tested or looked up: a comparison (``==``, ``in``), a ``match`` case, a subscript
+    (``d["nested"]``) or a ``startswith``/``endswith``/``get`` argument. A default value or a message is not."""
+    names, out = set(STRATEGIES), []
+
+    def named(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Constant) and node.value in names:
+            return {node.value}
+        if isinstance(node, ast.Tuple | ast.List | ast.Set):
+            return {e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names}
+        return set()
+
+    for node in ast.walk(tree):
+        found: set[str] = set()
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                found |= named(side)
+        elif isinstance(node, ast.MatchValue):
+            found |= named(node.value)
+        elif isinstance(node, ast.Subscript):
+            found |= named(node.slice)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("startswith", "endswith", "get"):
+            for arg in node.args:
+                found |= named(arg)
+        out += [(node.lineno, name) for name in found]
+    return out
+
+
 def test_no_strategy_name_is_compared_outside_the_registry() -> None:
     """``strategy == "nested"`` and the like belong in mmload/strategy.py only; everyone else asks the registry."""
-    names = set(STRATEGIES)
-    for package in ("mmload", "models", "bench"):
-        for module, tree in modules(package).items():
-            if module == "mmload.strategy":
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Compare):
-                    consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
-                    consts += [e.value for c in node.comparators if isinstance(c, ast.Tuple | ast.List | ast.Set)
-                               for e in c.elts if isinstance(e, ast.Constant)]
-                    hit = names & {c for c in consts if isinstance(c, str)}
-                    assert not hit, f"{module}:{node.lineno} compares a strategy name {hit}"
+    hits = [f"{module}:{line} uses {name!r}" for package in ("mmload", "models", "bench")
+            for module, tree in modules(package).items() if module != "mmload.strategy"
+            for line, name in strategy_name_uses(tree)]
+    assert not hits, hits
+    probe = ast.parse('if s == "nested": pass\nmatch s:\n    case "padded": pass\nd["bucketed"]\n'
+                      's.startswith("per-sample")\nx = {"strategy": "padded"}\ndef f(s="padded"): pass\n')
+    assert sorted(strategy_name_uses(probe)) == [(1, "nested"), (3, "padded"), (4, "bucketed"), (5, "per-sample")]
 
 
 def test_models_and_bench_never_test_batch_classes() -> None:
+    def classes(node: ast.AST) -> set[str]:
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | \
+            {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
     for package in ("models", "bench"):
         for module, tree in modules(package).items():
             for node in ast.walk(tree):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
-                    names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
-                    assert not names & BATCH_CLASSES, f"{module}:{node.lineno} isinstance on {names & BATCH_CLASSES}"
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+                    hit = classes(node.args[1]) & BATCH_CLASSES
+                    assert not hit, f"{module}:{node.lineno} tests the batch class {hit}"
 
 
 @pytest.mark.parametrize("name", [s.name for s in REGISTRY.values() if s.has_raw_inputs])
@@ -158,3 +185,13 @@ def test_a_new_strategy_is_one_object(builtin_shards: list[str]) -> None:
     assert out.image_logits.shape[0] + out.mlm_index.unique().numel() > 0
     with pytest.raises(ValueError, match="unknown strategy 'nope'; choose one of per-sample, padded"):
         get_strategy("nope")
+
+
+def test_the_model_reads_layouts_and_says_where_a_batch_must_go() -> None:
+    images_only = [s for s in make_samples(9) if s.modality == "image"]
+    assert get_strategy("nested").collator()(images_only).model_input().packed  # nested: one packed call
+    assert not get_strategy("padded").collator()(images_only).model_input().packed
+    model = ViTBERT(ModelConfig.preset("tiny", vocab_size=100)).to("meta")
+    with pytest.raises(ValueError, match="the batch is on cpu, the model on meta: move it with batch.to"):
+        model(get_strategy("nested").collator()(images_only))
+    assert mmload.loader_errors({"a": [{"stage": "decode", "errors": {"image_decode": 2}}]}) == {"image_decode": 2}
