@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run's settings, every default resolved (``parse_args`` fills it; nothing changes it after)."""
+
+    data: tuple[str, ...] | None
+    samples: int
+    image_text_ratio: float
+    text_len: tuple[float, float]
+    tokenizer: str | None
+    emb: str
+    cache_dir: str | None
+    strategies: tuple[str, ...]
+    preset: str
+    batch_size: int
+    workers: int
+    steps: int
+    warmup: int
+    per_sample_steps: int
+    freeze_steps: int
+    reliability_epochs: int
+    device: str
+    precision: str
+    threads: int | None
+    lr: float
+    seed: int
+    profile: bool
+    out: str
+    quick: bool
+    progress: bool
+    maxcount: int
+    collate_batches: int
+    argv: tuple[str, ...] | None = None  # the command line, as given to main() (None: sys.argv)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    """The command line as a BenchConfig: defaults resolved for the device and ``--quick``, values checked."""
     parser = build_parser()
     args = parser.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -165,7 +202,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("warmup", "workers", "freeze_steps", "reliability_epochs"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    return args
+    values = vars(args) | {"data": None if args.data is None else tuple(args.data),
+                           "strategies": tuple(args.strategies), "argv": None if argv is None else tuple(argv)}
+    return BenchConfig(**values)
 
 
 # ---- provenance ----
@@ -212,7 +251,7 @@ def _cpu_name() -> str:
 class Bench:
     """Everything one run shares: data, tokenizer, masking, model shape, and how to build loaders and models."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: BenchConfig) -> None:
         self.args = args
         self.device = torch.device(args.device)
         self.cache = Path(args.cache_dir or os.environ.get("MMLOAD_CACHE") or "~/.cache/mmload").expanduser()
@@ -379,7 +418,7 @@ def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) 
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: BenchConfig) -> dict[str, Any]:
     started, load_start = time.perf_counter(), os.getloadavg()
     date = datetime.now(UTC)
     bench = Bench(args)
@@ -424,7 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _measure.profiled_steps(stream, trainee, device, profile_dir, name)
             finally:
                 stream.close()
-    config = dict(vars(args))
+    config = dataclasses.asdict(args)
     config.update(data=bench.data, embedding_data=bench.emb_data, model=vars(bench.shape) | {"num_classes":
                   bench.num_classes}, tokenizer_vocab=len(bench.tokenizer), cache_dir=str(bench.cache),
                   step_options=vars(bench.opts))
@@ -453,7 +492,6 @@ def _quiet_known_warnings() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; write the result files into ``--out``; return the result dict (also for tests)."""
     args = parse_args(argv)
-    args.argv = None if argv is None else list(argv)
     threads = torch.get_num_threads()
     try:
         if args.threads:
@@ -473,4 +511,4 @@ if __name__ == "__main__":
     sys.exit(0)
 
 
-__all__ = ["build_parser", "main", "parse_args", "run"]
+__all__ = ["BenchConfig", "build_parser", "main", "parse_args", "run"]
