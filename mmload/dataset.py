@@ -169,6 +169,15 @@ class ShardDataset(StreamDataset):
     def tokenizer(self) -> Any:
         return self.decoder.tokenizer
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a ``spawn`` or ``forkserver`` DataLoader worker: the placement is settled here, in the main
+        process, where ``torch.distributed`` knows this rank (a fresh worker process has no process group and
+        would take itself for rank 0 of 1, so every rank would read every shard)."""
+        state = self.__dict__.copy()
+        if state["_rank_world"] is None:
+            state["_rank_world"] = _dist_rank_world()
+        return state
+
     @property
     def rank(self) -> int:
         """This process's rank: as given, else torch.distributed's when iterating (so a dataset made before

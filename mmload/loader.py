@@ -23,28 +23,38 @@ def make_collator(strategy: str | Strategy, *, pack: bool | None = None,
     return get_strategy(strategy).collator(pack=pack, ids_dtype=ids_dtype)
 
 
+# DataLoader keywords make_loader hands on as they are (the rest go to the dataset); the loader sets the others
+LOADER_KEYWORDS = ("timeout", "persistent_workers", "multiprocessing_context", "worker_init_fn", "in_order",
+                   "pin_memory_device", "snapshot_every_n_steps")
+
+
 def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_size: int = 32, num_workers: int = 2,
                 pin_memory: bool | None = None, pack: bool | None = None, stateful: bool = False,
                 transform: Callable[[Sample], Sample] | None = None, seed: int = 0,
-                prefetch_factor: int | None = None, **dataset_kwargs: Any) -> DataLoader:
+                prefetch_factor: int | None = None, **kwargs: Any) -> DataLoader:
     """A DataLoader that yields batches of ``strategy`` from ``data`` (``--data`` specs, see ``open_data``).
 
     ``strategy`` is a name or a :class:`~mmload.strategy.Strategy` of the registry; ``embeddings`` (a strategy whose
     ``data`` is precomputed) expects shards written by ``mmload precompute``. ``stateful=True`` returns a
     :class:`StatefulLoader` (torchdata's ``StatefulDataLoader``: the same arguments, plus ``state_dict()`` and
-    ``load_state_dict()`` to resume mid-epoch).
-    ``dataset_kwargs`` go to :class:`~mmload.ShardDataset` (``image_size``, ``tokenizer``, ``shuffle``, ...).
+    ``load_state_dict()`` to resume mid-epoch). The DataLoader keywords of ``LOADER_KEYWORDS`` (``timeout``,
+    ``persistent_workers``, ``multiprocessing_context``, ...) go to the loader; every other keyword goes to
+    :class:`~mmload.ShardDataset` (``image_size``, ``tokenizer``, ``shuffle``, ...).
     """
     strategy = get_strategy(strategy)
     collate = strategy.collator(pack=pack)
     batcher = strategy.batcher(batch_size)
-    dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **dataset_kwargs)
+    loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}
+    if "snapshot_every_n_steps" in loader_kwargs and not stateful:
+        raise ValueError("snapshot_every_n_steps is a StatefulDataLoader keyword; pass stateful=True with it")
+    dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **kwargs)
     if pin_memory is None:
         pin_memory = torch.accelerator.is_available()
     loader_cls: type[DataLoader] = StatefulLoader if stateful else Loader
-    extra = {} if num_workers == 0 or prefetch_factor is None else {"prefetch_factor": prefetch_factor}
+    if num_workers > 0 and prefetch_factor is not None:
+        loader_kwargs["prefetch_factor"] = prefetch_factor
     return loader_cls(dataset, batch_size=None if batcher else batch_size, collate_fn=collate,
-                      num_workers=num_workers, pin_memory=pin_memory, **extra)
+                      num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
 
 
 def saved_num_workers(state: dict[str, Any]) -> int:
@@ -93,4 +103,5 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
         super().load_state_dict(state_dict)
 
 
-__all__ = ["STRATEGIES", "Loader", "StatefulLoader", "make_collator", "make_loader", "saved_num_workers"]
+__all__ = ["LOADER_KEYWORDS", "STRATEGIES", "Loader", "StatefulLoader", "make_collator", "make_loader",
+           "saved_num_workers"]
