@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from enum import StrEnum
 
@@ -26,9 +27,25 @@ class ErrorKind(StrEnum):
 
 
 class SampleError(Exception):
-    """A bad sample or shard: ``kind`` names what went wrong, the message names the shard and the key."""
+    """A bad sample or shard: ``kind`` names what went wrong, the message names the shard and the key.
 
-    def __init__(self, kind: ErrorKind, message: str, url: str = "", key: str = "") -> None:
+    NOTE [errors from workers]: a DataLoader worker hands its exception to the main process as its type and one
+    message (the worker's traceback included), and the main process re-raises ``type(message)``. ``SampleError``
+    made from that one message reads its kind, shard and key back out of it, so ``strict`` mode raises the same
+    error, with the same fields, with workers as without.
+    """
+
+    _WHERE = re.compile(r"\[(?P<kind>[a-z_]+)\] (?P<url>.*?)(?: key '(?P<key>[^']*)')?: ")
+
+    def __init__(self, kind: ErrorKind | str, message: str | None = None, url: str = "", key: str = "") -> None:
+        if message is None:  # re-raised from a worker: one message that names the rest (NOTE above)
+            text = str(kind)
+            found = list(self._WHERE.finditer(text))
+            last = found[-1] if found and found[-1]["kind"] in ErrorKind._value2member_map_ else None
+            self.kind = ErrorKind(last["kind"]) if last else ErrorKind.SHARD_READ
+            self.url, self.key = (last["url"], last["key"] or "") if last else ("", "")
+            super().__init__(text)
+            return
         self.kind, self.url, self.key = ErrorKind(kind), url, key
         where = f"{url}" + (f" key {key!r}" if key else "")
         super().__init__(f"[{self.kind}] {where}: {message}")

@@ -78,7 +78,10 @@ def _reporting(batches: Iterator[Any], trace: torch.Tensor | None) -> Iterator[A
     try:
         yield from batches
     except RuntimeError as e:
-        if trace is None or "DataLoader worker" not in str(e):
+        # "Caught X in DataLoader worker": an exception the worker raised, handed on as it is (a SampleError or
+        # TooManyErrors among them); a worker that died or went silent is what the trace is for
+        died = "DataLoader worker" in str(e) or "DataLoader timed out" in str(e)
+        if trace is None or not died or str(e).startswith("Caught "):
             raise
         where = "; ".join(f"worker {i}: {w or 'not started'}" for i, w in enumerate(read_trace(trace)))
         raise WorkerDied(f"{e} The workers were decoding: {where}") from e

@@ -61,3 +61,33 @@ def test_unreachable_shard_is_retried_a_bounded_number_of_times_then_counted(mon
     assert calls.count(local) == 1  # a missing local file does not come back by waiting
     assert ds.errors.counts == {"shard_read": 2}
     assert n == sum(1 for _ in ShardDataset(builtin_shards[0], image_size=16))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_errors_raised_in_workers_reach_the_main_process_as_themselves(workers: int, tmp_path,
+                                                                       builtin_shards: list[str]) -> None:
+    """strict mode and max_consecutive_errors raise SampleError / TooManyErrors with the shard and key, whatever
+    the worker count (NOTE [errors from workers] in mmload.errors); a dead worker stays WorkerDied (above)."""
+    import io
+    import tarfile
+    from pathlib import Path
+
+    from mmload import SampleError, TooManyErrors
+
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i in range(4):
+            info = tarfile.TarInfo(f"x{i}.jpg")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"junk"))
+    tok = str(Path(builtin_shards[0]).parent)
+    shards = [str(bad), *builtin_shards[:3]]
+    with pytest.raises(SampleError, match="x0") as raised:
+        for _ in make_loader("padded", shards, batch_size=4, num_workers=workers, image_size=16, tokenizer=tok,
+                             strict=True):
+            pass
+    assert (raised.value.kind, raised.value.key, raised.value.url) == ("image_decode", "x0", str(bad))
+    with pytest.raises(TooManyErrors, match="3 bad samples in a row"):
+        for _ in make_loader("padded", shards, batch_size=4, num_workers=workers, image_size=16, tokenizer=tok,
+                             max_consecutive_errors=3):
+            pass
