@@ -67,10 +67,32 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def checkpoints(folder: str | Path) -> list[Path]:
+    """Every ``checkpoint-STEP.pt`` in ``folder``, oldest step first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := _NAME_RE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``folder`` (``keep`` 0: keep all); returns what went."""
+    gone = checkpoints(folder)[:-keep] if keep > 0 else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def remove_partial_saves(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a save that was killed left behind (NOTE [atomic writes])."""
+    gone = sorted(Path(folder).glob(".checkpoint-*.pt.tmp-*"))
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
     """The ``checkpoint-STEP.pt`` with the highest step in ``folder``; None if there is none."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := _NAME_RE.fullmatch(p.name))]
-    return max(found)[1] if found else None
+    found = checkpoints(folder)
+    return found[-1] if found else None
 
 
 def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:

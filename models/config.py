@@ -163,7 +163,9 @@ class TrainConfig:
     # output, checkpoints, evaluation
     out: str | None = None
     log_every: int = 10
+    log_keys: bool = False
     save_every: int = 0
+    keep_checkpoints: int = 0
     resume: str | None = None
     eval_only: bool = False
     limit_samples: int = 1000
@@ -182,13 +184,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "save_every", "warmup", "grad_clip", "text_loss_weight", "nsp_weight",
-                     "mask_ratio", "weight_decay", "kd_alpha"):
+                     "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ValueError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.log_keys and not self.out:
+            raise ValueError("--log-keys writes OUT/keys-rank{RANK}.jsonl; give --out DIR")
         if self.init_bert and self.init_vit:
             raise ValueError("--init-bert and --init-vit both initialize the shared encoder (post-LN BERT vs pre-LN "
                              "ViT blocks); pick one")

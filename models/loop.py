@@ -28,13 +28,21 @@ from mmload.manifest import manifest_beside
 from mmload.stages import check_split
 from mmload.strategy import get_strategy
 from models.build import apply_freeze, build_model, make_optimizer, make_scheduler
-from models.checkpoint import NAME, load_checkpoint, model_from_state, model_state, save_checkpoint
+from models.checkpoint import (
+    NAME,
+    load_checkpoint,
+    model_from_state,
+    model_state,
+    prune_checkpoints,
+    remove_partial_saves,
+    save_checkpoint,
+)
 from models.config import ModelConfig, TrainConfig
 from models.distributed import DistInfo, gather, init_distributed, rng_state, set_rng_state
 from models.evaluate import evaluate
 from models.gradmask import GradientMasker, MaskSchedule
 from models.kd import Distiller, ImageTeacher, ShardImageTeacher, TextTeacher
-from models.metrics_log import MetricsLog
+from models.metrics_log import KeyLog, MetricsLog
 from models.step import STAT_NAMES, StepOptions, summarize, train_step
 from models.transforms import read_text_len, text_transform
 from models.vit_bert import ViTBERT
@@ -174,7 +182,11 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         step = int(resume["step"])
 
     out = Path(cfg.out) if cfg.out else None
-    log = MetricsLog(out, info.is_main)
+    resumed_step = step if resume is not None else None
+    log = MetricsLog(out, info.is_main, resumed_step)
+    keys = KeyLog(out, info.rank, cfg.log_keys, resumed_step)
+    if info.is_main and out is not None:
+        remove_partial_saves(out)
     opts = StepOptions.from_config(cfg)
     if info.is_main and out is not None:
         (out / "args.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -186,7 +198,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         state = {**model_state(model, tokenizer), "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "gradmask": masker.state_dict() if masker else None,
                  "loader": loaders, "rng": rngs, "world_size": info.world, "args": cfg.to_dict()}
-        return save_checkpoint(out / NAME.format(step=step), state)
+        path = save_checkpoint(out / NAME.format(step=step), state)
+        prune_checkpoints(out, cfg.keep_checkpoints)
+        return path
 
     from tqdm import tqdm
 
@@ -197,7 +211,10 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     model.train()
     try:
         while step < cfg.steps:
-            host = [next(stream) for _ in range(cfg.grad_accum)]
+            host = []
+            for micro in range(cfg.grad_accum):
+                host.append(next(stream))
+                keys.write(step + 1, micro, stream.epoch, host[-1].keys)
             window_samples += sum(len(b.keys) for b in host)
             batches = [b.to(device, non_blocking=True) for b in host]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves it afterwards
@@ -225,6 +242,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         stream.close()
         bar.close()
         log.close()
+        keys.close()
     summary = {"step": step, "epoch": stream.epoch, "checkpoint": None if saved is None else str(saved),
                "trainable": len(trainable), **{k: v for k, v in record.items() if k not in ("step", "epoch")}}
     if info.is_main:

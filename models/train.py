@@ -109,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output, checkpoints, evaluation")
     g.add_argument("--out", metavar="DIR", help="write metrics.jsonl, tb/ and checkpoint-STEP.pt here; none if unset")
     g.add_argument("--log-every", type=int, default=D.log_every, help="steps between metric lines")
+    g.add_argument("--log-keys", action="store_true",
+                   help="every rank appends one line per micro-batch to OUT/keys-rank{RANK}.jsonl: "
+                        '{"step", "micro", "epoch", "keys"}, to audit which samples each step saw')
     g.add_argument("--save-every", type=int, default=D.save_every,
                    help="steps between checkpoints (0: only the final one)")
+    g.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, metavar="N",
+                   help="keep only the newest N checkpoints in --out; 0 keeps every one")
     g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file or the latest in a folder; with "
                                                     "--eval-only: the weights to evaluate")
     g.add_argument("--eval-only", action="store_true", help="evaluate, print one JSON line and exit")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_samples
+from conftest import assert_exactly_once, make_samples
 
 from mmload.collate import NestedCollator, PaddedCollator, PerSampleCollator
 from mmload.dataset import open_data
@@ -409,3 +409,30 @@ def test_the_cli_fills_one_frozen_validated_config() -> None:
             TrainConfig(**bad)
     with pytest.raises(TypeError, match="TrainConfig"):
         train({"steps": 1})
+
+
+def test_log_keys_trimmed_metrics_and_pruned_checkpoints_read_as_one_run(builtin_shards: list[str],
+                                                                          tmp_path: Path) -> None:
+    """--log-keys writes every micro-batch's keys; a resume into the same --out trims both files back to the
+    resumed step, so each step appears once and the keys are the straight run's; --keep-checkpoints prunes; a
+    killed save's temporary file is cleaned up."""
+    opts = {"data": data_dir(builtin_shards), "preset": "tiny", "steps": 6, "batch_size": 8, "grad_accum": 2,
+            "num_workers": 0, "progress": False, "log_every": 1, "save_every": 2, "log_keys": True}
+    run({**opts, "out": str(tmp_path / "straight")})
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "keys-rank0.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["micro"]) for r in straight] == [(s, m) for s in range(1, 7) for m in range(2)]
+    assert all(len(r["keys"]) == 8 and r["epoch"] == 0 for r in straight)
+    assert_exactly_once([k for r in straight for k in r["keys"]], {k for r in straight for k in r["keys"]})
+
+    out = tmp_path / "resumed"
+    run({**opts, "out": str(out), "keep_checkpoints": 2})
+    assert [p.name for p in sorted(out.glob("checkpoint-*.pt"))] == ["checkpoint-0000004.pt", "checkpoint-0000006.pt"]
+    (out / ".checkpoint-0000005.pt.tmp-123").write_bytes(b"half a save")  # as a save killed mid-write leaves it
+    run({**opts, "out": str(out), "keep_checkpoints": 2, "resume": str(out / "checkpoint-0000004.pt")})
+    resumed = [json.loads(x) for x in (out / "keys-rank0.jsonl").read_text().splitlines()]
+    assert resumed == straight
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not list(out.glob(".checkpoint-*")) and len(list(out.glob("checkpoint-*.pt"))) == 2
+    with pytest.raises(ValueError, match="--log-keys writes"):
+        TrainConfig(log_keys=True)
