@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset
+from webdataset.gopen import Pipe
 from webdataset.tariterators import base_plus_ext
 
 from mmload.errors import ErrorKind, SampleError, log
@@ -147,13 +148,21 @@ class _TailReader:
     reading on, block by block, and goes on past the end of the data: a header whose size field says 2**80
     bytes would spin for ever. A complete read meets the end only a few times, so a stream read at its end
     more than ``READS_AT_END`` times raises instead.
+
+    NOTE [failed pipes]: webdataset's ``Pipe.read`` polls its command after every read and raises as soon as the
+    command has exited non-zero, dropping the bytes that read returned and leaving the rest of the output unread,
+    so a command that sent a whole shard and then failed lost its last samples. We read the command's output
+    directly and let ``close()`` report the exit status (the reader then counts the shard as damaged, after
+    every sample that arrived whole).
     """
 
     KEEP = 1 << 16
     READS_AT_END = 64
 
     def __init__(self, raw: Any) -> None:
-        self.raw, self.total, self.tail, self.at_end = raw, 0, b"", 0
+        # a Pipe's own output, not its status-polling read (NOTE [failed pipes]); close() still reports the status
+        self.raw = raw.stream if isinstance(raw, Pipe) else raw
+        self.total, self.tail, self.at_end = 0, b"", 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
