@@ -43,6 +43,7 @@ from mmload.dataset import expand_urls, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.masking import MLMMasking
+from mmload.reader import READ_TIMEOUT, READ_TIMEOUT_HELP
 from mmload.staging import pack
 from mmload.strategy import REFERENCE, STRATEGIES, DataKind, Strategy, get_strategy
 from mmload.tokenizer import load_tokenizer
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
                    help="embeddings strategy: precompute every token's embedding (same tokens as the other "
                         "strategies, MLM works) or one pooled vector per sample (no MLM) (default tokens)")
+    g.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, metavar="SECONDS", help=READ_TIMEOUT_HELP)
     g.add_argument("--cache-dir", metavar="DIR",
                    help="where builtin and embedding shards are cached (default $MMLOAD_CACHE or ~/.cache/mmload)")
     g = p.add_argument_group("what to run")
@@ -133,6 +135,7 @@ class BenchConfig:
     image_text_ratio: float
     text_len: tuple[float, float]
     tokenizer: str | None
+    read_timeout: float
     emb: str
     cache_dir: str | None
     strategies: tuple[str, ...]
@@ -276,7 +279,8 @@ class Bench:
             try:
                 self.emb_data = _data.embedding_data(
                     self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
-                    tokens=args.emb == "tokens", device=self.device, progress=args.progress)
+                    tokens=args.emb == "tokens", device=self.device, progress=args.progress,
+                    read_timeout=args.read_timeout)
             except ValueError as e:  # e.g. paired image_text samples: precompute takes one modality per sample
                 self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
                                      if not get_strategy(s).has_raw_inputs})
@@ -289,9 +293,14 @@ class Bench:
     def data_for(self, strategy: Strategy) -> list[str]:
         return self.data_of[strategy.data]
 
+    @property
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """How every dataset of the run reads and decodes: the same tokenizer, sizes and read timeout."""
+        return {"tokenizer": self.tokenizer, "image_size": self.shape.image_size,
+                "max_text_len": self.shape.max_text_len, "read_timeout": self.args.read_timeout}
+
     def first_samples(self, data: list[str], n: int) -> list:
-        return _data.first_samples(data, n, seed=self.args.seed, tokenizer=self.tokenizer, transform=self.masking,
-                                   image_size=self.shape.image_size, max_text_len=self.shape.max_text_len)
+        return _data.first_samples(data, n, seed=self.args.seed, transform=self.masking, **self.dataset_kwargs)
 
     def groups(self, strategy: Strategy, n: int) -> list[list]:
         """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
@@ -302,8 +311,7 @@ class Bench:
 
         def make(epoch: int) -> Any:
             return make_loader(strategy, self.data_for(strategy), batch_size=a.batch_size, num_workers=a.workers,
-                               seed=a.seed, transform=self.masking, tokenizer=self.tokenizer,
-                               image_size=self.shape.image_size, max_text_len=self.shape.max_text_len)
+                               seed=a.seed, transform=self.masking, **self.dataset_kwargs)
 
         return EpochStream(make)
 
@@ -441,8 +449,7 @@ def run(args: BenchConfig) -> dict[str, Any]:
     if args.reliability_epochs:
         reliability = _reliability.measure(
             bench.data, epochs=args.reliability_epochs, batch_size=args.batch_size, workers=args.workers,
-            seed=args.seed, expected=_data.dataset_size(bench.data), progress=args.progress,
-            tokenizer=bench.tokenizer, image_size=bench.shape.image_size, max_text_len=bench.shape.max_text_len)
+            seed=args.seed, expected=_data.dataset_size(bench.data), progress=args.progress, **bench.dataset_kwargs)
     del batches
     before, after = synthetic["before"], synthetic["after"]
     for key in ("samples_per_s", "real_tokens_per_s", "ms_per_batch"):

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmload.decode import Decoder
 from mmload.errors import ErrorCounter, log
-from mmload.reader import MAX_MEMBER_BYTES, expand_urls, read_shard
+from mmload.reader import MAX_MEMBER_BYTES, READ_TIMEOUT, expand_urls, read_shard
 from mmload.sample import Sample
 from mmload.stages import (
     STATE_FORMAT,
@@ -127,6 +127,8 @@ class ShardDataset(StreamDataset):
         max_consecutive_errors: stop with ``TooManyErrors`` after this many bad samples in a row.
         max_member_bytes: a tar member larger than this is skipped unread (``member_too_large``).
         retries: a shard that fails before its first sample is tried this many more times.
+        read_timeout: seconds a remote shard may send nothing before it fails as ``shard_timeout`` (retried, then
+            counted, and the stream goes on); 0 waits for ever.
     """
 
     def __init__(self, urls: str | Sequence[str], *, tokenizer: Any = None, image_size: int = 224,
@@ -135,7 +137,7 @@ class ShardDataset(StreamDataset):
                  batcher: Callable[[Iterator[Sample]], Iterator[list[Sample]]] | None = None,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int | None = None,
                  max_consecutive_errors: int | None = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
-                 retries: int = 2) -> None:
+                 retries: int = 2, read_timeout: float = READ_TIMEOUT) -> None:
         self.urls = expand_urls(urls)
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
@@ -158,7 +160,9 @@ class ShardDataset(StreamDataset):
         self.transform, self.batcher = transform, batcher
         if max_member_bytes < 1 or retries < 0:
             raise ValueError(f"max_member_bytes must be >= 1 and retries >= 0, got {max_member_bytes}, {retries}")
-        self.max_member_bytes, self.retries = max_member_bytes, retries
+        if read_timeout < 0:
+            raise ValueError(f"read_timeout must be >= 0 seconds (0: no limit), got {read_timeout}")
+        self.max_member_bytes, self.retries, self.read_timeout = max_member_bytes, retries, read_timeout
         self.errors = ErrorCounter(max_consecutive_errors)
         self._decode = Decode(self.decoder, self.errors, strict)
         self.epoch = 0
@@ -198,7 +202,7 @@ class ShardDataset(StreamDataset):
         return Split(rank, world, *((0, 1) if info is None else (info.id, info.num_workers)))
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
-        return read_shard(url, self.max_member_bytes, self.retries)
+        return read_shard(url, self.max_member_bytes, self.retries, read_timeout=self.read_timeout)
 
     def _rng(self, url: str) -> random.Random | None:
         # string seeds hash stably across processes

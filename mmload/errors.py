@@ -24,6 +24,7 @@ class ErrorKind(StrEnum):
     DUPLICATE_MEMBER = "duplicate_member"  # two members with the same key and extension
     DUPLICATE_KEY = "duplicate_key"  # a key that comes back later in the same shard
     SHARD_READ = "shard_read"  # a shard that cannot be opened or ends early (truncated, not a tar)
+    SHARD_TIMEOUT = "shard_timeout"  # a remote shard that sent no byte for read_timeout seconds
 
 
 class SampleError(Exception):

@@ -8,6 +8,8 @@ duplicate) is listed under ``"__errors__"``, and a shard that cannot be read to 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +25,9 @@ from webdataset.tariterators import base_plus_ext
 from mmload.errors import ErrorKind, SampleError, log
 
 MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is skipped unread
+READ_TIMEOUT = 60.0  # seconds a remote shard may send nothing before it is given up (retried, then counted)
+READ_TIMEOUT_HELP = (f"seconds a remote shard (pipe:, http:, ...) may send no byte before it is retried, then "
+                     f"counted as shard_timeout while the stream goes on; 0 waits for ever (default {READ_TIMEOUT:g})")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -44,8 +49,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2,
-               backoff: float = 0.5) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2, backoff: float = 0.5,
+               read_timeout: float = READ_TIMEOUT) -> Iterator[dict[str, Any]]:
     """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one tar (local path, ``pipe:`` or URL).
 
     Members are grouped by key (everything before the first dot of the file name). A bad member (too large,
@@ -53,14 +58,15 @@ def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int 
     that cannot be opened or ends early raises :class:`SampleError` of kind ``shard_read`` after the samples
     read before the damage. A remote shard (``pipe:``, ``http:``, ...) that fails before its first sample is
     tried ``retries`` more times, ``backoff`` seconds apart, doubling; one that fails later is not re-read, since
-    that would repeat samples. A local file is not retried: waiting does not mend it.
+    that would repeat samples. A local file is not retried: waiting does not mend it. A remote shard that sends
+    no byte for ``read_timeout`` seconds (0: wait for ever) fails as ``shard_timeout`` and is retried the same way.
     """
     if not _is_remote(url):
         retries = 0
     for attempt in range(retries + 1):
         started = False
         try:
-            for raw in _read_tar(url, max_member_bytes):
+            for raw in _read_tar(url, max_member_bytes, read_timeout):
                 started = True
                 yield raw
             return
@@ -78,15 +84,42 @@ def _is_remote(url: str) -> bool:
     return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
 
 
-def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+class _Silent(Exception):
+    """A remote source sent nothing for ``read_timeout`` seconds (not an OSError: tarfile must not take it for
+    the end of the data)."""
+
+
+def _open(url: str) -> Any:
+    """A binary stream of ``url``: webdataset's ``gopen``, except that a ``pipe:`` command runs in a session of its
+    own, so that a silent one can be stopped with every process it started (``_stop``)."""
+    if url.startswith("pipe:"):
+        # as webdataset's gopen_pipe, plus the session; 141: the command died of SIGPIPE because we stopped reading
+        return Pipe(url[5:], mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
+    return webdataset.gopen(url, "rb")
+
+
+def _stop(stream: Any) -> None:
+    """Stop a silent source's command: its whole session when it has one (a shell does not always exec)."""
+    if not isinstance(stream, Pipe):
+        return
     try:
-        stream = webdataset.gopen(url, "rb")
+        if os.getpgid(stream.proc.pid) == stream.proc.pid:  # the leader of its own session (see _open)
+            os.killpg(stream.proc.pid, signal.SIGKILL)
+        else:
+            stream.proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass  # it ended on its own
+
+
+def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0) -> Iterator[dict[str, Any]]:
+    try:
+        stream = _open(url)
     except Exception as e:
         raise SampleError(ErrorKind.SHARD_READ, f"cannot open: {type(e).__name__}: {e}", url) from e
     current: dict[str, Any] | None = None
     seen: set[str] = set()
-    counted = _TailReader(stream)
-    done = False
+    counted = _TailReader(stream, read_timeout)
+    done = silent = False
     try:
         with tarfile.open(fileobj=counted, mode="r|*") as tar:
             for info in tar:
@@ -122,9 +155,15 @@ def _read_tar(url: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
                 yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
                 current = None
         done = True
+    except _Silent as e:
+        silent = True
+        raise SampleError(ErrorKind.SHARD_TIMEOUT, f"no byte for {read_timeout:g} s after {counted.total} bytes "
+                          "(--read-timeout)", url) from e
     except (tarfile.TarError, OSError, EOFError, ValueError, TypeError) as e:  # TypeError: a gzip header cut short
         raise SampleError(ErrorKind.SHARD_READ, f"unreadable or truncated tar: {type(e).__name__}: {e}", url) from e
     finally:
+        if silent:
+            _stop(stream)  # a silent command would hold close() for as long as it runs
         try:
             stream.close()  # a pipe: reports its command's exit status here
         except Exception as e:
@@ -159,13 +198,28 @@ class _TailReader:
     KEEP = 1 << 16
     READS_AT_END = 64
 
-    def __init__(self, raw: Any) -> None:
-        # a Pipe's own output, not its status-polling read (NOTE [failed pipes]); close() still reports the status
-        self.raw = raw.stream if isinstance(raw, Pipe) else raw
+    def __init__(self, raw: Any, read_timeout: float = 0) -> None:
+        # a Pipe's own output, unbuffered, not its status-polling read (NOTE [failed pipes]); close() still reports
+        # the status. Unbuffered, so that select() sees every byte not read yet.
+        self.raw = raw.stream.raw if isinstance(raw, Pipe) else raw
+        self.fd = self.raw.fileno() if isinstance(raw, Pipe) and read_timeout > 0 else None
+        self.read_timeout = read_timeout
         self.total, self.tail, self.at_end = 0, b"", 0
 
+    def _read(self, n: int) -> bytes:
+        if self.fd is None:
+            return self.raw.read(n)
+        if n is None or n < 0:  # everything that is left, a chunk at a time, each within the timeout
+            chunks = []
+            while chunk := self._read(1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        if not select.select([self.fd], [], [], self.read_timeout)[0]:
+            raise _Silent()
+        return self.raw.read(n) or b""
+
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+        data = self._read(n)
         if not data and n:
             self.at_end += 1
             if self.at_end > self.READS_AT_END:
@@ -199,4 +253,4 @@ def _inflates_to_the_end(stream: Any, offset: int) -> bool:
     return False
 
 
-__all__ = ["MAX_MEMBER_BYTES", "expand_urls", "read_shard"]
+__all__ = ["MAX_MEMBER_BYTES", "READ_TIMEOUT", "READ_TIMEOUT_HELP", "expand_urls", "read_shard"]

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mmload.reader import READ_TIMEOUT
 from mmload.strategy import get_strategy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,6 +127,7 @@ class TrainConfig:
     shuffle: bool = True
     mask_prob: float = 0.15
     nsp: bool = False
+    read_timeout: float = READ_TIMEOUT
     # model
     preset: str = "small"
     num_classes: int | None = None
@@ -184,7 +186,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "save_every", "warmup", "grad_clip", "text_loss_weight", "nsp_weight",
-                     "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints"):
+                     "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints", "read_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.mask_prob <= 1.0:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmload.dataset import open_data
+from mmload.reader import READ_TIMEOUT
 from mmload.strategy import Strategy, get_strategy
 from models.step import STAT_NAMES, autocast, loss_terms, summarize, unwrap
 from models.transforms import read_text_len, text_transform
@@ -18,7 +19,8 @@ from models.transforms import read_text_len, text_transform
 @torch.no_grad()
 def evaluate(model: nn.Module, data: str | Sequence[str], strategy: str | Strategy = "padded", *, tokenizer: Any,
              limit_samples: int = 1000, batch_size: int = 32, seed: int = 0, text_loss_weight: float = 1.0,
-             mask_prob: float = 0.15, precision: str = "bf16", nsp_weight: float = 1.0) -> dict[str, Any]:
+             mask_prob: float = 0.15, precision: str = "bf16", nsp_weight: float = 1.0,
+             read_timeout: float = READ_TIMEOUT) -> dict[str, Any]:
     """Mean losses and accuracies on the first ``limit_samples`` samples of ``data``, in shard order.
 
     No shuffling, one process, masks (and NSP pairs, for a model with the head) from ``seed`` only: every
@@ -29,7 +31,8 @@ def evaluate(model: nn.Module, data: str | Sequence[str], strategy: str | Strate
     config, device = raw.config, raw.mlm_head.out.weight.device
     transform = text_transform(config, tokenizer, seed=seed, mask_prob=mask_prob)
     dataset = open_data(data, seed=seed, tokenizer=tokenizer, shuffle=False, transform=transform, rank=0,
-                        world_size=1, image_size=config.image_size, max_text_len=read_text_len(config))
+                        world_size=1, image_size=config.image_size, max_text_len=read_text_len(config),
+                        read_timeout=read_timeout)
     strategy = get_strategy(strategy)
     groups = strategy.group(islice(dataset.samples(), limit_samples), batch_size)
     collate = strategy.collator()

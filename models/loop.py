@@ -143,7 +143,8 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     if cfg.eval_only:
         result = evaluate(model, data, cfg.strategy, tokenizer=tokenizer, limit_samples=cfg.limit_samples,
                           batch_size=cfg.batch_size, seed=cfg.seed, text_loss_weight=cfg.text_loss_weight,
-                          mask_prob=cfg.mask_prob, precision=cfg.precision, nsp_weight=cfg.nsp_weight)
+                          mask_prob=cfg.mask_prob, precision=cfg.precision, nsp_weight=cfg.nsp_weight,
+                          read_timeout=cfg.read_timeout)
         if info.is_main:
             print(json.dumps(result), flush=True)
         return {**result, "model": model}
@@ -164,7 +165,8 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     def make_epoch_loader(epoch: int) -> Any:
         return make_loader(cfg.strategy, data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, stateful=True,
                            transform=transform.for_epoch(epoch), seed=cfg.seed, tokenizer=tokenizer,
-                           shuffle=cfg.shuffle, image_size=config.image_size, max_text_len=read_text_len(config))
+                           shuffle=cfg.shuffle, image_size=config.image_size, max_text_len=read_text_len(config),
+                           read_timeout=cfg.read_timeout)
 
     stream = EpochStream(make_epoch_loader)
     step = 0

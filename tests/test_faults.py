@@ -6,9 +6,8 @@ import os
 import signal
 
 import pytest
-import webdataset
 
-from mmload import ShardDataset
+from mmload import ShardDataset, reader
 from mmload.errors import WorkerDied, new_trace, read_trace, write_trace
 from mmload.loader import make_loader
 from mmload.sample import Sample
@@ -45,13 +44,13 @@ def test_trace_round_trip() -> None:
 def test_unreachable_shard_is_retried_a_bounded_number_of_times_then_counted(monkeypatch, tmp_path,
                                                                             builtin_shards: list[str]) -> None:
     calls = []
-    real = webdataset.gopen
+    real = reader._open
 
     def counting(url, *args, **kwargs):
         calls.append(url)
         return real(url, *args, **kwargs)
 
-    monkeypatch.setattr(webdataset, "gopen", counting)
+    monkeypatch.setattr(reader, "_open", counting)
     monkeypatch.setattr("time.sleep", lambda s: None)
     missing = f"pipe:cat {tmp_path / 'gone.tar'}"  # a remote source that answers nothing
     local = str(tmp_path / "gone-too.tar")
@@ -108,3 +107,65 @@ def test_a_failing_pipe_delivers_every_sample_it_sent_whole(tmp_path, builtin_sh
     ds = ShardDataset([f"pipe:sh -c 'head -c {half} {shard}; exit 1'"], image_size=16, tokenizer=tok)
     got = [s.key for s in ds]
     assert got == whole[:len(got)] and 0 < len(got) < len(whole) and ds.errors.counts == {"shard_read": 1}
+
+
+def test_no_read_blocks_forever(monkeypatch, tmp_path, builtin_shards: list[str]) -> None:
+    """A remote shard that sends nothing, or stalls after sending part, fails after read_timeout seconds as
+    shard_timeout (retried first, like other remote failures), its command is stopped, and the stream goes on."""
+    import time
+    from pathlib import Path
+
+    monkeypatch.setattr("mmload.reader.time.sleep", lambda s: None)  # no backoff between the retries
+    shard = builtin_shards[0]
+    tok = str(Path(shard).parent)
+    keys = [s.key for s in ShardDataset(shard, image_size=16)]
+    part = Path(shard).stat().st_size // 2
+    silent, stalls = "pipe:sleep 1234", f"pipe:sh -c 'head -c {part} {shard}; sleep 1234'"
+    started = time.perf_counter()
+    ds = ShardDataset([silent, stalls, builtin_shards[1]], image_size=16, tokenizer=tok, read_timeout=0.5, retries=1)
+    got = [s.key for s in ds]
+    assert time.perf_counter() - started < 30
+    assert ds.errors.counts == {"shard_timeout": 2}
+    tail = [s.key for s in ShardDataset(builtin_shards[1], image_size=16)]
+    assert got[-len(tail):] == tail and 0 < len(got) - len(tail) < len(keys)  # the stalled one: what came whole
+    assert got[:len(got) - len(tail)] == keys[:len(got) - len(tail)]
+    import subprocess
+
+    monkeypatch.undo()  # time.sleep again
+    for _ in range(20):  # the silent commands were stopped, with the processes their shells started
+        if subprocess.run(["pgrep", "-f", "sleep 1234"], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a silent pipe: command is still running")
+    with pytest.raises(ValueError, match="read_timeout must be >= 0"):
+        ShardDataset(shard, read_timeout=-1)
+
+
+class StopOn:
+    """A transform that stops its worker process (SIGSTOP) at one key, writing its pid first."""
+
+    def __init__(self, key: str, pid_file: str) -> None:
+        self.key, self.pid_file = key, pid_file
+
+    def __call__(self, sample: Sample) -> Sample:
+        if sample.key == self.key:
+            with open(self.pid_file, "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return sample
+
+
+def test_a_worker_silent_past_the_loader_timeout_is_reported_like_a_dead_one(tmp_path,
+                                                                            builtin_shards: list[str]) -> None:
+    victim = [s.key for s in ShardDataset(builtin_shards[0], image_size=16)][2]
+    pid_file = tmp_path / "pid"
+    loader = make_loader("padded", builtin_shards[:2], batch_size=4, num_workers=1, image_size=16, timeout=3,
+                         transform=StopOn(victim, str(pid_file)))
+    try:
+        with pytest.raises(WorkerDied, match=rf"timed out.*shard-000000\.tar key '{victim}'"):
+            for _ in loader:
+                pass
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # a stopped process takes no other signal
