@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmload.decode import Decoder
 from mmload.errors import ErrorCounter, log
-from mmload.reader import MAX_MEMBER_BYTES, READ_TIMEOUT, expand_urls, read_shard
+from mmload.reader import MAX_MEMBER_BYTES, MAX_READ_TIMEOUT, READ_TIMEOUT, expand_urls, read_shard
 from mmload.sample import Sample
 from mmload.stages import (
     STATE_FORMAT,
@@ -40,10 +40,11 @@ from mmload.tokenizer import load_tokenizer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork; each tokenizes single texts anyway
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def _dist_rank_world() -> tuple[int, int] | None:
+    """This process's (rank, world size) in torch.distributed's process group; None without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return None
 
 
 class StreamDataset(IterableDataset):
@@ -160,8 +161,9 @@ class ShardDataset(StreamDataset):
         self.transform, self.batcher = transform, batcher
         if max_member_bytes < 1 or retries < 0:
             raise ValueError(f"max_member_bytes must be >= 1 and retries >= 0, got {max_member_bytes}, {retries}")
-        if read_timeout < 0:
-            raise ValueError(f"read_timeout must be >= 0 seconds (0: no limit), got {read_timeout}")
+        if not 0 <= read_timeout <= MAX_READ_TIMEOUT:
+            raise ValueError(f"read_timeout must be a number of seconds in [0, {MAX_READ_TIMEOUT:g}] (0: no limit), "
+                             f"got {read_timeout}")
         self.max_member_bytes, self.retries, self.read_timeout = max_member_bytes, retries, read_timeout
         self.errors = ErrorCounter(max_consecutive_errors)
         self._decode = Decode(self.decoder, self.errors, strict)
@@ -178,7 +180,7 @@ class ShardDataset(StreamDataset):
         process, where ``torch.distributed`` knows this rank (a fresh worker process has no process group and
         would take itself for rank 0 of 1, so every rank would read every shard)."""
         state = self.__dict__.copy()
-        if state["_rank_world"] is None:
+        if state["_rank_world"] is None:  # a copy made before init_process_group stays unsettled
             state["_rank_world"] = _dist_rank_world()
         return state
 
@@ -186,11 +188,14 @@ class ShardDataset(StreamDataset):
     def rank(self) -> int:
         """This process's rank: as given, else torch.distributed's when iterating (so a dataset made before
         ``init_process_group`` still splits by rank)."""
-        return (self._rank_world or _dist_rank_world())[0]
+        return self._placement()[0]
 
     @property
     def world_size(self) -> int:
-        return (self._rank_world or _dist_rank_world())[1]
+        return self._placement()[1]
+
+    def _placement(self) -> tuple[int, int]:
+        return self._rank_world or _dist_rank_world() or (0, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -198,7 +203,7 @@ class ShardDataset(StreamDataset):
     def split(self) -> Split:
         """This stream's share: the rank's, and the DataLoader worker's it runs in (0 of 1 outside workers)."""
         info = get_worker_info()
-        rank, world = self._rank_world or _dist_rank_world()
+        rank, world = self._placement()
         return Split(rank, world, *((0, 1) if info is None else (info.id, info.num_workers)))
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:

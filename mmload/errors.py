@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from collections import Counter
@@ -27,6 +28,9 @@ class ErrorKind(StrEnum):
     SHARD_TIMEOUT = "shard_timeout"  # a remote shard that sent no byte for read_timeout seconds
 
 
+_KINDS = frozenset(k.value for k in ErrorKind)
+
+
 class SampleError(Exception):
     """A bad sample or shard: ``kind`` names what went wrong, the message names the shard and the key.
 
@@ -36,15 +40,24 @@ class SampleError(Exception):
     error, with the same fields, with workers as without.
     """
 
-    _WHERE = re.compile(r"\[(?P<kind>[a-z_]+)\] (?P<url>.*?)(?: key '(?P<key>[^']*)')?: ")
+    # the original's own line in a worker's message: "...SampleError: [kind] URL key 'KEY': message"; the url may
+    # hold anything, so with a key it runs to the last " key <literal>: " (without a key, to the first ": ")
+    _LINE = re.compile(r"SampleError: \[(?P<kind>[a-z_]+)\] (?P<rest>.*)")
+    _KEYED = re.compile(r"(?P<url>.*) key (?P<key>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"): ")
 
     def __init__(self, kind: ErrorKind | str, message: str | None = None, url: str = "", key: str = "") -> None:
         if message is None:  # re-raised from a worker: one message that names the rest (NOTE above)
             text = str(kind)
-            found = list(self._WHERE.finditer(text))
-            last = found[-1] if found and found[-1]["kind"] in ErrorKind._value2member_map_ else None
-            self.kind = ErrorKind(last["kind"]) if last else ErrorKind.SHARD_READ
-            self.url, self.key = (last["url"], last["key"] or "") if last else ("", "")
+            lines = [m for m in map(self._LINE.search, text.splitlines()) if m and m["kind"] in _KINDS]
+            self.kind, self.url, self.key = ErrorKind.SHARD_READ, "", ""
+            if lines:
+                line = lines[-1]
+                self.kind = ErrorKind(line["kind"])
+                keyed = self._KEYED.match(line["rest"])
+                if keyed:
+                    self.url, self.key = keyed["url"], ast.literal_eval(keyed["key"])
+                else:
+                    self.url = line["rest"].partition(": ")[0]
             super().__init__(text)
             return
         self.kind, self.url, self.key = ErrorKind(kind), url, key

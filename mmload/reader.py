@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -19,13 +20,15 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset
-from webdataset.gopen import Pipe
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe, rewrite_url
 from webdataset.tariterators import base_plus_ext
 
 from mmload.errors import ErrorKind, SampleError, log
 
 MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is skipped unread
 READ_TIMEOUT = 60.0  # seconds a remote shard may send nothing before it is given up (retried, then counted)
+MAX_READ_TIMEOUT = 86400.0  # a day; poll() takes milliseconds as a C int
 READ_TIMEOUT_HELP = (f"seconds a remote shard (pipe:, http:, ...) may send no byte before it is retried, then "
                      f"counted as shard_timeout while the stream goes on; 0 waits for ever (default {READ_TIMEOUT:g})")
 
@@ -84,22 +87,21 @@ def _is_remote(url: str) -> bool:
     return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
 
 
-class _Silent(Exception):
-    """A remote source sent nothing for ``read_timeout`` seconds (not an OSError: tarfile must not take it for
-    the end of the data)."""
-
-
 def _open(url: str) -> Any:
     """A binary stream of ``url``: webdataset's ``gopen``, except that a ``pipe:`` command runs in a session of its
     own, so that a silent one can be stopped with every process it started (``_stop``)."""
+    url = rewrite_url(url)  # GOPEN_REWRITE, as gopen applies it
     if url.startswith("pipe:"):
+        if wds_utils.enforce_security:  # as gopen_pipe: pipe: URLs only where unsafe opening is allowed
+            raise ValueError("unsafe_gopen is False, cannot open pipe URLs")
         # as webdataset's gopen_pipe, plus the session; 141: the command died of SIGPIPE because we stopped reading
         return Pipe(url[5:], mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
     return webdataset.gopen(url, "rb")
 
 
 def _stop(stream: Any) -> None:
-    """Stop a silent source's command: its whole session when it has one (a shell does not always exec)."""
+    """Stop a source's command, with every process it started when it has a session of its own (a shell does not
+    always exec): one that went silent, or one this reader no longer reads (an error, a stop, Ctrl-C)."""
     if not isinstance(stream, Pipe):
         return
     try:
@@ -111,6 +113,21 @@ def _stop(stream: Any) -> None:
         pass  # it ended on its own
 
 
+def _finish(stream: Any, complete: bool, read_timeout: float) -> None:
+    """Before ``close()``, which waits for a command to exit: a command this reader stopped reading early (an
+    error, a stop, Ctrl-C) is stopped now; one that sent a whole archive gets ``read_timeout`` seconds to exit
+    (0: as long as it takes) and is then stopped, its data complete and its exit status unknown."""
+    if not isinstance(stream, Pipe) or stream.proc.poll() is not None:
+        return
+    if complete:
+        try:
+            stream.proc.wait(timeout=read_timeout or None)
+            return
+        except subprocess.TimeoutExpired:
+            stream.ignore_errors = True  # stopped by us: its status says nothing about the data
+    _stop(stream)
+
+
 def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0) -> Iterator[dict[str, Any]]:
     try:
         stream = _open(url)
@@ -119,7 +136,7 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0) -> Itera
     current: dict[str, Any] | None = None
     seen: set[str] = set()
     counted = _TailReader(stream, read_timeout)
-    done = silent = False
+    done = False
     try:
         with tarfile.open(fileobj=counted, mode="r|*") as tar:
             for info in tar:
@@ -155,15 +172,13 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0) -> Itera
                 yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
                 current = None
         done = True
-    except _Silent as e:
-        silent = True
-        raise SampleError(ErrorKind.SHARD_TIMEOUT, f"no byte for {read_timeout:g} s after {counted.total} bytes "
-                          "(--read-timeout)", url) from e
     except (tarfile.TarError, OSError, EOFError, ValueError, TypeError) as e:  # TypeError: a gzip header cut short
+        if counted.silent:  # the data stopped because the source went silent (NOTE [silent sources])
+            raise SampleError(ErrorKind.SHARD_TIMEOUT, f"no byte for {read_timeout:g} s after {counted.total} "
+                              f"bytes (--read-timeout): {type(e).__name__}: {e}", url) from e
         raise SampleError(ErrorKind.SHARD_READ, f"unreadable or truncated tar: {type(e).__name__}: {e}", url) from e
     finally:
-        if silent:
-            _stop(stream)  # a silent command would hold close() for as long as it runs
+        _finish(stream, done, read_timeout)
         try:
             stream.close()  # a pipe: reports its command's exit status here
         except Exception as e:
@@ -188,6 +203,10 @@ class _TailReader:
     bytes would spin for ever. A complete read meets the end only a few times, so a stream read at its end
     more than ``READS_AT_END`` times raises instead.
 
+    NOTE [silent sources]: a remote source that sends nothing for ``read_timeout`` seconds reads as ended. An
+    archive that had arrived whole (its command lingering after it) then ends cleanly and loses nothing; one cut
+    short fails as truncated, and the reader counts it as ``shard_timeout``, not ``shard_read``.
+
     NOTE [failed pipes]: webdataset's ``Pipe.read`` polls its command after every read and raises as soon as the
     command has exited non-zero, dropping the bytes that read returned and leaving the rest of the output unread,
     so a command that sent a whole shard and then failed lost its last samples. We read the command's output
@@ -200,23 +219,36 @@ class _TailReader:
 
     def __init__(self, raw: Any, read_timeout: float = 0) -> None:
         # a Pipe's own output, unbuffered, not its status-polling read (NOTE [failed pipes]); close() still reports
-        # the status. Unbuffered, so that select() sees every byte not read yet.
-        self.raw = raw.stream.raw if isinstance(raw, Pipe) else raw
-        self.fd = self.raw.fileno() if isinstance(raw, Pipe) and read_timeout > 0 else None
-        self.read_timeout = read_timeout
+        # the status. Unbuffered, so that poll() sees every byte not read yet.
+        self.pipe = isinstance(raw, Pipe)
+        self.raw = raw.stream.raw if self.pipe else raw
+        self.poll: select.poll | None = None
+        if self.pipe and read_timeout > 0:
+            self.poll = select.poll()  # not select(): it fails on descriptors numbered 1024 and up
+            self.poll.register(self.raw.fileno(), select.POLLIN)
+        self.timeout_ms = int(read_timeout * 1000)
+        self.silent = False  # the source sent nothing for the read timeout: its data ends here
         self.total, self.tail, self.at_end = 0, b"", 0
 
     def _read(self, n: int) -> bytes:
-        if self.fd is None:
+        """Up to ``n`` bytes (``n < 0``: all that is left). A pipe gives what it has, but its first read is filled to
+        ``n`` (tarfile detects compression on it); every wait on a pipe is bounded by the read timeout, and a
+        source that stays silent that long reads as ended (NOTE [silent sources])."""
+        if not self.pipe:
             return self.raw.read(n)
-        if n is None or n < 0:  # everything that is left, a chunk at a time, each within the timeout
-            chunks = []
-            while chunk := self._read(1 << 16):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        if not select.select([self.fd], [], [], self.read_timeout)[0]:
-            raise _Silent()
-        return self.raw.read(n) or b""
+        chunks, got, whole = [], 0, n is None or n < 0
+        while not self.silent and (whole or got < n):
+            if self.poll is not None and not self.poll.poll(self.timeout_ms):
+                self.silent = True
+                break
+            chunk = self.raw.read(1 << 16 if whole else n - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            if not whole and self.total:  # past the first read a short read is fine: tarfile asks again
+                break
+        return b"".join(chunks)
 
     def read(self, n: int = -1) -> bytes:
         data = self._read(n)
@@ -253,4 +285,4 @@ def _inflates_to_the_end(stream: Any, offset: int) -> bool:
     return False
 
 
-__all__ = ["MAX_MEMBER_BYTES", "READ_TIMEOUT", "READ_TIMEOUT_HELP", "expand_urls", "read_shard"]
+__all__ = ["MAX_MEMBER_BYTES", "MAX_READ_TIMEOUT", "READ_TIMEOUT", "READ_TIMEOUT_HELP", "expand_urls", "read_shard"]

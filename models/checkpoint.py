@@ -81,6 +81,15 @@ def prune_checkpoints(folder: str | Path, keep: int) -> list[Path]:
     return gone
 
 
+def drop_checkpoints_after(folder: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints of ``folder`` past ``step``: a run resumed from ``step`` into the folder goes another
+    way from there, and ``--resume FOLDER`` (its latest) or ``--keep-checkpoints`` must not take the old ones."""
+    gone = [p for p in checkpoints(folder) if int(_NAME_RE.fullmatch(p.name).group(1)) > step]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def remove_partial_saves(folder: str | Path) -> list[Path]:
     """Delete the temporary files a save that was killed left behind (NOTE [atomic writes])."""
     gone = sorted(Path(folder).glob(".checkpoint-*.pt.tmp-*"))

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mmload.reader import READ_TIMEOUT
+from mmload.reader import MAX_READ_TIMEOUT, READ_TIMEOUT
 from mmload.strategy import get_strategy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -186,9 +186,12 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "save_every", "warmup", "grad_clip", "text_loss_weight", "nsp_weight",
-                     "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints", "read_timeout"):
+                     "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.read_timeout <= MAX_READ_TIMEOUT:
+            raise ValueError(f"--read-timeout must be in [0, {MAX_READ_TIMEOUT:g}] seconds (0: no limit), got "
+                             f"{self.read_timeout}")
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ValueError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")
         if not self.lr > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from mmload.strategy import get_strategy
 from models.build import apply_freeze, build_model, make_optimizer, make_scheduler
 from models.checkpoint import (
     NAME,
+    drop_checkpoints_after,
     load_checkpoint,
     model_from_state,
     model_state,
@@ -57,8 +59,9 @@ def _manifest_classes(urls: Sequence[str]) -> int | None:
     return int(manifest.get("num_classes") or 0) or None
 
 
-def _infer_emb_dim(data: Sequence[str], tokenizer: Any) -> int:
-    sample = next(iter(open_data(data, tokenizer=tokenizer, rank=0, world_size=1).samples()), None)
+def _infer_emb_dim(data: Sequence[str], tokenizer: Any, read_timeout: float) -> int:
+    dataset = open_data(data, tokenizer=tokenizer, rank=0, world_size=1, read_timeout=read_timeout)
+    sample = next(iter(dataset.samples()), None)
     if sample is None or sample.emb is None:
         raise ValueError("the embeddings strategy needs shards written by `mmload precompute` (KEY.emb.npy); "
                          "the first sample of --data has no embedding")
@@ -85,7 +88,7 @@ def _load_or_build_model(cfg: TrainConfig, resume: dict[str, Any] | None, data: 
     if cfg.nsp:
         overrides |= {"nsp": True, "sep_id": int(tokenizer.sep_token_id)}
     if not get_strategy(cfg.strategy).has_raw_inputs and "emb_dim" not in overrides:
-        overrides["emb_dim"] = _infer_emb_dim(data, tokenizer)
+        overrides["emb_dim"] = _infer_emb_dim(data, tokenizer, cfg.read_timeout)
     num_classes = cfg.num_classes or _manifest_classes(_first_urls(data)) or 10
     return build_model(cfg.preset, len(tokenizer), num_classes=num_classes, init_bert=cfg.init_bert,
                        init_vit=cfg.init_vit, seed=cfg.seed, **overrides)
@@ -189,6 +192,10 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     keys = KeyLog(out, info.rank, cfg.log_keys, resumed_step)
     if info.is_main and out is not None:
         remove_partial_saves(out)
+        if resumed_step is not None and (dropped := drop_checkpoints_after(out, resumed_step)):
+            print(f"python -m models.train: resumed from step {resumed_step} into {out}: removed the later "
+                  f"checkpoints of the run it continues differently: {', '.join(p.name for p in dropped)}",
+                  file=sys.stderr, flush=True)
     opts = StepOptions.from_config(cfg)
     if info.is_main and out is not None:
         (out / "args.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -16,10 +16,19 @@ def trim_jsonl(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+            if (record := _parsed(line)) is not None and record.get("step", 0) <= last_step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _parsed(line: str) -> dict[str, Any] | None:
+    """A JSON line, or None for a blank one or one a crash cut short (the run is redone from the resumed step)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class MetricsLog:

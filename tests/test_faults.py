@@ -138,8 +138,6 @@ def test_no_read_blocks_forever(monkeypatch, tmp_path, builtin_shards: list[str]
         time.sleep(0.1)
     else:
         pytest.fail("a silent pipe: command is still running")
-    with pytest.raises(ValueError, match="read_timeout must be >= 0"):
-        ShardDataset(shard, read_timeout=-1)
 
 
 class StopOn:
@@ -169,3 +167,65 @@ def test_a_worker_silent_past_the_loader_timeout_is_reported_like_a_dead_one(tmp
     finally:
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGKILL)  # a stopped process takes no other signal
+
+
+def test_pipes_read_whole_through_short_reads_many_descriptors_and_early_stops(tmp_path,
+                                                                              builtin_shards: list[str]) -> None:
+    """The pipe reader fills each read (a gzip'ed tar whose first two bytes come alone is still a gzip'ed tar),
+    waits with poll() (descriptors numbered past 1024 work), stops the command of a shard it stops reading, and
+    takes a complete archive from a command that lingers after it."""
+    import gzip
+    import resource
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from mmload.reader import read_shard
+
+    shard = builtin_shards[0]
+    keys = [s.key for s in ShardDataset(shard, image_size=16)]
+    gz = tmp_path / "s.tar.gz"
+    gz.write_bytes(gzip.compress(Path(shard).read_bytes()))
+    trickle = f"pipe:sh -c 'head -c 2 {gz}; sleep 0.3; tail -c +3 {gz}'"
+    assert [r["__key__"] for r in read_shard(trickle, read_timeout=5)] == keys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        try:
+            assert [r["__key__"] for r in read_shard(f"pipe:cat {shard}", read_timeout=5)] == keys
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    lingers = f"pipe:sh -c 'cat {shard}; sleep 1236'"
+    assert [r["__key__"] for r in read_shard(lingers, read_timeout=0.5)] == keys  # whole, and no error raised
+    stream = read_shard(f"pipe:sh -c 'cat {shard}; sleep 1235'", read_timeout=5)
+    started = time.perf_counter()
+    assert [next(stream)["__key__"] for _ in range(3)] == keys[:3]
+    stream.close()  # the consumer stops early (an error upstream, a stop, Ctrl-C)
+    assert time.perf_counter() - started < 10
+    for _ in range(20):
+        if subprocess.run(["pgrep", "-f", "sleep 123[56]"], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a pipe: command outlived the reader")
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="read_timeout must be"):
+            ShardDataset(shard, read_timeout=bad)
+
+
+def test_a_sample_error_rebuilt_from_a_worker_message_keeps_its_fields() -> None:
+    from mmload import ErrorKind, SampleError
+
+    for url, key in (("pipe:curl -H 'Authorization: Bearer x' http://h/a.tar", "it's"), ("/d/s.tar", "k 1: 2")):
+        original = SampleError(ErrorKind.IMAGE_DECODE, "UnidentifiedImageError: no: image", url, key)
+        rebuilt = SampleError(f"Caught SampleError in DataLoader worker process 1.\nOriginal Traceback (most "
+                              f"recent call last):\n  File \"x.py\", line 1\nmmload.errors.SampleError: {original}")
+        assert (rebuilt.kind, rebuilt.url, rebuilt.key) == (ErrorKind.IMAGE_DECODE, url, key)
+    shard_level = SampleError(ErrorKind.SHARD_READ, "cannot open: OSError: gone", "/d/s.tar")
+    rebuilt = SampleError(f"Caught SampleError.\nmmload.errors.SampleError: {shard_level}")
+    assert (rebuilt.kind, rebuilt.url, rebuilt.key) == (ErrorKind.SHARD_READ, "/d/s.tar", "")

@@ -34,6 +34,16 @@ def test_two_ranks_with_workers_split_the_epoch_under_every_start_method(method:
     assert_exactly_once(seen[0] + seen[1], want)
 
 
+def test_a_copy_made_before_the_process_group_exists_is_not_settled(builtin_shards: list[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    ds = ShardDataset(builtin_shards, image_size=16)
+    copies = copy.copy(ds), copy.deepcopy(ds)  # no process group yet: nothing to settle
+    monkeypatch.setattr(mmload.dataset, "_dist_rank_world", lambda: (1, 2))  # init_process_group, later
+    assert [(d.rank, d.world_size) for d in (ds, *copies)] == [(1, 2)] * 3
+
+
 def test_dataloader_keywords_go_to_the_loader_the_rest_to_the_dataset(builtin_shards: list[str]) -> None:
     loader = make_loader("nested", builtin_shards[:2], batch_size=8, num_workers=1, timeout=30,
                          persistent_workers=True, multiprocessing_context="spawn", image_size=16)

@@ -436,3 +436,16 @@ def test_log_keys_trimmed_metrics_and_pruned_checkpoints_read_as_one_run(builtin
     assert not list(out.glob(".checkpoint-*")) and len(list(out.glob("checkpoint-*.pt"))) == 2
     with pytest.raises(ValueError, match="--log-keys writes"):
         TrainConfig(log_keys=True)
+
+    # a resume from an older checkpoint drops the later ones it makes obsolete, and a line a crash cut short
+    with (out / "keys-rank0.jsonl").open("a") as f:
+        f.write('{"step": 7, "micro": 0, "epoch": 0, "keys": ["a", "b')
+    again = run({**opts, "out": str(out), "steps": 5, "keep_checkpoints": 1, "save_every": 1,
+                 "resume": str(out / "checkpoint-0000004.pt")})
+    assert [p.name for p in out.glob("checkpoint-*.pt")] == ["checkpoint-0000005.pt"]
+    assert Path(again["checkpoint"]).name == "checkpoint-0000005.pt"
+    assert [json.loads(x)["step"] for x in (out / "keys-rank0.jsonl").read_text().splitlines()] == \
+        [s for s in range(1, 6) for _ in range(2)]
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="--read-timeout must be"):
+            TrainConfig(read_timeout=bad)
