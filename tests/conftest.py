@@ -3,7 +3,10 @@ per session."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,6 +63,26 @@ def assert_exactly_once(got: Iterable[Any], want: Iterable[str]) -> None:
     assert set(coverage.counts) == set(want), (f"lost {sorted(set(want) - set(coverage.counts))[:5]}, "
                                                f"extra {sorted(set(coverage.counts) - set(want))[:5]}")
     assert report["lost"] == 0
+
+
+def junk_shard(path: Path, n: int) -> Path:
+    """A tar of ``n`` members ``x{i}.jpg`` that no image decoder reads: ``n`` image_decode errors."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            info = tarfile.TarInfo(f"x{i}.jpg")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"junk"))
+    return path
+
+
+def cut_shard(folder: Path, shard: str) -> Path:
+    """The first half of ``shard``'s bytes as ``folder/cut.tar`` (a truncated shard), with the tokenizer beside it."""
+    cut = folder / "cut.tar"
+    data = Path(shard).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    for f in Path(shard).parent.glob("tokenizer*.json"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    return cut
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

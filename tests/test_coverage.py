@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
+
+from conftest import junk_shard
 
 from mmload.coverage import Coverage, loader_errors
 from mmload.loader import make_loader
@@ -19,12 +19,7 @@ def test_repeats_and_losses_are_reported() -> None:
 
 
 def test_worker_error_counts_reach_the_main_process(tmp_path: Path, builtin_shards: list[str]) -> None:
-    bad = tmp_path / "bad.tar"
-    with tarfile.open(bad, "w") as tar:
-        for i in range(3):
-            info = tarfile.TarInfo(f"x{i}.jpg")
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"junk"))
+    bad = junk_shard(tmp_path / "bad.tar", 3)
     tok = str(Path(builtin_shards[0]).parent)
     loader = make_loader("padded", [str(bad), *builtin_shards[:3]], batch_size=8, num_workers=2, stateful=True,
                          image_size=16, tokenizer=tok)

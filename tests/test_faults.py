@@ -67,18 +67,13 @@ def test_errors_raised_in_workers_reach_the_main_process_as_themselves(workers: 
                                                                        builtin_shards: list[str]) -> None:
     """strict mode and max_consecutive_errors raise SampleError / TooManyErrors with the shard and key, whatever
     the worker count (NOTE [errors from workers] in mmload.errors); a dead worker stays WorkerDied (above)."""
-    import io
-    import tarfile
     from pathlib import Path
+
+    from conftest import junk_shard
 
     from mmload import SampleError, TooManyErrors
 
-    bad = tmp_path / "bad.tar"
-    with tarfile.open(bad, "w") as tar:
-        for i in range(4):
-            info = tarfile.TarInfo(f"x{i}.jpg")
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"junk"))
+    bad = junk_shard(tmp_path / "bad.tar", 4)
     tok = str(Path(builtin_shards[0]).parent)
     shards = [str(bad), *builtin_shards[:3]]
     with pytest.raises(SampleError, match="x0") as raised:

@@ -95,15 +95,11 @@ def test_resume_restores_the_epoch_of_the_state(workers: int, builtin_shards: li
 
 
 def test_resume_inside_a_damaged_shard_counts_its_damage_once(tmp_path, builtin_shards: list[str]) -> None:
-    from pathlib import Path
+    from conftest import cut_shard
 
     from mmload.coverage import loader_errors
 
-    data = Path(builtin_shards[0]).read_bytes()
-    cut = tmp_path / "cut.tar"
-    cut.write_bytes(data[: len(data) // 2])
-    for f in Path(builtin_shards[0]).parent.glob("tokenizer*.json"):
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cut = cut_shard(tmp_path, builtin_shards[0])
 
     def make():
         return make_loader("padded", [str(cut)], batch_size=4, num_workers=0, stateful=True, image_size=16,

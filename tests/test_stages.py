@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import assert_exactly_once, make_samples
+from conftest import assert_exactly_once, cut_shard, make_samples
 
 from mmload import BucketBatcher, ShardDataset
 from mmload.errors import ErrorCounter, ErrorKind, SampleError
@@ -139,13 +139,7 @@ def test_states_carry_a_format_and_an_old_one_is_refused(builtin_shards: list[st
 
 
 def test_bucketed_resume_with_a_damaged_shuffled_shard_at_every_stop(tmp_path, builtin_shards: list[str]) -> None:
-    from pathlib import Path
-
-    data = Path(builtin_shards[0]).read_bytes()
-    cut = tmp_path / "cut.tar"
-    cut.write_bytes(data[: len(data) // 2])
-    for f in Path(builtin_shards[0]).parent.glob("tokenizer*.json"):
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cut = cut_shard(tmp_path, builtin_shards[0])
 
     def make():
         return make_loader("bucketed", [str(cut), *builtin_shards[1:3]], batch_size=4, num_workers=0, stateful=True,
