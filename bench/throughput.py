@@ -43,7 +43,7 @@ from mmload.dataset import expand_urls, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.masking import MLMMasking
-from mmload.reader import READ_TIMEOUT, READ_TIMEOUT_HELP
+from mmload.reader import MAX_READ_TIMEOUT, READ_TIMEOUT, READ_TIMEOUT_HELP
 from mmload.staging import pack
 from mmload.strategy import REFERENCE, STRATEGIES, DataKind, Strategy, get_strategy
 from mmload.tokenizer import load_tokenizer
@@ -202,6 +202,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     for name in ("batch_size", "steps", "per_sample_steps", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.read_timeout <= MAX_READ_TIMEOUT:
+        parser.error(f"--read-timeout must be in [0, {MAX_READ_TIMEOUT:g}] seconds (0: no limit), got "
+                     f"{args.read_timeout}")
     for name in ("warmup", "workers", "freeze_steps", "reliability_epochs"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as exn:  # bad input: one line that says what to change
+        print(f"mmload {args.command}: error: {exn}", file=sys.stderr)
+        return 2
 
 
 def _add_precompute(subparsers: Any) -> None:

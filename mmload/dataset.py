@@ -90,9 +90,8 @@ class StreamDataset(IterableDataset):
         if self.batcher is None:
             return (sample for _, sample in items)
         self._bucket = BucketStage(self.batcher)
-        if resume is not None and resume["bucket"] != {"fresh": True}:
-            held = resume["bucket"]
-            self._bucket.restore(held, self._reread(self._bucket.positions(held or {"held": [], "due": []})))
+        if resume is not None and resume["bucket"] != {"fresh": True}:  # the stage had started
+            self._bucket.restore(resume["bucket"], self._reread)
         return self._bucket(items)
 
     def state_dict(self) -> dict[str, Any]:
@@ -251,7 +250,10 @@ class ShardDataset(StreamDataset):
         return {pos: fn(self.decoder(raw)) for pos, raw in raws.items()}  # held samples decoded fine before
 
     def _items_state(self) -> dict[str, Any]:
-        split, source = self._stages or (self.split(), self._source(self.split()))
+        if self._stages is None:  # not iterated yet: the split it will read, from its start
+            split = self.split()
+            self._stages = (split, self._source(split))
+        split, source = self._stages
         return {"epoch": self.epoch, "split": split.as_dict(), "source": source.state_dict(),
                 "decode": self._decode.state_dict()}
 

@@ -221,7 +221,7 @@ class Transform:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        """Nothing to restore: the transform is a pure function of each sample (see ``state_dict``)."""
 
 
 class BucketStage:
@@ -259,14 +259,14 @@ class BucketStage:
         return {"held": [[list(pos), arrival] for pos, arrival in self.held.held()],
                 "due": [[list(pos) for _, pos in batch] for batch in self.due], "arrivals": self.held.arrivals}
 
-    def positions(self, state: Mapping[str, Any]) -> list[Position]:
-        return [tuple(pos) for pos, _ in state["held"]] + [tuple(pos) for batch in state["due"] for pos in batch]
-
-    def restore(self, state: Mapping[str, Any] | None, samples: Mapping[Position, Sample]) -> None:
-        """Hold again what ``state`` held: ``samples`` by position, re-read and decoded by the caller."""
+    def restore(self, state: Mapping[str, Any] | None,
+                reread: Callable[[list[Position]], Mapping[Position, Sample]]) -> None:
+        """Hold again what ``state`` held; ``reread(positions)`` gives those samples back, decoded."""
         if state is None or self.held is None:
             raise ValueError(f"the batcher {type(self.batcher).__name__} keeps no state to resume from mid-epoch; give "
                              "it a holder() as BucketBatcher has, or start the epoch over")
+        samples = reread([tuple(pos) for pos, _ in state["held"]] +
+                         [tuple(pos) for batch in state["due"] for pos in batch])
         for pos, arrival in state["held"]:
             self.held.put(samples[tuple(pos)], tuple(pos), arrival=arrival)
         self.due.extend([(samples[tuple(pos)], tuple(pos)) for pos in batch] for batch in state["due"])

@@ -389,11 +389,16 @@ def _image_index(inp: ModelInput) -> torch.Tensor:
 
 @dataclass
 class _Stretch:
-    """One side's tokens in a packed encoder call: ``x`` (n, D) and its sequences' lengths' ``offsets``."""
+    """One side's tokens in a packed encoder call: ``x`` (n, D) and its sequences' lengths' ``offsets``; for
+    packed text and embeddings also each token's row and position and the MLM labels, made once for both the
+    embedding and the heads."""
 
     x: torch.Tensor  # (n, D)
     offsets: torch.Tensor  # int64 (S+1,), offsets[0] == 0
     max_len: int
+    row: torch.Tensor | None = None  # (n,)
+    pos: torch.Tensor | None = None  # (n,)
+    labels: torch.Tensor | None = None  # int64 (n,), IGNORE_INDEX where no MLM loss
 
 
 class ViTBERT(nn.Module):
@@ -511,13 +516,13 @@ class ViTBERT(nn.Module):
         if inp.embeddings is not None:
             stretches.append(("embeddings", self._embedding_stretch(inp.embeddings)))
         if stretches:
-            for side, h in zip((side for side, _ in stretches), self._encode_packed([s for _, s in stretches])):
+            for (side, st), h in zip(stretches, self._encode_packed([st for _, st in stretches])):
                 if side == "image":
                     images = self._images_packed(h, inp.image)
                 elif side == "text":
-                    mlm, nsp = self._text_packed(h, inp.text, _image_index(inp))
+                    mlm, nsp = self._text_packed(h, st, inp.text, _image_index(inp))
                 else:
-                    images, mlm = self._embeddings_packed(h, inp.embeddings)
+                    images, mlm = self._embeddings_packed(h, st, inp.embeddings)
         return self._output(images, mlm, nsp)
 
     def _encode_packed(self, stretches: list[_Stretch]) -> list[torch.Tensor]:
@@ -541,13 +546,13 @@ class ViTBERT(nn.Module):
         return self._classify(self.image_head, h[::L], images.labels, images.index)  # token 0 of every image
 
     def _text_stretch(self, text: JaggedText) -> _Stretch:
-        x, _, _ = self._embed_text_packed(text.values, text.offsets, text.max_len)  # (sum T, D)
-        return _Stretch(x, text.offsets, text.max_len)
+        x, row, pos = self._embed_text_packed(text.values, text.offsets, text.max_len)  # (sum T, D), (sum T,) x2
+        return _Stretch(x, text.offsets, text.max_len, row, pos, text.mlm_labels.long())
 
-    def _text_packed(self, h: torch.Tensor, text: JaggedText, image_index: torch.Tensor) -> tuple[Rows, Rows | None]:
-        row, pos = text.row_positions()  # (sum T,), (sum T,)
-        sample = text.index.long()[row]  # (sum T,)
-        mlm = self._mlm(h, text.mlm_labels.long(), sample, pos, stride=text.max_len)
+    def _text_packed(self, h: torch.Tensor, st: _Stretch, text: JaggedText,
+                     image_index: torch.Tensor) -> tuple[Rows, Rows | None]:
+        sample = text.index.long()[st.row]  # (sum T,)
+        mlm = self._mlm(h, st.labels, sample, st.pos, stride=text.max_len)
         nsp = None
         if self.nsp_head is not None:
             nsp = self._nsp(h[text.offsets[:-1]], text.labels, text.index, image_index)  # [CLS] (Nt, D)
@@ -563,22 +568,17 @@ class ViTBERT(nn.Module):
                              f"{self.config.emb_dim}; set emb_dim to the width of the precomputed embeddings")
         self._check_text_len(emb.max_len)  # embedding rows take the text tokenizer's positions
         row, pos = emb.row_positions()  # (sum L,), (sum L,)
-        labels = self._embedding_labels(emb, row)  # (sum L,)
-        return _Stretch(self.emb_in(emb.values, labels != IGNORE_INDEX, self.text.wpe(pos)), emb.offsets,
-                        emb.max_len)
+        labels = torch.where(emb.is_text[row], emb.mlm_labels.long(), IGNORE_INDEX)  # (sum L,), text rows only
+        x = self.emb_in(emb.values, labels != IGNORE_INDEX, self.text.wpe(pos))  # (sum L, D)
+        return _Stretch(x, emb.offsets, emb.max_len, row, pos, labels)
 
-    @staticmethod
-    def _embedding_labels(emb: PackedEmbeddings, row: torch.Tensor) -> torch.Tensor:
-        return torch.where(emb.is_text[row], emb.mlm_labels.long(), IGNORE_INDEX)  # (sum L,), text rows only
-
-    def _embeddings_packed(self, h: torch.Tensor, emb: PackedEmbeddings) -> tuple[Rows | None, Rows]:
-        row, pos = emb.row_positions()  # (sum L,), (sum L,)
+    def _embeddings_packed(self, h: torch.Tensor, st: _Stretch, emb: PackedEmbeddings) -> tuple[Rows | None, Rows]:
         image_rows = (~emb.is_text).nonzero().squeeze(1)  # (Ni,)
         images = None
         if image_rows.numel():
             images = self._classify(self.image_head, h[emb.offsets[image_rows]], emb.labels[image_rows],
                                     emb.index[image_rows])
-        mlm = self._mlm(h, self._embedding_labels(emb, row), emb.index.long()[row], pos, stride=emb.max_len)
+        mlm = self._mlm(h, st.labels, emb.index.long()[st.row], st.pos, stride=emb.max_len)
         return images, mlm
 
     # ---- pieces shared by the paths ----

@@ -198,3 +198,18 @@ def test_image_only_shards_need_no_tokenizer(tmp_path: Path) -> None:
     text = write_tar(tmp_path / "txt.tar", [("c.txt", b"words")])
     with pytest.raises(ValueError, match="needs a tokenizer"):
         list(ShardDataset(text, tokenizer=None))
+
+
+def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(builtin_shards: list[str], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from bench.throughput import parse_args
+    from mmload.cli import main
+
+    for argv, says in ((["inspect", *builtin_shards[:1], "--read-timeout", "-1"], "read_timeout must be"),
+                       (["inspect", str(tmp_path)], "no *.tar shards in directory")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmload inspect: error: ") and says in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--read-timeout", "-1"])
+    assert "--read-timeout must be in [0, 86400]" in capsys.readouterr().err
