@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.stateful_dataloader import _ITERATOR_FINISHED
 
 from mmload.dataset import StreamDataset, open_data
 from mmload.errors import WorkerDied, new_trace, read_trace
@@ -101,6 +102,13 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
             super().__init__(*args, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from ``state_dict``. NOTE [end of epoch]: a state taken after the loader's epoch ended (its
+        iterator raised ``StopIteration``) has nothing left to resume: the next ``iter()`` reads a whole epoch, the
+        one the dataset is set to (``set_epoch``, before or after this call), as the uninterrupted loader's next
+        ``iter()`` would, with any number of workers (torchdata would restore the finished epoch's number into a
+        0-worker dataset and replay that epoch)."""
+        if state_dict and state_dict.get(_ITERATOR_FINISHED):
+            state_dict = {}
         if state_dict:
             check_split({"num_workers": saved_num_workers(state_dict)}, {"num_workers": self.num_workers})
         super().load_state_dict(state_dict)

@@ -117,3 +117,29 @@ def test_resume_inside_a_damaged_shard_counts_its_damage_once(tmp_path, builtin_
     resumed.load_state_dict(state)
     assert 2 + sum(1 for _ in resumed) == n_full
     assert loader_errors(resumed.state_dict()) == {"shard_read": 1}
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("set_epoch", ["before", "after", "never"])
+def test_an_end_of_epoch_state_starts_the_epoch_the_dataset_is_set_to(workers: int, set_epoch: str,
+                                                                       builtin_shards: list[str]) -> None:
+    """A state taken after the epoch ended resumes as the next iter() of the uninterrupted loader: a whole epoch,
+    the one ``set_epoch`` names (the old one is not replayed), with any number of workers."""
+    def make():
+        return make_loader("padded", builtin_shards[:4], batch_size=16, num_workers=workers, stateful=True,
+                           image_size=16, shuffle=True, shuffle_buffer=16, seed=3)
+
+    loader = make()
+    epoch0 = [k for b in loader for k in b.keys]
+    state = loader.state_dict()
+    loader.dataset.set_epoch(1)
+    epoch1 = [k for b in loader for k in b.keys]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    resumed = make()
+    if set_epoch == "before":
+        resumed.dataset.set_epoch(1)
+    resumed.load_state_dict(state)
+    if set_epoch == "after":
+        resumed.dataset.set_epoch(1)
+    got = [k for b in resumed for k in b.keys]
+    assert got == (epoch0 if set_epoch == "never" else epoch1)
