@@ -21,7 +21,6 @@ import torch
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.make_shards import BUILTIN_MAXCOUNT, TEXT_LEN
 from mmload.manifest import manifest_beside
-from mmload.reader import READ_TIMEOUT
 from mmload.sample import Sample
 
 DEFAULT_TEXT_LEN = TEXT_LEN  # builtin texts' word counts: (median, sigma)
@@ -76,7 +75,7 @@ def _samples_per_shard(urls: Sequence[str]) -> int:
 
 
 def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, vocab_size: int, tokens: bool,
-                   device: torch.device, progress: bool = True, read_timeout: float = READ_TIMEOUT) -> list[str]:
+                   device: torch.device, progress: bool = True, **read: Any) -> list[str]:
     """``--data`` specs of embedding shards for ``data`` (one cached folder per spec, weights kept)."""
     from mmload.precompute import precompute
     from models.build import build_model
@@ -95,7 +94,7 @@ def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, v
             encoder.to(device).eval().requires_grad_(False)
             features = MMLoadFeatures(encoder, name=f"mmload-{preset}-random-seed{seed}")
             precompute(urls, tmp, image_encoder=features, text_encoder=features, tokens=tokens, device=device,
-                       maxcount=_samples_per_shard(urls), progress=progress, read_timeout=read_timeout)
+                       maxcount=_samples_per_shard(urls), progress=progress, **read)
 
         _cached(folder, key, build)
         out.append(f"{folder}@{weight:g}")  # a folder spec reads every *.tar in it

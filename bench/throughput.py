@@ -43,7 +43,7 @@ from mmload.dataset import expand_urls, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.masking import MLMMasking
-from mmload.reader import MAX_READ_TIMEOUT, READ_TIMEOUT, READ_TIMEOUT_HELP
+from mmload.reader import ReadLimits
 from mmload.staging import pack
 from mmload.strategy import REFERENCE, STRATEGIES, DataKind, Strategy, get_strategy
 from mmload.tokenizer import load_tokenizer
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
                    help="embeddings strategy: precompute every token's embedding (same tokens as the other "
                         "strategies, MLM works) or one pooled vector per sample (no MLM) (default tokens)")
-    g.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, metavar="SECONDS", help=READ_TIMEOUT_HELP)
+    ReadLimits.add_arguments(g)
     g.add_argument("--cache-dir", metavar="DIR",
                    help="where builtin and embedding shards are cached (default $MMLOAD_CACHE or ~/.cache/mmload)")
     g = p.add_argument_group("what to run")
@@ -136,6 +136,8 @@ class BenchConfig:
     text_len: tuple[float, float]
     tokenizer: str | None
     read_timeout: float
+    max_sample_bytes: int
+    shuffle_buffer_bytes: int
     emb: str
     cache_dir: str | None
     strategies: tuple[str, ...]
@@ -159,6 +161,10 @@ class BenchConfig:
     maxcount: int
     collate_batches: int
     argv: tuple[str, ...] | None = None  # the command line, as given to main() (None: sys.argv)
+
+    @property
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(self.read_timeout, self.max_sample_bytes, self.shuffle_buffer_bytes)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
@@ -202,9 +208,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     for name in ("batch_size", "steps", "per_sample_steps", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.read_timeout <= MAX_READ_TIMEOUT:
-        parser.error(f"--read-timeout must be in [0, {MAX_READ_TIMEOUT:g}] seconds (0: no limit), got "
-                     f"{args.read_timeout}")
+    try:
+        ReadLimits.from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     for name in ("warmup", "workers", "freeze_steps", "reliability_epochs"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -283,7 +290,7 @@ class Bench:
                 self.emb_data = _data.embedding_data(
                     self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
                     tokens=args.emb == "tokens", device=self.device, progress=args.progress,
-                    read_timeout=args.read_timeout)
+                    **args.read_limits.kwargs())
             except ValueError as e:  # e.g. paired image_text samples: precompute takes one modality per sample
                 self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
                                      if not get_strategy(s).has_raw_inputs})
@@ -298,9 +305,9 @@ class Bench:
 
     @property
     def dataset_kwargs(self) -> dict[str, Any]:
-        """How every dataset of the run reads and decodes: the same tokenizer, sizes and read timeout."""
+        """How every dataset of the run reads and decodes: the same tokenizer, sizes and read bounds."""
         return {"tokenizer": self.tokenizer, "image_size": self.shape.image_size,
-                "max_text_len": self.shape.max_text_len, "read_timeout": self.args.read_timeout}
+                "max_text_len": self.shape.max_text_len, **self.args.read_limits.kwargs()}
 
     def first_samples(self, data: list[str], n: int) -> list:
         return _data.first_samples(data, n, seed=self.args.seed, transform=self.masking, **self.dataset_kwargs)

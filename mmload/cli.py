@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_precompute(subparsers: Any) -> None:
-    from mmload.reader import READ_TIMEOUT, READ_TIMEOUT_HELP
+    from mmload.reader import ReadLimits
 
     p = subparsers.add_parser("precompute", help="embed shards once with a frozen encoder",
                               description="Run a frozen encoder over shards once (batched, on the GPU when "
@@ -61,7 +61,7 @@ def _add_precompute(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--max-samples-per-shard", type=int, default=1000, help="output shard size (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
-    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, metavar="SECONDS", help=READ_TIMEOUT_HELP)
+    ReadLimits.add_arguments(p)
     p.set_defaults(func=_precompute)
 
 
@@ -70,6 +70,7 @@ def _precompute(args: argparse.Namespace) -> int:
     import torch
 
     from mmload.precompute import precompute
+    from mmload.reader import ReadLimits
     from models.features import load_encoder
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +97,7 @@ def _precompute(args: argparse.Namespace) -> int:
     manifest = precompute(args.shards, args.out, image_encoder=image_enc, text_encoder=text_enc, tokens=args.tokens,
                           batch_size=args.batch_size, num_workers=args.workers, device=device,
                           maxcount=args.max_samples_per_shard, overwrite=args.overwrite, teacher=teacher,
-                          read_timeout=args.read_timeout)
+                          **ReadLimits.from_args(args).kwargs())
     print(json.dumps({"out": args.out, "samples": manifest["samples"], "shards": len(manifest["shards"])}))
     return 0
 

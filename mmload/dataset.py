@@ -22,7 +22,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmload.decode import Decoder
 from mmload.errors import ErrorCounter, log
-from mmload.reader import MAX_MEMBER_BYTES, MAX_READ_TIMEOUT, READ_TIMEOUT, expand_urls, read_shard
+from mmload.reader import (
+    MAX_MEMBER_BYTES,
+    MAX_SAMPLE_BYTES,
+    READ_TIMEOUT,
+    SHUFFLE_BUFFER_BYTES,
+    ReadLimits,
+    expand_urls,
+    read_shard,
+)
 from mmload.sample import Sample
 from mmload.stages import (
     STATE_FORMAT,
@@ -129,6 +137,15 @@ class ShardDataset(StreamDataset):
         retries: a shard that fails before its first sample is tried this many more times.
         read_timeout: seconds a remote shard may send nothing before it fails as ``shard_timeout`` (retried, then
             counted, and the stream goes on); 0 waits for ever.
+        max_sample_bytes: a sample whose members add up to more is skipped (``sample_too_large``), the rest of it
+            unread.
+        shuffle_buffer_bytes: the shuffle buffer passes samples on once it holds more than this (besides holding at
+            most ``shuffle_buffer`` samples), so memory stays bounded by bytes.
+
+    Besides the bad samples it skips, ``errors`` counts notices about samples it delivers
+    (``mmload.errors.NOTICES``): members no field reads (``unused_member``) and keys that an earlier shard of the
+    same stream delivered too (``duplicate_key_across_shards``; a worker remembers up to ``KeySet.limit`` keys,
+    ``mmload inspect`` all of them).
     """
 
     def __init__(self, urls: str | Sequence[str], *, tokenizer: Any = None, image_size: int = 224,
@@ -137,7 +154,8 @@ class ShardDataset(StreamDataset):
                  batcher: Callable[[Iterator[Sample]], Iterator[list[Sample]]] | None = None,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int | None = None,
                  max_consecutive_errors: int | None = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
-                 retries: int = 2, read_timeout: float = READ_TIMEOUT) -> None:
+                 retries: int = 2, read_timeout: float = READ_TIMEOUT, max_sample_bytes: int = MAX_SAMPLE_BYTES,
+                 shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> None:
         self.urls = expand_urls(urls)
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
@@ -160,9 +178,7 @@ class ShardDataset(StreamDataset):
         self.transform, self.batcher = transform, batcher
         if max_member_bytes < 1 or retries < 0:
             raise ValueError(f"max_member_bytes must be >= 1 and retries >= 0, got {max_member_bytes}, {retries}")
-        if not 0 <= read_timeout <= MAX_READ_TIMEOUT:
-            raise ValueError(f"read_timeout must be a number of seconds in [0, {MAX_READ_TIMEOUT:g}] (0: no limit), "
-                             f"got {read_timeout}")
+        self.limits = ReadLimits(read_timeout, max_sample_bytes, shuffle_buffer_bytes)  # checks them
         self.max_member_bytes, self.retries, self.read_timeout = max_member_bytes, retries, read_timeout
         self.errors = ErrorCounter(max_consecutive_errors)
         self._decode = Decode(self.decoder, self.errors, strict)
@@ -206,7 +222,8 @@ class ShardDataset(StreamDataset):
         return Split(rank, world, *((0, 1) if info is None else (info.id, info.num_workers)))
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
-        return read_shard(url, self.max_member_bytes, self.retries, read_timeout=self.read_timeout)
+        return read_shard(url, self.max_member_bytes, self.retries, read_timeout=self.read_timeout,
+                          max_sample_bytes=self.limits.max_sample_bytes)
 
     def _rng(self, url: str) -> random.Random | None:
         # string seeds hash stably across processes
@@ -227,7 +244,7 @@ class ShardDataset(StreamDataset):
     def _source(self, split: Split) -> ShardSource:
         return ShardSource(self._shard_ids(split.worker, split.num_workers), self._read, rng=self._rng,
                            buffer=self.shuffle_buffer, on_damage=self._decode.bad, trace=self.trace,
-                           worker=split.worker)
+                           worker=split.worker, buffer_bytes=self.limits.shuffle_buffer_bytes)
 
     def _items(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
         split = self.split()
@@ -242,6 +259,7 @@ class ShardDataset(StreamDataset):
         if resume is not None:
             source.load_state_dict(resume["source"])
         self._stages = (split, source)
+        self._decode.reset_keys()
         return Transform(self.transform)(self._decode(source))
 
     def _reread(self, positions: Iterable[Position]) -> dict[Position, Sample]:

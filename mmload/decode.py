@@ -17,11 +17,14 @@ from mmload.sample import IGNORE_INDEX, Modality, Sample
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt",)
 EMB_EXT = "emb.npy"
+EMB_EXTS = (EMB_EXT, "ids.npy", "logits.npy")  # an embedding, its token ids, a teacher's logits
+READ_EXTS = frozenset({*IMAGE_EXTS, *TEXT_EXTS, *EMB_EXTS, "json", "cls"})  # the members a decoder may read
 MAX_PIXELS = 64_000_000  # 8000 x 8000: past it, an image is treated as a decompression bomb
 
 
 def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """JPEG/PNG/WebP bytes -> uint8 ``(3, size, size)``: any mode to RGB, shorter side resized, centre crop.
+    """JPEG/PNG/WebP bytes -> uint8 ``(3, size, size)``: EXIF orientation applied, any mode to RGB (16-bit scaled,
+    not clipped), shorter side resized, centre crop.
 
     Raises ``SampleError``-free plain exceptions; the caller names the kind.
     """
@@ -30,9 +33,47 @@ def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> torch.
     if w * h > max_pixels:
         raise ValueError(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
     if img.format == "JPEG":
+        _check_jpeg_size(data, w, h)
         img.draft("RGB", (size, size))  # DCT-domain downscale: decodes a 640x480 JPEG ~3x faster
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with orientation 6
+    if img.mode in WIDE_GREY_MODES:  # 16-bit grey: convert("RGB") would clip every value over 255 to white
+        wide = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
     img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # uint8 (3, H, W)
+
+
+EXIF_ORIENTATION = 0x0112
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PNG's 16-bit grey opens as one of these
+# start-of-frame markers of Huffman-coded JPEGs (baseline, extended, progressive, lossless; plain and
+# hierarchical); arithmetic coding (0xC9-0xCB, 0xCD-0xCF) can spend less than a bit on a block
+_HUFFMAN_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
+
+
+def _check_jpeg_size(data: bytes, w: int, h: int) -> None:
+    """Refuse a JPEG whose header claims more pixels than its data can hold (an inflated header, which libjpeg
+    would fill with grey without an error): a Huffman-coded scan spends at least one bit on every MCU (the DC code
+    of its first block), so ``w x h`` needs at least ``MCUs / 8`` bytes."""
+    i = 2
+    while i + 9 < len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if marker not in _HUFFMAN_SOF:
+                return
+            components = data[i + 9] if i + 9 < len(data) else 0
+            factors = data[i + 11:i + 11 + 3 * components:3]  # (H << 4 | V) of each component
+            hmax = max((f >> 4 for f in factors), default=1) or 1
+            vmax = max((f & 15 for f in factors), default=1) or 1
+            mcus = -(-w // (8 * hmax)) * -(-h // (8 * vmax))
+            if len(data) * 8 < mcus:
+                raise ValueError(f"truncated: the JPEG header claims {w}x{h} pixels ({mcus} MCUs), which takes at "
+                                 f"least {-(-mcus // 8)} bytes, and the file has {len(data)}")
+            return
+        i += 2 + length
 
 
 @dataclass
@@ -50,12 +91,28 @@ class Decoder:
         if self.max_text_len < 2:
             raise ValueError(f"max_text_len must be >= 2 (room for [CLS] and [SEP]), got {self.max_text_len}")
 
-    def __call__(self, raw: dict[str, Any]) -> Sample:
+    def __call__(self, raw: dict[str, Any], notices: list[SampleError] | None = None) -> Sample:
+        """The sample of ``raw``; what it holds that no field reads (``unused_member``) is appended to ``notices``."""
         key, url = raw["__key__"], raw.get("__url__", "")
 
         def fail(kind: ErrorKind, msg: str) -> SampleError:
             return SampleError(kind, msg, url, key)
 
+        links = raw.get("__links__", {})
+        needed = [ext for ext in links if ext in READ_EXTS]
+        if needed:
+            raise fail(ErrorKind.LINK_MEMBER, f"{links[needed[0]]} is a link, which a stream cannot follow: store "
+                                              "the file itself in the tar (tar --dereference, or tar -h)")
+        sample = self._decode(raw, fail)
+        if notices is not None:
+            used = _used(raw, sample)
+            notices.extend(fail(ErrorKind.UNUSED_MEMBER, f"member {ext!r} is not read (a {sample.modality} sample "
+                                                         f"reads {sorted(used)})")
+                           for ext in [*sorted(set(_members(raw)) - used), *sorted(links)])
+        return sample
+
+    def _decode(self, raw: dict[str, Any], fail: Any) -> Sample:
+        key, url = raw["__key__"], raw.get("__url__", "")
         meta = {}
         if "json" in raw:
             try:
@@ -132,6 +189,18 @@ class Decoder:
         text = text[: self.max_text_len * 32]
         ids = self.tokenizer(text, truncation=True, max_length=self.max_text_len)["input_ids"]
         return torch.tensor(ids, dtype=torch.int64)
+
+
+def _used(raw: dict[str, Any], sample: Sample) -> set[str]:
+    """The members of ``raw`` that went into ``sample``."""
+    used = {ext for ext in ("json", "cls") if ext in raw}
+    if sample.emb is not None:
+        return used | {ext for ext in EMB_EXTS if ext in raw}
+    if sample.modality != Modality.TEXT:
+        used.add(next(e for e in IMAGE_EXTS if e in raw))
+    if sample.modality != Modality.IMAGE:
+        used.add(next(e for e in TEXT_EXTS if e in raw))
+    return used
 
 
 def _infer(has_image: bool, has_text: bool) -> Modality | None:

@@ -26,6 +26,16 @@ class ErrorKind(StrEnum):
     DUPLICATE_KEY = "duplicate_key"  # a key that comes back later in the same shard
     SHARD_READ = "shard_read"  # a shard that cannot be opened or ends early (truncated, not a tar)
     SHARD_TIMEOUT = "shard_timeout"  # a remote shard that sent no byte for read_timeout seconds
+    LINK_MEMBER = "link_member"  # a member the sample needs is a symlink or hardlink: a stream cannot follow it
+    SAMPLE_TOO_LARGE = "sample_too_large"  # members adding up to more than max_sample_bytes (the rest unread)
+    # notices: counted, the sample is delivered (NOTICES)
+    UNUSED_MEMBER = "unused_member"  # a member no decoder reads (unknown or no extension, a second image, a link)
+    DUPLICATE_KEY_ACROSS_SHARDS = "duplicate_key_across_shards"  # a key an earlier shard of the stream had too
+
+
+NOTICES = frozenset({ErrorKind.UNUSED_MEMBER, ErrorKind.DUPLICATE_KEY_ACROSS_SHARDS})
+"""Kinds counted without skipping anything: the sample is delivered, ``strict`` does not raise and
+``max_consecutive_errors`` does not count them (nor does a notice end a run of bad samples)."""
 
 
 _KINDS = frozenset(k.value for k in ErrorKind)
@@ -91,8 +101,19 @@ class ErrorCounter:
             raise TooManyErrors(f"{self.consecutive} bad samples in a row, the last: {err}. Check the shard URLs "
                                 "and data, or raise max_consecutive_errors") from err
 
+    def note(self, err: SampleError) -> None:
+        """Count a notice (``NOTICES``): input not used, or worth knowing, beside a sample that is delivered."""
+        self.counts[err.kind.value] += 1
+        n = self.counts[err.kind.value]
+        if n <= self.LOG_FIRST or n % 1000 == 0:
+            log.warning("noticed (%s #%d): %s", err.kind.value, n, err)
+
     def ok(self) -> None:
         self.consecutive = 0
+
+    def skipped(self) -> int:
+        """Bad samples and shards skipped: every count but the notices'."""
+        return sum(n for kind, n in self.counts.items() if kind not in NOTICES)
 
     def total(self) -> int:
         return sum(self.counts.values())

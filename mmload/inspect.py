@@ -11,18 +11,21 @@ from typing import Any
 from tqdm import tqdm
 
 from mmload.dataset import ShardDataset
-from mmload.reader import READ_TIMEOUT, READ_TIMEOUT_HELP
+from mmload.reader import ReadLimits
 from mmload.sample import Modality
 
 
 def inspect_shards(urls: str | Sequence[str], *, tokenizer: Any = None, image_size: int = 32,
-                   strict: bool = False, progress: bool = False, read_timeout: float = READ_TIMEOUT) -> dict[str, Any]:
-    """Count good samples by modality and bad ones by error kind.
+                   strict: bool = False, progress: bool = False, **read: Any) -> dict[str, Any]:
+    """Count good samples by modality, bad ones by error kind, and notices (``mmload.errors.NOTICES``).
 
     ``image_size`` only sets the decode target: every image is still fully decoded, so a corrupt one is found.
+    ``read``: the :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``, ...). Keys that
+    come back in a later shard are counted exactly (a loader's worker remembers a bounded number).
     """
     ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, strict=strict, max_consecutive_errors=None,
-                      read_timeout=read_timeout)
+                      **read)
+    ds._decode.keys_limit = None  # every key, for the exact count of duplicate_key_across_shards
     modalities: Counter[str] = Counter({m.value: 0 for m in Modality})
     for sample in tqdm(ds, desc="inspect", unit=" samples", disable=not progress):
         modalities[sample.modality.value] += 1
@@ -39,13 +42,13 @@ def add_parser(subparsers: Any) -> None:
                    help="HF tokenizer name or path (default: the one make-shards stored beside the shards)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample, naming shard and key")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, metavar="SECONDS", help=READ_TIMEOUT_HELP)
+    ReadLimits.add_arguments(p)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     report = inspect_shards(args.shards, tokenizer=args.tokenizer, strict=args.strict, progress=not args.json,
-                            read_timeout=args.read_timeout)
+                            **ReadLimits.from_args(args).kwargs())
     if args.json:
         print(json.dumps(report))
         return 0
@@ -54,5 +57,5 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {n}")
     print(f"errors   {sum(report['errors'].values())}")
     for name, n in report["errors"].items():
-        print(f"  {name:<18} {n}")
+        print(f"  {name:<28} {n}")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import time
 import uuid
@@ -19,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mmload.reader import byte_size
 from mmload.shards import (
     CLASS_NAMES,
     GENERATOR_VERSION,
@@ -188,7 +188,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "(builtin only) (default: 8)")
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, metavar="N", dest="maxcount",
                         help="start a new shard after N samples (default: %(default)s)")
-    parser.add_argument("--max-shard-bytes", type=_byte_size, default=DEFAULT_MAXSIZE, metavar="B", dest="maxsize",
+    parser.add_argument("--max-shard-bytes", type=byte_size, default=DEFAULT_MAXSIZE, metavar="B", dest="maxsize",
                         help="start a new shard once one holds B bytes (a shard may pass B by one sample); accepts "
                              "suffixes: 500MB, 256MiB, 1G (default: 256MiB)")
     parser.add_argument("--vocab-size", type=int, default=8192, metavar="V",
@@ -235,15 +235,6 @@ class _SourceAction(argparse.Action):
             parser.error(f"--source takes one of {', '.join(SOURCES)} and at most one PATH, got {' '.join(values)}")
         namespace.source = values[0]
         namespace.source_path = values[1] if len(values) == 2 else None
-
-
-def _byte_size(text: str) -> int:
-    """``1000``, ``500MB`` / ``500M`` (powers of 1000), ``256MiB`` / ``256Mi`` (powers of 1024) -> bytes."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}; use e.g. 268435456, 256MiB or 500MB")
-    number, unit, binary = match.groups()
-    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit or " "))
 
 
 def _creation_args(source: str, path: str | Path | None, samples: int, seed: int, image_text_ratio: float,

@@ -29,7 +29,6 @@ from mmload.collate import PaddedCollator
 from mmload.coverage import loader_errors
 from mmload.dataset import ShardDataset
 from mmload.loader import StatefulLoader
-from mmload.reader import READ_TIMEOUT
 from mmload.sample import IGNORE_INDEX
 from mmload.tokenizer import save_tokenizer
 
@@ -163,12 +162,12 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
                text_encoder: FeatureEncoder | None = None, tokens: bool = False, batch_size: int = 64,
                num_workers: int = 0, device: torch.device | str | None = None, maxcount: int = 1000,
                overwrite: bool = False, progress: bool = True,
-               teacher: Callable[[PaddedBatch], torch.Tensor] | None = None,
-               read_timeout: float = READ_TIMEOUT) -> dict[str, Any]:
+               teacher: Callable[[PaddedBatch], torch.Tensor] | None = None, **read: Any) -> dict[str, Any]:
     """Embed every sample of ``urls`` with the frozen encoders and write shards to ``out``; returns the manifest.
 
     ``teacher`` (e.g. ``models.kd.ImageTeacher``) maps a batch to image class logits by ascending sample index;
-    they are stored as ``KEY.logits.npy`` for distillation without running the teacher again.
+    they are stored as ``KEY.logits.npy`` for distillation without running the teacher again. ``read``: the
+    :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``, ``shuffle_buffer_bytes``).
     """
     from mmload.manifest import MANIFEST, write_json
     from mmload.shards.writer import write_shards
@@ -186,7 +185,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     image_size = image_encoder.image_size if image_encoder is not None else 32
     max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
     ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len, shuffle=False,
-                      read_timeout=read_timeout)
+                      **read)
     loader = StatefulLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
                             num_workers=num_workers)  # stateful: its state carries the workers' error counts
     bar = tqdm(desc="precompute", unit=" samples", disable=not progress)

@@ -7,13 +7,20 @@ duplicate) is listed under ``"__errors__"``, and a shard that cannot be read to 
 
 from __future__ import annotations
 
+import argparse
+import bz2
+import lzma
 import os
+import re
 import select
 import signal
 import subprocess
 import tarfile
 import time
+import zlib
+from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,10 +34,66 @@ from webdataset.tariterators import base_plus_ext
 from mmload.errors import ErrorKind, SampleError, log
 
 MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is skipped unread
+MAX_SAMPLE_BYTES = 64 << 20  # a sample whose members add up to more is skipped, the rest of it unread
 READ_TIMEOUT = 60.0  # seconds a remote shard may send nothing before it is given up (retried, then counted)
 MAX_READ_TIMEOUT = 86400.0  # a day; poll() takes milliseconds as a C int
+SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer passes samples on once it holds this many bytes
 READ_TIMEOUT_HELP = (f"seconds a remote shard (pipe:, http:, ...) may send no byte before it is retried, then "
                      f"counted as shard_timeout while the stream goes on; 0 waits for ever (default {READ_TIMEOUT:g})")
+
+
+def byte_size(text: str) -> int:
+    """``1000``, ``500MB`` / ``500M`` (powers of 1000), ``256MiB`` / ``256Mi`` (powers of 1024) -> bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r}; use e.g. 268435456, 256MiB or 500MB")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit or " "))
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What bounds a read, as every command that reads shards takes it (``--read-timeout``, ``--max-sample-bytes``,
+    ``--shuffle-buffer-bytes``) and :class:`~mmload.ShardDataset` takes its fields as keywords.
+
+    ``read_timeout``: seconds a remote shard may send nothing (0: no limit). ``max_sample_bytes``: a sample whose
+    members add up to more is skipped as ``sample_too_large``, the rest of it unread. ``shuffle_buffer_bytes``: the
+    shuffle buffer passes samples on once it holds more. The two byte bounds keep a worker's memory bounded by
+    bytes, whatever the samples hold.
+    """
+
+    read_timeout: float = READ_TIMEOUT
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
+    shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.read_timeout <= MAX_READ_TIMEOUT:
+            raise ValueError(f"read_timeout must be a number of seconds in [0, {MAX_READ_TIMEOUT:g}] (0: no limit; "
+                             f"--read-timeout), got {self.read_timeout}")
+        for name in ("max_sample_bytes", "shuffle_buffer_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 byte (--{name.replace('_', '-')}), got {getattr(self, name)}")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as keywords of ``ShardDataset`` (and of every function that makes one)."""
+        return asdict(self)
+
+    @staticmethod
+    def add_arguments(parser: Any) -> None:
+        """``--read-timeout``, ``--max-sample-bytes``, ``--shuffle-buffer-bytes`` on an argparse parser or group."""
+        parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, metavar="SECONDS",
+                            help=READ_TIMEOUT_HELP)
+        parser.add_argument("--max-sample-bytes", type=byte_size, default=MAX_SAMPLE_BYTES, metavar="B",
+                            help="skip a sample whose members add up to more than B bytes (counted as "
+                                 "sample_too_large; the rest of it is not read); accepts 64MiB, 1G, ... "
+                                 "(default: 64MiB)")
+        parser.add_argument("--shuffle-buffer-bytes", type=byte_size, default=SHUFFLE_BUFFER_BYTES, metavar="B",
+                            help="the shuffle buffer passes samples on once it holds more than B bytes, so a "
+                                 "worker's memory stays bounded however large the samples (default: 256MiB)")
+
+    @classmethod
+    def from_args(cls, args: Any) -> ReadLimits:
+        return cls(args.read_timeout, args.max_sample_bytes, args.shuffle_buffer_bytes)
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -53,11 +116,16 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
 
 def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2, backoff: float = 0.5,
-               read_timeout: float = READ_TIMEOUT) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one tar (local path, ``pipe:`` or URL).
+               read_timeout: float = READ_TIMEOUT, max_sample_bytes: int = MAX_SAMPLE_BYTES
+               ) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one tar (local path, ``pipe:`` or URL; plain,
+    gzip, bzip2 or xz).
 
-    Members are grouped by key (everything before the first dot of the file name). A bad member (too large,
-    duplicated) or a key seen earlier in the shard is listed under ``"__errors__"`` of its sample; a shard
+    Members are grouped by key (everything before the first dot of the file name; a name with no dot is a key
+    with the extension ``""``). A bad member (over ``max_member_bytes``, duplicated), a sample whose members add up
+    to more than ``max_sample_bytes`` (the rest of it is skipped unread) or a key seen earlier in the shard is
+    listed under ``"__errors__"`` of its sample; a link member is listed under ``"__links__"`` (``{ext: name}``:
+    a stream cannot follow it; the decoder decides what it costs the sample). A shard
     that cannot be opened or ends early raises :class:`SampleError` of kind ``shard_read`` after the samples
     read before the damage. A remote shard (``pipe:``, ``http:``, ...) that fails before its first sample is
     tried ``retries`` more times, ``backoff`` seconds apart, doubling; one that fails later is not re-read, since
@@ -69,7 +137,7 @@ def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int 
     for attempt in range(retries + 1):
         started = False
         try:
-            for raw in _read_tar(url, max_member_bytes, read_timeout):
+            for raw in _read_tar(url, max_member_bytes, read_timeout, max_sample_bytes):
                 started = True
                 yield raw
             return
@@ -128,53 +196,75 @@ def _finish(stream: Any, complete: bool, read_timeout: float) -> None:
     _stop(stream)
 
 
-def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0) -> Iterator[dict[str, Any]]:
+def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0,
+              max_sample_bytes: int = MAX_SAMPLE_BYTES) -> Iterator[dict[str, Any]]:
     try:
         stream = _open(url)
     except Exception as e:
         raise SampleError(ErrorKind.SHARD_READ, f"cannot open: {type(e).__name__}: {e}", url) from e
     current: dict[str, Any] | None = None
+    size = 0  # bytes of ``current``'s members so far, read or not
     seen: set[str] = set()
-    counted = _TailReader(stream, read_timeout)
+    source = _TailReader(stream, read_timeout)
     done = False
+
+    def flag(kind: ErrorKind, message: str) -> None:
+        current.setdefault("__errors__", []).append(SampleError(kind, message, url, current["__key__"]))
+
     try:
-        with tarfile.open(fileobj=counted, mode="r|*") as tar:
+        inflated = _decompressed(source)  # NOTE [compressed shards]
+        tar_bytes = source
+        if inflated is not source:  # the decompressor reads its source at the end, and raises when cut short
+            source.reads_at_end, tar_bytes = None, _TailReader(inflated)
+        with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:
             for info in tar:
-                if not info.isreg():
-                    continue
+                link = info.issym() or info.islnk()
+                if not (info.isreg() or link):
+                    continue  # a folder, a device, a fifo, a type tarfile does not know: no member of a sample
                 key, ext = base_plus_ext(info.name)
-                if key is None or key.startswith("__"):
+                if key is None:  # no dot in the name: a key of its own, with no extension
+                    key, ext = info.name, ""
+                if key.startswith("__"):
                     continue
                 if current is not None and key != current["__key__"]:
                     yield current
                     current = None
                 if current is None:
-                    current = {"__key__": key, "__url__": url}
+                    current, size = {"__key__": key, "__url__": url}, 0
                     if key in seen:
-                        current["__errors__"] = [SampleError(ErrorKind.DUPLICATE_KEY, "key seen earlier in the "
-                                                             "shard (members of one sample must be adjacent)",
-                                                             url, key)]
+                        flag(ErrorKind.DUPLICATE_KEY, "key seen earlier in the shard (members of one sample must "
+                                                      "be adjacent)")
                     seen.add(key)
                 ext = ext.lower()
+                if link:
+                    current.setdefault("__links__", {})[ext] = f"{info.name} -> {info.linkname}"
+                    continue
+                size += info.size
+                if any(e.kind == ErrorKind.SAMPLE_TOO_LARGE for e in current.get("__errors__", ())):
+                    continue  # already too large: the rest of it is not read
                 if info.size > max_member_bytes:
-                    current.setdefault("__errors__", []).append(
-                        SampleError(ErrorKind.MEMBER_TOO_LARGE, f"{info.name} is {info.size} bytes", url, key))
+                    flag(ErrorKind.MEMBER_TOO_LARGE, f"{info.name} is {info.size} bytes (max_member_bytes="
+                                                     f"{max_member_bytes})")
+                    continue
+                if size > max_sample_bytes:
+                    for name in [k for k in current if not k.startswith("__")]:
+                        del current[name]  # not kept while the rest of it is skipped
+                    flag(ErrorKind.SAMPLE_TOO_LARGE, f"its members add up to more than max_sample_bytes="
+                                                     f"{max_sample_bytes} at {info.name}")
                     continue
                 if ext in current:
-                    current.setdefault("__errors__", []).append(
-                        SampleError(ErrorKind.DUPLICATE_MEMBER, f"{info.name} appears twice", url, key))
+                    flag(ErrorKind.DUPLICATE_MEMBER, f"{info.name} appears twice")
                     continue
                 current[ext] = tar.extractfile(info).read()
-            plain = tar.fileobj.comptype == "tar"
-            if not (counted.ends_cleanly(tar.offset) if plain else _inflates_to_the_end(tar.fileobj, tar.offset)):
+            if not tar_bytes.ends_cleanly(tar.offset):
                 raise tarfile.ReadError(f"truncated after {tar.offset} bytes: no end-of-archive block")
             if current is not None:
                 yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
                 current = None
         done = True
-    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError) as e:  # TypeError: a gzip header cut short
-        if counted.silent:  # the data stopped because the source went silent (NOTE [silent sources])
-            raise SampleError(ErrorKind.SHARD_TIMEOUT, f"no byte for {read_timeout:g} s after {counted.total} "
+    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError, lzma.LZMAError) as e:
+        if source.silent:  # the data stopped because the source went silent (NOTE [silent sources])
+            raise SampleError(ErrorKind.SHARD_TIMEOUT, f"no byte for {read_timeout:g} s after {source.total} "
                               f"bytes (--read-timeout): {type(e).__name__}: {e}", url) from e
         raise SampleError(ErrorKind.SHARD_READ, f"unreadable or truncated tar: {type(e).__name__}: {e}", url) from e
     finally:
@@ -188,15 +278,75 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0) -> Itera
                 raise SampleError(ErrorKind.SHARD_READ, f"the source failed: {type(e).__name__}: {e}", url) from e
 
 
+class _Gunzip:
+    """A gzip stream inflated in bounded steps, read as tarfile's own ``"r|gz"`` reads it: the header parsed, the
+    deflate stream inflated, which is complete where it ends (the trailer's checksum is not checked, and a second
+    member is not read); data that stops before that end raises ``EOFError``."""
+
+    def __init__(self, source: _TailReader) -> None:
+        self.source = source
+        head = self._exactly(10)
+        if head[:2] != b"\x1f\x8b" or head[2] != 8:
+            raise OSError(f"not a gzip stream (header {head!r})")
+        flags = head[3]
+        if flags & 4:  # FEXTRA
+            self._exactly(int.from_bytes(self._exactly(2), "little"))
+        for flag in (8, 16):  # FNAME, FCOMMENT: NUL-terminated
+            while flags & flag and self._exactly(1) != b"\0":
+                pass
+        if flags & 2:  # FHCRC
+            self._exactly(2)
+        self.inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = self.source.read(n - len(data))
+            if not more:
+                raise EOFError(f"gzip header cut short after {len(data)} of {n} bytes")
+            data += more
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        n = n if n is not None and n > 0 else 1 << 16
+        while not self.inflate.eof:
+            data = self.inflate.unconsumed_tail or self.source.read(1 << 16)
+            if not data:
+                raise EOFError("the compressed stream ends before its end marker")
+            out = self.inflate.decompress(data, n)
+            if out:
+                return out
+        return b""
+
+
+# magic bytes of the compressed tars tarfile's "r|*" reads, and readers that inflate them
+_COMPRESSED = ((b"\x1f\x8b", _Gunzip), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile),
+               (b"\x5d\x00\x00", lzma.LZMAFile))
+
+
+def _decompressed(source: _TailReader) -> Any:
+    """``source`` as tar bytes: itself, or a reader that inflates it (NOTE [compressed shards]).
+
+    NOTE [compressed shards]: tarfile's own stream decompression (mode ``"r|*"``) slices its whole buffer on every
+    10 KiB read, so skipping a highly compressed member costs time quadratic in its size (minutes for a few GiB of
+    zeros). ``_Gunzip`` and the stdlib's ``bz2``/``lzma`` readers inflate in bounded steps; tarfile reads their
+    output as a plain tar, and a compressed stream cut short raises ``EOFError`` where it stops."""
+    head = source.peek(6)
+    for magic, reader in _COMPRESSED:
+        if head.startswith(magic):
+            return reader(source)
+    return source
+
+
 class _TailReader:
     """A read-only stream that remembers how many bytes it gave and the last ones.
 
     NOTE [truncated tars]: Python's tarfile treats a header cut short anywhere but at offset 0 as the end of
     the archive, so a truncated shard would end without an error and its lost samples would go unnoticed.
-    A complete uncompressed tar has a zero block where its members end; we check for it. A compressed one
-    must reach the end of its compressed stream: tarfile stops quietly where compressed data stops, too. Until
-    then the sample being read is not known to be whole (the cut may have taken its next member), so it is
-    dropped with the shard's ``shard_read``.
+    A complete tar has a zero block where its members end; we check for it (in the inflated bytes of a compressed
+    one, whose reader raises ``EOFError`` where its compressed stream stops short, and which must end within
+    ``KEEP`` bytes of that block). Until then the sample being read is not known to be whole (the cut may have
+    taken its next member), so it is dropped with the shard's ``shard_read``.
 
     NOTE [reads past the end]: in stream mode tarfile skips the data of a member it is not asked to read by
     reading on, block by block, and goes on past the end of the data: a header whose size field says 2**80
@@ -228,12 +378,16 @@ class _TailReader:
             self.poll.register(self.raw.fileno(), select.POLLIN)
         self.timeout_ms = int(read_timeout * 1000)
         self.silent = False  # the source sent nothing for the read timeout: its data ends here
-        self.total, self.tail, self.at_end = 0, b"", 0
+        self.total, self.at_end = 0, 0
+        self.recent: deque[bytes] = deque()  # the last chunks read, at least KEEP bytes of them when there are
+        self.recent_bytes = 0
+        self.pending = b""  # peeked, not read yet
+        self.reads_at_end: int | None = self.READS_AT_END  # None: no limit (NOTE [reads past the end])
 
-    def _read(self, n: int) -> bytes:
-        """Up to ``n`` bytes (``n < 0``: all that is left). A pipe gives what it has, but its first read is filled to
-        ``n`` (tarfile detects compression on it); every wait on a pipe is bounded by the read timeout, and a
-        source that stays silent that long reads as ended (NOTE [silent sources])."""
+    def _read(self, n: int, fill: bool = False) -> bytes:
+        """Up to ``n`` bytes (``n < 0``: all that is left). A pipe gives what it has (``fill``: ``n`` bytes unless it
+        ends first); every wait on a pipe is bounded by the read timeout, and a source that stays silent that long
+        reads as ended (NOTE [silent sources])."""
         if not self.pipe:
             return self.raw.read(n)
         chunks, got, whole = [], 0, n is None or n < 0
@@ -246,19 +400,37 @@ class _TailReader:
                 break
             chunks.append(chunk)
             got += len(chunk)
-            if not whole and self.total:  # past the first read a short read is fine: tarfile asks again
+            if not (whole or fill):  # a short read is fine: its reader asks again
                 break
         return b"".join(chunks)
 
+    def peek(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer if the data ends first), left to be read again."""
+        while len(self.pending) < n:
+            more = self._read(n - len(self.pending), fill=True)
+            if not more:
+                break
+            self.pending += more
+        return self.pending[:n]
+
     def read(self, n: int = -1) -> bytes:
-        data = self._read(n)
+        if self.pending:
+            data, self.pending = (self.pending, b"") if n is None or n < 0 else (self.pending[:n], self.pending[n:])
+            if n is None or n < 0:
+                data += self._read(n)
+        else:
+            data = self._read(n)
         if not data and n:
             self.at_end += 1
-            if self.at_end > self.READS_AT_END:
+            if self.reads_at_end is not None and self.at_end > self.reads_at_end:
                 raise EOFError(f"read past the end of the data after {self.total} bytes (a member's size runs "
                                "past the end)")
         self.total += len(data)
-        self.tail = (self.tail + data)[-self.KEEP:]
+        if data:  # O(1) a read: tarfile skips a member's data 10 KiB at a time
+            self.recent.append(data)
+            self.recent_bytes += len(data)
+            while self.recent_bytes - len(self.recent[0]) >= self.KEEP:
+                self.recent_bytes -= len(self.recent.popleft())
         return data
 
     def ends_cleanly(self, offset: int) -> bool:
@@ -269,20 +441,10 @@ class _TailReader:
         after = self.total - offset
         if after > self.KEEP:
             return False  # more than padding follows what tarfile read: it stopped early
-        block = self.tail[len(self.tail) - after:][:512]
+        tail = b"".join(self.recent)
+        block = tail[len(tail) - after:][:512]
         return len(block) == 512 and not any(block)
 
 
-def _inflates_to_the_end(stream: Any, offset: int) -> bool:
-    """Whether a compressed tar ends cleanly: tarfile read a whole block where its members end (not a header cut
-    short), and its decompressing ``_Stream`` reaches the end of the compressed data (bounded like
-    ``_TailReader.ends_cleanly``: at most ``KEEP`` bytes of padding after the last member)."""
-    if stream.tell() != offset + 512:
-        return False
-    for _ in range(_TailReader.KEEP >> 14):
-        if not stream.read(1 << 14):
-            return getattr(stream.cmp, "eof", True)
-    return False
-
-
-__all__ = ["MAX_MEMBER_BYTES", "MAX_READ_TIMEOUT", "READ_TIMEOUT", "READ_TIMEOUT_HELP", "expand_urls", "read_shard"]
+__all__ = ["MAX_MEMBER_BYTES", "MAX_READ_TIMEOUT", "MAX_SAMPLE_BYTES", "READ_TIMEOUT", "READ_TIMEOUT_HELP",
+           "SHUFFLE_BUFFER_BYTES", "ReadLimits", "byte_size", "expand_urls", "read_shard"]

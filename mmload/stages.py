@@ -20,15 +20,18 @@ the one place that decides whether a saved split can be resumed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from mmload.errors import ErrorCounter, SampleError, write_trace
+from mmload.decode import Decoder
+from mmload.errors import ErrorCounter, ErrorKind, SampleError, log, write_trace
 from mmload.sample import Sample
 
 STATE_FORMAT = 2  # 1: positions per split (shard index, sample), before mmload.stages; 2: per shard
@@ -73,20 +76,34 @@ def check_format(state: Mapping[str, Any], what: str) -> None:
                          "mmload precompute --encoder)")
 
 
-def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buffer: int) -> Iterator[dict[str, Any]]:
-    """The shuffle stage: raw samples of one shard through a bounded buffer (``rng`` None: in order).
+def raw_bytes(raw: Mapping[str, Any]) -> int:
+    """The payload bytes of a raw sample (its members' data)."""
+    return sum(len(v) for k, v in raw.items() if not k.startswith("__") and isinstance(v, bytes | bytearray))
+
+
+def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buffer: int,
+                  buffer_bytes: int | None = None) -> Iterator[dict[str, Any]]:
+    """The shuffle stage: raw samples of one shard through a buffer of at most ``buffer`` samples and
+    ``buffer_bytes`` bytes (``rng`` None: in order).
 
     NOTE [shuffling]: the buffer is drained at the end of each shard, so the order of a shard is a pure function of
-    its rng (seeded by ``(seed, epoch, url)``) and a position ``(shard, offset)`` says exactly what was read.
+    its rng (seeded by ``(seed, epoch, url)``), its samples' sizes and the two bounds, and a position
+    ``(shard, offset)`` says exactly what was read. A sample larger than ``buffer_bytes`` passes through alone.
     """
     if rng is None:
         yield from raws
         return
     held: list[dict[str, Any]] = []
+    sizes: list[int] = []
+    total = 0  # bytes held
     for raw in raws:
         held.append(raw)
-        if len(held) >= buffer:
-            yield held.pop(rng.randrange(len(held)))
+        sizes.append(raw_bytes(raw) if buffer_bytes is not None else 0)
+        total += sizes[-1]
+        while held and (len(held) >= buffer or (buffer_bytes is not None and total > buffer_bytes)):
+            i = rng.randrange(len(held))
+            total -= sizes.pop(i)
+            yield held.pop(i)
     while held:
         yield held.pop(rng.randrange(len(held)))
 
@@ -102,8 +119,9 @@ class ShardSource:
 
     def __init__(self, shards: Sequence[tuple[int, str]], read: Callable[[str], Iterator[dict[str, Any]]], *,
                  rng: Callable[[str], random.Random | None], buffer: int, on_damage: Callable[[SampleError], None],
-                 trace: torch.Tensor | None = None, worker: int = 0) -> None:
+                 trace: torch.Tensor | None = None, worker: int = 0, buffer_bytes: int | None = None) -> None:
         self.shards, self.read, self.rng, self.buffer = [(int(i), url) for i, url in shards], read, rng, buffer
+        self.buffer_bytes = buffer_bytes
         self.on_damage, self.trace, self.worker = on_damage, trace, worker
         self.finished: list[int] = []  # ids of the shards read to their end
         self.current: int | None = None  # id of the shard being read
@@ -120,7 +138,7 @@ class ShardSource:
             except SampleError as e:
                 damage.append(e)
 
-        return shuffle_shard(read(), self.rng(url), self.buffer), damage
+        return shuffle_shard(read(), self.rng(url), self.buffer, self.buffer_bytes), damage
 
     def __iter__(self) -> Iterator[tuple[Position, dict[str, Any]]]:
         done = set(self.finished)
@@ -166,12 +184,61 @@ class ShardSource:
         self.finished, self.current, self.offset = list(state["finished"]), state["current"], int(state["offset"])
 
 
+class KeySet:
+    """The keys a stream has delivered, to count a key that an earlier shard had too, in bounded memory: each key
+    is a 64-bit hash (8 bytes in a sorted array, plus a small set of recent ones; a false match takes about 2**32
+    keys), and past ``limit`` keys no new one is remembered (``None``: no limit)."""
+
+    MERGE = 1 << 16  # recent hashes are merged into the sorted array this many at a time
+
+    def __init__(self, limit: int | None = 1 << 22) -> None:
+        self.limit = limit
+        self.sorted = np.empty(0, dtype=np.uint64)
+        self.recent: set[int] = set()
+        self.full = False  # the limit was reached (and warned about)
+
+    def __len__(self) -> int:
+        return len(self.sorted) + len(self.recent)
+
+    def add(self, key: str) -> bool:
+        """Remember ``key``; whether it was there already."""
+        h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        if h in self.recent:
+            return True
+        i = int(np.searchsorted(self.sorted, np.uint64(h)))
+        if i < len(self.sorted) and int(self.sorted[i]) == h:
+            return True
+        if self.limit is not None and len(self) >= self.limit:
+            if not self.full:
+                log.warning("remembering no more keys after %d: a key that comes back in a later shard is no longer "
+                            "counted (mmload inspect counts them all)", self.limit)
+                self.full = True
+            return False
+        self.recent.add(h)
+        if len(self.recent) >= self.MERGE:
+            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.recent.clear()
+        return False
+
+
 class Decode:
     """The decode stage: raw samples to :class:`Sample`; a bad one is skipped and counted by kind in ``errors`` (or
-    raised with ``strict``), so a stream of ``(position, raw)`` becomes one of ``(position, Sample)``."""
+    raised with ``strict``), so a stream of ``(position, raw)`` becomes one of ``(position, Sample)``. Notices
+    (``mmload.errors.NOTICES``: members no field reads, a key an earlier shard of this stream delivered too, which
+    is delivered again) are counted beside the sample, never raised.
 
-    def __init__(self, decoder: Callable[[dict[str, Any]], Sample], errors: ErrorCounter, strict: bool = False) -> None:
+    ``keys`` remembers the keys delivered since ``reset_keys()`` (the start of each pass over the shards): a resume
+    remembers those delivered after it only.
+    """
+
+    def __init__(self, decoder: Decoder, errors: ErrorCounter, strict: bool = False,
+                 keys_limit: int | None = 1 << 22) -> None:
         self.decoder, self.errors, self.strict = decoder, errors, strict
+        self.keys_limit = keys_limit
+        self.keys = KeySet(keys_limit)
+
+    def reset_keys(self) -> None:
+        self.keys = KeySet(self.keys_limit)
 
     def bad(self, err: SampleError) -> None:
         if self.strict:
@@ -182,12 +249,18 @@ class Decode:
         if "__errors__" in raw:
             self.bad(raw["__errors__"][0])
             return None
+        notices: list[SampleError] = []
         try:
-            sample = self.decoder(raw)
+            sample = self.decoder(raw, notices)
         except SampleError as e:
             self.bad(e)
             return None
         self.errors.ok()
+        if self.keys.add(sample.key):
+            notices.append(SampleError(ErrorKind.DUPLICATE_KEY_ACROSS_SHARDS, "an earlier shard of this stream "
+                                       "delivered this key too; both are delivered", sample.url, sample.key))
+        for notice in notices:
+            self.errors.note(notice)
         return sample
 
     def __call__(self, items: Iterable[tuple[Position, dict[str, Any]]]) -> Iterator[tuple[Position, Sample]]:
@@ -273,5 +346,5 @@ class BucketStage:
         self.held.arrivals = int(state["arrivals"])
 
 
-__all__ = ["STATE_FORMAT", "BucketStage", "Decode", "Position", "ShardSource", "Split", "Transform", "check_format",
-           "check_split", "shuffle_shard"]
+__all__ = ["STATE_FORMAT", "BucketStage", "Decode", "KeySet", "Position", "ShardSource", "Split", "Transform",
+           "check_format", "check_split", "raw_bytes", "shuffle_shard"]

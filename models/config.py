@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mmload.reader import MAX_READ_TIMEOUT, READ_TIMEOUT
+from mmload.reader import MAX_SAMPLE_BYTES, READ_TIMEOUT, SHUFFLE_BUFFER_BYTES, ReadLimits
 from mmload.strategy import get_strategy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -128,6 +128,8 @@ class TrainConfig:
     mask_prob: float = 0.15
     nsp: bool = False
     read_timeout: float = READ_TIMEOUT
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
+    shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES
     # model
     preset: str = "small"
     num_classes: int | None = None
@@ -173,6 +175,11 @@ class TrainConfig:
     limit_samples: int = 1000
     progress: bool = True
 
+    @property
+    def read_limits(self) -> ReadLimits:
+        """The read bounds every dataset of the run is made with (``ShardDataset`` keywords)."""
+        return ReadLimits(self.read_timeout, self.max_sample_bytes, self.shuffle_buffer_bytes)
+
     def __post_init__(self) -> None:
         if self.data is not None:
             data = (self.data,) if isinstance(self.data, str | os.PathLike) else self.data
@@ -189,9 +196,7 @@ class TrainConfig:
                      "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.read_timeout <= MAX_READ_TIMEOUT:
-            raise ValueError(f"--read-timeout must be in [0, {MAX_READ_TIMEOUT:g}] seconds (0: no limit), got "
-                             f"{self.read_timeout}")
+        self.read_limits  # noqa: B018 -- checks --read-timeout, --max-sample-bytes, --shuffle-buffer-bytes
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ValueError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")
         if not self.lr > 0:

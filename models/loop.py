@@ -59,8 +59,8 @@ def _manifest_classes(urls: Sequence[str]) -> int | None:
     return int(manifest.get("num_classes") or 0) or None
 
 
-def _infer_emb_dim(data: Sequence[str], tokenizer: Any, read_timeout: float) -> int:
-    dataset = open_data(data, tokenizer=tokenizer, rank=0, world_size=1, read_timeout=read_timeout)
+def _infer_emb_dim(data: Sequence[str], tokenizer: Any, read: dict[str, Any]) -> int:
+    dataset = open_data(data, tokenizer=tokenizer, rank=0, world_size=1, **read)
     sample = next(iter(dataset.samples()), None)
     if sample is None or sample.emb is None:
         raise ValueError("the embeddings strategy needs shards written by `mmload precompute` (KEY.emb.npy); "
@@ -88,7 +88,7 @@ def _load_or_build_model(cfg: TrainConfig, resume: dict[str, Any] | None, data: 
     if cfg.nsp:
         overrides |= {"nsp": True, "sep_id": int(tokenizer.sep_token_id)}
     if not get_strategy(cfg.strategy).has_raw_inputs and "emb_dim" not in overrides:
-        overrides["emb_dim"] = _infer_emb_dim(data, tokenizer, cfg.read_timeout)
+        overrides["emb_dim"] = _infer_emb_dim(data, tokenizer, cfg.read_limits.kwargs())
     num_classes = cfg.num_classes or _manifest_classes(_first_urls(data)) or 10
     return build_model(cfg.preset, len(tokenizer), num_classes=num_classes, init_bert=cfg.init_bert,
                        init_vit=cfg.init_vit, seed=cfg.seed, **overrides)
@@ -147,7 +147,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         result = evaluate(model, data, cfg.strategy, tokenizer=tokenizer, limit_samples=cfg.limit_samples,
                           batch_size=cfg.batch_size, seed=cfg.seed, text_loss_weight=cfg.text_loss_weight,
                           mask_prob=cfg.mask_prob, precision=cfg.precision, nsp_weight=cfg.nsp_weight,
-                          read_timeout=cfg.read_timeout)
+                          **cfg.read_limits.kwargs())
         if info.is_main:
             print(json.dumps(result), flush=True)
         return {**result, "model": model}
@@ -169,7 +169,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         return make_loader(cfg.strategy, data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, stateful=True,
                            transform=transform.for_epoch(epoch), seed=cfg.seed, tokenizer=tokenizer,
                            shuffle=cfg.shuffle, image_size=config.image_size, max_text_len=read_text_len(config),
-                           read_timeout=cfg.read_timeout)
+                           **cfg.read_limits.kwargs())
 
     stream = EpochStream(make_epoch_loader)
     step = 0

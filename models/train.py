@@ -26,7 +26,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from mmload.reader import READ_TIMEOUT_HELP
+from mmload.reader import ReadLimits
 from mmload.strategy import STRATEGIES
 from models.config import FREEZE_MODES, PRECISIONS, ModelConfig, TrainConfig
 from models.loop import train
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF tokenizer for the texts; default: the one saved beside the first shard")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="read shards and samples in order (training shuffles by default)")
-    g.add_argument("--read-timeout", type=float, default=D.read_timeout, metavar="SECONDS", help=READ_TIMEOUT_HELP)
+    ReadLimits.add_arguments(g)
     g.add_argument("--mask-prob", type=float, default=D.mask_prob, help="MLM masking probability per token")
     g.add_argument("--nsp", action="store_true",
                    help="add next-sentence prediction: each long enough text is cut in two segments, kept in order "

@@ -210,6 +210,9 @@ def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(builtin_shard
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("mmload inspect: error: ") and says in err and len(err.splitlines()) == 1
-    with pytest.raises(SystemExit):
-        parse_args(["--read-timeout", "-1"])
-    assert "--read-timeout must be in [0, 86400]" in capsys.readouterr().err
+    for argv, says in ((["--read-timeout", "-1"], "read_timeout must be a number of seconds in [0, 86400]"),
+                       (["--max-sample-bytes", "0"], "max_sample_bytes must be >= 1 byte (--max-sample-bytes)"),
+                       (["--shuffle-buffer-bytes", "lots"], "not a byte size: 'lots'")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert says in capsys.readouterr().err

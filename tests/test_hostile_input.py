@@ -63,6 +63,7 @@ class Planted:
     members: tuple[tuple[str, bytes], ...]  # (extension, payload), in tar order
     outcome: str  # a Modality value for a good sample, an ErrorKind value for a bad one
     huge: str | None = None  # the text of a huge caption, to check its truncation
+    unused: int = 0  # members of a good sample that no field reads: unused_member notices
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,42 @@ def bomb_png(mode: str, width: int, height: int) -> bytes:
     return png
 
 
+LINK = b"<a symlink>"  # a member written as a symbolic link, not as data
+MAX_SAMPLE_BYTES = 2_500_000  # above a huge caption beside an image, below three members of a million bytes
+
+
+@functools.cache
+def png16(value: int) -> bytes:
+    """A 16-bit grey PNG (mode I;16) of one value."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((30, 40), value, dtype=np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@functools.cache
+def exif_jpeg(orientation: int) -> bytes:
+    """A 40x20 JPEG, left half blue and right half red, with an EXIF orientation tag."""
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@functools.cache
+def inflated_jpeg(width: int, height: int) -> bytes:
+    """A 16x16 grey JPEG (a few hundred bytes) whose frame header claims ``width x height``: libjpeg fills the rest
+    with grey, no error."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 BOMBS = (("1", 20000, 20000), ("1", 1001, 1000), ("P", 3000, 3000), ("P", 40000, 30), ("1", 8, 200_000))
 
 
@@ -136,7 +173,8 @@ def meta(**fields: Any) -> bytes:
 captions = st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join)
 INVALID_UTF8 = (b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf8\x88\x80\x80\x80")
 SAMPLE_KINDS = ("image", "text", "image_text", "huge_caption", "corrupt_image", "truncated_image", "empty_image",
-                "empty_text", "bomb", "invalid_utf8", "no_payload", "duplicate_member", "member_too_large")
+                "empty_text", "bomb", "invalid_utf8", "no_payload", "duplicate_member", "member_too_large",
+                "link_payload", "unused_member", "wide_or_rotated", "inflated_header", "sample_too_large")
 
 
 @st.composite
@@ -148,7 +186,7 @@ def planted_samples(draw: st.DrawFn, key: str) -> Planted:
     txt = ("txt", draw(captions).encode())
     image = draw(st.sampled_from([jpg, ("png", image_bytes("PNG", seed))]))
     extra: list[tuple[str, bytes]] = []  # good members that keep the sample's outcome
-    huge = None
+    huge, unused = None, 0
     if kind == "image":
         members, outcome = [image], "image"
         extra = draw(st.sampled_from([[], [("cls", str(seed).encode())], [("json", meta(modality="image"))]]))
@@ -166,6 +204,25 @@ def planted_samples(draw: st.DrawFn, key: str) -> Planted:
     elif kind == "member_too_large":
         members, outcome = [(draw(st.sampled_from(["jpg", "txt"])), bytes(MAX_MEMBER_BYTES + 1))], "member_too_large"
         extra = draw(st.sampled_from([[], [("json", meta(label=1))]]))
+    elif kind == "link_payload":  # a link where the image or the caption should be: the whole sample is skipped
+        members = [(draw(st.sampled_from(["jpg", "png", "txt", "json"])), LINK)]
+        outcome = "link_member"
+        extra = draw(st.sampled_from([[], [image], [txt], [image, txt]]))
+    elif kind == "unused_member":  # beside a good sample: counted, the sample delivered
+        members = [image, (draw(st.sampled_from(["", "xyz", "url.txt", "ZIP"])), draw(st.sampled_from([b"x", LINK])))]
+        members += draw(st.sampled_from([[], [txt]]))
+        outcome, unused = ("image_text" if len(members) == 3 else "image"), 1
+    elif kind == "wide_or_rotated":
+        members = [draw(st.sampled_from([("png", png16(32768)), ("png", png16(65535)), ("jpg", exif_jpeg(6)),
+                                         ("jpg", exif_jpeg(3))]))]
+        outcome = "image"
+    elif kind == "inflated_header":
+        size = draw(st.sampled_from([(1000, 1000), (1250, 800)]))  # under MAX_PIXELS
+        members, outcome = [("jpg", inflated_jpeg(*size))], "image_decode"
+        extra = draw(st.sampled_from([[], [txt]]))
+    elif kind == "sample_too_large":  # every member under max_member_bytes, together over max_sample_bytes
+        members = [("jpg", bytes(1_000_000)), ("txt", b"a" * 1_000_000), ("cls", b"1" * 600_000)]
+        outcome = "sample_too_large"
     elif kind == "no_payload":
         members = [("json", draw(st.sampled_from([meta(), meta(label=3), meta(modality="image")])))]
         outcome = "missing_payload"
@@ -194,7 +251,7 @@ def planted_samples(draw: st.DrawFn, key: str) -> Planted:
         outcome = "image_too_large" if kind == "bomb" else "image_decode"
         extra = draw(st.sampled_from([[], [txt]]))
     order = draw(st.permutations(members + extra))
-    return Planted(key, tuple(order), outcome, huge)
+    return Planted(key, tuple(order), outcome, huge, unused)
 
 
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x1f\x8b\x08", b"\x1f\x8b\x08\x04", b"\x1f\x8b\x08\x1f", b"BZh", b"BZh9",
@@ -237,6 +294,7 @@ class Expected:
     url: str
     key: str  # "" for a shard-level error
     outcome: str  # a Modality value or an ErrorKind value
+    unused: int = 0  # unused_member notices a good sample owes
 
     @property
     def good(self) -> bool:
@@ -252,7 +310,10 @@ def tar_bytes(samples: tuple[Planted, ...]) -> tuple[bytes, list[int], list[tupl
         for s in samples:
             starts.append(tar.offset)
             for ext, data in s.members:
-                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info = tarfile.TarInfo(f"{s.key}.{ext}" if ext else s.key)  # no extension: the key alone
+                if data is LINK:
+                    info.type, info.linkname = tarfile.SYMTYPE, f"elsewhere/{s.key}.{ext}"
+                    data = b""
                 info.size = len(data)
                 members.append((tar.offset, len(data)))
                 tar.addfile(info, io.BytesIO(data))
@@ -298,7 +359,7 @@ def write_shard(path: Path, plan: PlannedShard) -> list[Expected]:
     if truncated:
         complete = sum(1 for nxt in starts[1:] if nxt + 512 <= available)
     path.write_bytes(data)
-    events = [Expected(url, s.key, s.outcome) for s in plan.samples[:complete]]
+    events = [Expected(url, s.key, s.outcome, s.unused) for s in plan.samples[:complete]]
     return events + [Expected(url, "", ErrorKind.SHARD_READ.value)] if truncated else events
 
 
@@ -309,6 +370,17 @@ def write_shards(folder: Path, plans: list[PlannedShard]) -> tuple[list[str], li
         events += write_shard(path, plan)
         urls.append(str(path))
     return urls, events
+
+
+def expected_counts(events: list[Expected]) -> Counter[str]:
+    """What ``ShardDataset.errors`` owes the events of one stream: every bad outcome, and a
+    ``duplicate_key_across_shards`` notice for each good sample whose key an earlier shard delivered (within a shard
+    a repeated key is a ``duplicate_key``, not delivered)."""
+    counts = Counter(e.outcome for e in events if not e.good)
+    counts[ErrorKind.UNUSED_MEMBER.value] += sum(e.unused for e in events if e.good)
+    repeats = sum(n - 1 for n in Counter(e.key for e in events if e.good).values())
+    counts[ErrorKind.DUPLICATE_KEY_ACROSS_SHARDS.value] = repeats
+    return +counts  # without the zero counts
 
 
 class SpyTokenizer:
@@ -349,7 +421,7 @@ def tokenizer(builtin_shards: list[str]) -> Any:
 
 def hostile_dataset(urls: list[str], tokenizer: Any, **kwargs: Any) -> ShardDataset:
     return ShardDataset(urls, tokenizer=tokenizer, image_size=IMAGE_SIZE, max_pixels=MAX_PIXELS,
-                        max_member_bytes=MAX_MEMBER_BYTES, **kwargs)
+                        max_member_bytes=MAX_MEMBER_BYTES, max_sample_bytes=MAX_SAMPLE_BYTES, **kwargs)
 
 
 # ---- the properties ---------------------------------------------------------------------------------------------
@@ -390,7 +462,7 @@ def test_planted_damage_is_skipped_and_counted_exactly(tokenizer: Any, plans: li
     got = [(s.url, s.key, s.modality.value) for s in samples]
     want = [(e.url, e.key, e.outcome) for e in events if e.good]
     assert (sorted(got) if shuffle else got) == (sorted(want) if shuffle else want)
-    assert ds.errors.counts == Counter(e.outcome for e in events if not e.good)
+    assert ds.errors.counts == expected_counts(events)
 
     huge = {(url, s.key): s.huge for url, p in zip(urls, plans) for s in p.samples if s.huge is not None}
     for s in samples:
@@ -480,7 +552,7 @@ def test_max_consecutive_errors_stops_after_exactly_n_in_a_row(stream: list[str]
             else:
                 got = [(s.url, s.key) for s in ds]
     assert got == want
-    assert ds.errors.total() == bad
+    assert ds.errors.skipped() == bad
 
 
 # name, mode, uid, gid, size, mtime, checksum, type, link name, magic, version, user, group, devices, prefix
@@ -516,10 +588,10 @@ def test_bytes_overwritten_anywhere_never_crash_or_hang(tokenizer: Any, plan: Pl
         ds = hostile_dataset([str(path)], tokenizer, max_consecutive_errors=None)
         with no_hang():
             samples = list(ds)
-            with pytest.raises(SampleError) if ds.errors.total() else contextlib.nullcontext():
+            with pytest.raises(SampleError) if ds.errors.skipped() else contextlib.nullcontext():
                 list(hostile_dataset([str(path)], tokenizer, strict=True))
     assert set(ds.errors.counts) <= {kind.value for kind in ErrorKind} and ds.errors.counts["shard_read"] <= 1
-    assert len(samples) + ds.errors.total() - ds.errors.counts["shard_read"] <= len(members)
+    assert len(samples) + ds.errors.skipped() - ds.errors.counts["shard_read"] <= len(members)
 
 
 def test_a_member_over_max_member_bytes_is_skipped_unread(tmp_path: Path) -> None:

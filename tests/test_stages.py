@@ -74,10 +74,10 @@ def test_shard_damage_is_reported_once_where_the_shard_ends() -> None:
 
 
 def test_decode_counts_bad_input_and_its_state_is_the_counts() -> None:
-    def decoder(raw):
+    def decoder(raw, notices=None):
         if raw["__key__"].endswith("3"):
             raise SampleError(ErrorKind.IMAGE_DECODE, "bad", raw["__url__"], raw["__key__"])
-        return make_samples(1)[0]
+        return make_samples(1, key=raw["__key__"])[0]
 
     shards, read = fake_shards()
     decode = Decode(decoder, ErrorCounter())
