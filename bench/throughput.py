@@ -524,7 +524,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as exn:  # a full disk, a read-only --out: one line, not a traceback
+        sys.exit(f"python bench/throughput.py: error: {exn}")
     sys.exit(0)
 
 

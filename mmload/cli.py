@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exn:  # bad input: one line that says what to change
         print(f"mmload {args.command}: error: {exn}", file=sys.stderr)
         return 2
+    except OSError as exn:  # a full disk, a read-only folder: one line, not a traceback
+        print(f"mmload {args.command}: error: {exn}", file=sys.stderr)
+        return 1
 
 
 def _add_precompute(subparsers: Any) -> None:

@@ -32,6 +32,7 @@ from mmload.shards import (
     write_json,
     write_shards,
 )
+from mmload.shards.writer import prepare_out
 from mmload.tokenizer import MIN_VOCAB_SIZE, TOKENIZER_FILE, save_tokenizer, train_wordpiece
 
 SOURCES = ("builtin", "folder", "text")
@@ -85,11 +86,11 @@ def make_shards(
     else:
         records, classes = text_records(path), []
     out = Path(out)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite, _OUTPUTS)
     texts: list[str] = []
     with tqdm(records if source == "builtin" else _collect_texts(records, texts), desc=f"make-shards {source}",
               total=samples if source == "builtin" else None, unit="sample", disable=not progress) as bar:
-        manifest = write_shards(bar, out, maxcount=maxcount, maxsize=maxsize,
+        manifest = write_shards(bar, out, maxcount=maxcount, maxsize=maxsize, write_manifest=False,
                                 info={"source": source, "path": args["path"], "seed": args.get("seed"),
                                       "args": args})
     if classes:
@@ -104,7 +105,7 @@ def make_shards(
     save_tokenizer(tokenizer, out)
     manifest["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": len(tokenizer), "trained_on": trained_on}
     manifest["num_classes"] = len(classes)
-    write_json(out / MANIFEST, manifest)  # again, now complete: written last, so its presence means done
+    write_json(out / MANIFEST, manifest)  # written last: its presence means done (NOTE [atomic outputs])
     return manifest
 
 
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> None:
         manifest = make_shards(args.out, args.source, path, maxcount=args.maxcount, maxsize=args.maxsize,
                                vocab_size=args.vocab_size, overwrite=args.overwrite,
                                progress=not getattr(args, "quiet", False), **given)
-    except (ValueError, FileNotFoundError, FileExistsError) as exn:
+    except (ValueError, FileNotFoundError, FileExistsError) as exn:  # bad input (a full disk: mmload.cli.main)
         raise SystemExit(f"mmload make-shards: error: {exn}") from exn
     seconds = time.perf_counter() - start
     counts = ", ".join(f"{k} {v}" for k, v in manifest["samples"].items() if k != "total" and v)
@@ -249,19 +250,6 @@ def _creation_args(source: str, path: str | Path | None, samples: int, seed: int
         if text_len is not None and tuple(text_len) != TEXT_LEN:  # default caches keep their old key
             args.update(text_len_median=float(text_len[0]), text_len_sigma=float(text_len[1]))
     return args
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file or a non-empty folder, or clear our old outputs from it; write_shards creates the folder."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"OUT {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"OUT {out} is not empty; pass --overwrite (overwrite=True) to replace the shards "
-                                  "there, or give an empty or new folder")
-        for pattern in _OUTPUTS:
-            for old in out.glob(pattern):
-                old.unlink()
 
 
 def _collect_texts(records: Iterable[dict], texts: list[str]) -> Iterator[dict]:

@@ -35,8 +35,15 @@ def manifest_beside(url: str) -> dict[str, Any] | None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline)."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline), atomically: to a temporary name
+    beside ``path``, then renamed, so a reader never sees half a file (a kill or a full disk leaves the old one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def local_folder(url: str) -> Path | None:

@@ -170,15 +170,14 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``, ``shuffle_buffer_bytes``).
     """
     from mmload.manifest import MANIFEST, write_json
-    from mmload.shards.writer import write_shards
+    from mmload.shards.writer import prepare_out, write_shards
 
     if image_encoder is None and text_encoder is None:
         raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) or choose another directory")
+    prepare_out(out, overwrite, PRECOMPUTE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = text_encoder.tokenizer if text_encoder is not None and text_encoder.tokenizer is not None else None
@@ -198,15 +197,20 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None),
              "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
     try:
-        manifest = write_shards(records(), out, maxcount=maxcount,
+        manifest = write_shards(records(), out, maxcount=maxcount, write_manifest=False,
                                 info={"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens})
     finally:
         bar.close()
     manifest["errors"] = dict(sorted(loader_errors(loader.state_dict()).items()))  # known once every input is read
-    write_json(out / MANIFEST, manifest)
     if ds.tokenizer is not None:
         save_tokenizer(ds.tokenizer, out)  # beside the embeddings: it made their ids.npy
+    write_json(out / MANIFEST, manifest)  # last: its presence means done (NOTE [atomic outputs] in shards.writer)
     return manifest
+
+
+# what precompute writes into its folder, removed by overwrite=True (with the partial files of an earlier run)
+PRECOMPUTE_OUTPUTS = ("shard-*.tar", "manifest.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json")
 
 
 __all__ = ["FeatureEncoder", "HFFeatures", "ModuleImageFeatures", "precompute"]

@@ -139,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exn:
         print(f"python -m models.train: error: {exn}", file=sys.stderr)
         return 2
+    except OSError as exn:  # a full disk, a read-only --out: one line, not a traceback
+        print(f"python -m models.train: error: {exn}", file=sys.stderr)
+        return 1
     return 0
 
 

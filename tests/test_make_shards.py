@@ -358,3 +358,87 @@ def test_cli_reports_bad_arguments(tmp_path: Path, argv: tuple[str, ...], match:
     with pytest.raises(SystemExit, match=match) as exc:
         args.func(args)
     assert str(exc.value).startswith("mmload make-shards: error:")
+
+
+# -- atomic outputs ---------------------------------------------------------------------------------------------------
+
+
+def enospc(after: int):
+    """A ``TarWriter.write`` that fills the disk after ``after`` records."""
+    import errno
+
+    from webdataset import TarWriter
+
+    real, calls = TarWriter.write, [0]
+
+    def write(self, obj):
+        calls[0] += 1
+        if calls[0] > after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, obj)
+
+    return write
+
+
+def test_a_full_disk_leaves_whole_shards_no_partial_one_and_no_manifest(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from unittest import mock
+
+    from mmload.cli import main
+
+    out = tmp_path / "out"
+    argv = ["make-shards", str(out), "--samples", "50", "--max-samples-per-shard", "20"]
+    with mock.patch("webdataset.TarWriter.write", enospc(after=30)):
+        assert main(["-q", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mmload make-shards: error: [Errno 28] No space left on device"]
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]  # whole; the one being written is gone
+    assert len(read_tar(out / "shard-000000.tar")) == 20
+    with pytest.raises(SystemExit, match=r"holds a partial earlier run \(shards but no manifest.json\)"):
+        main(["-q", *argv])  # the rerun names what it found
+    assert main(["-q", *argv, "--overwrite"]) == 0
+    assert read_manifest(out)["samples"]["total"] == 50 and not list(out.glob("*.partial"))
+
+
+def test_the_manifest_is_written_last_and_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed after the shards (here: in the tokenizer's save) leaves no manifest that lacks the tokenizer;
+    a manifest write that fails leaves the old file whole."""
+    from mmload.manifest import write_json
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ms, "save_tokenizer", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ms.make_shards(tmp_path / "a", samples=20, progress=False)
+    assert list((tmp_path / "a").glob("shard-*.tar")) and not (tmp_path / "a" / "manifest.json").exists()
+    with pytest.raises(FileExistsError, match="partial earlier run"):
+        ms.make_shards(tmp_path / "a", samples=20, progress=False)
+
+    path = tmp_path / "m.json"
+    write_json(path, {"old": 1})
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        write_json(path, {"new": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"old": 1} and [p.name for p in tmp_path.glob("*m.json*")] == ["m.json"]
+
+
+def test_a_record_that_fails_mid_shard_leaves_no_partial_shard(tmp_path: Path) -> None:
+    def records():
+        yield from builtin_records(5, seed=0)
+        raise RuntimeError("the source failed")
+
+    with pytest.raises(RuntimeError, match="source failed"):
+        write_shards(records(), tmp_path, maxcount=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]
+    with pytest.raises(FileExistsError, match="partial earlier run"):
+        from mmload.shards.writer import prepare_out
+
+        prepare_out(tmp_path, False, ("shard-*.tar",))
+    (tmp_path / "shard-000001.tar.partial").write_bytes(b"cut")
+    with pytest.raises(FileExistsError, match=r"1 partial files \(shard-000001.tar.partial"):
+        prepare_out(tmp_path, False, ("shard-*.tar",))
+    prepare_out(tmp_path, True, ("shard-*.tar",))
+    assert list(tmp_path.iterdir()) == []

@@ -447,5 +447,23 @@ def test_log_keys_trimmed_metrics_and_pruned_checkpoints_read_as_one_run(builtin
     assert [json.loads(x)["step"] for x in (out / "keys-rank0.jsonl").read_text().splitlines()] == \
         [s for s in range(1, 6) for _ in range(2)]
     for bad in (float("inf"), float("nan"), -1.0):
-        with pytest.raises(ValueError, match="--read-timeout must be"):
+        with pytest.raises(ValueError, match=r"read_timeout must be .*--read-timeout"):
             TrainConfig(read_timeout=bad)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(builtin_shards: list[str], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import checkpoint
+    from models.train import main
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    argv = ["--data", data_dir(builtin_shards), "--preset", "tiny", "--steps", "1", "--batch-size", "4",
+            "--num-workers", "0", "--out", str(tmp_path), "--save-every", "1", "--device", "cpu"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+        "python -m models.train: error: [Errno 28] No space left on device"]
+    assert not [p.name for p in tmp_path.glob("*.pt*")]  # no checkpoint, whole or partial

@@ -20,6 +20,7 @@ headers (512 bytes a member). ``maxcount`` is exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -90,12 +91,19 @@ def write_shards(
     maxcount: int = 1000,
     maxsize: int = 256 * 2**20,
     info: Mapping[str, Any] | None = None,
+    write_manifest: bool = True,
 ) -> dict[str, Any]:
-    """Write ``records`` to ``out/shard-%06d.tar`` and ``out/manifest.json``; return the manifest.
+    """Write ``records`` to ``out/shard-%06d.tar`` and (``write_manifest``) ``out/manifest.json``; return the
+    manifest.
 
     The manifest holds ``info`` (source, seed, creation args: whatever the caller passes), the mmload version,
     the sample counts (``total`` and per modality) and the shard list ``[{"name", "samples", "bytes"}]`` with
     names relative to ``out``, which is created if missing.
+
+    NOTE [atomic outputs]: a shard is written as ``shard-%06d.tar.partial`` and renamed when it is closed, so a
+    ``*.tar`` in ``out`` is always whole; an error (a bad record, a full disk) removes the partial one, and the
+    manifest is written last (by the caller, when it adds to it: ``write_manifest=False``), so its presence means
+    the folder is complete. ``prepare_out`` tells a folder with a partial earlier run from an empty one.
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
@@ -106,8 +114,10 @@ def write_shards(
     counts = {m.value: 0 for m in Modality}
     per_shard: dict[str, int] = {}
     seen: set[str] = set()
-    pattern = str(out).replace("%", "%%") + os.sep + SHARD_PATTERN  # '%' in the directory must not format
-    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False, mtime=0) as sink:
+    pattern = str(out).replace("%", "%%") + os.sep + SHARD_PATTERN + PARTIAL  # '%' in the folder must not format
+    sink = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False, mtime=0,
+                           post=_finish_shard)
+    try:
         for record in records:
             sample = encode_record(record)
             if sample["__key__"] in seen:
@@ -116,10 +126,18 @@ def write_shards(
             sink.write(sample)
             per_shard[sink.fname] = per_shard.get(sink.fname, 0) + 1
             counts[Modality(record["json"]["modality"]).value] += 1
-    if not per_shard:
-        Path(pattern % 0).unlink(missing_ok=True)  # ShardWriter opens its first shard before any record
-        raise ValueError(f"no records to write to {out}")
-    shards = [{"name": Path(f).name, "samples": n, "bytes": Path(f).stat().st_size} for f, n in per_shard.items()]
+        if not per_shard:
+            raise ValueError(f"no records to write to {out}")
+        sink.close()  # renames the last shard
+    except BaseException:
+        with contextlib.suppress(Exception):  # a full disk may fail this close too
+            if getattr(sink, "tarstream", None) is not None:
+                sink.tarstream.close()
+        Path(sink.fname).unlink(missing_ok=True)  # the shard being written is not whole
+        raise
+    names = [f.removesuffix(PARTIAL) for f in per_shard]
+    shards = [{"name": Path(f).name, "samples": n, "bytes": Path(f).stat().st_size}
+              for f, n in zip(names, per_shard.values())]
     manifest = {
         "format": MANIFEST_FORMAT,
         **(info or {}),
@@ -127,9 +145,38 @@ def write_shards(
         "samples": {"total": sum(counts.values()), **counts},
         "shards": shards,
     }
-    write_json(out / MANIFEST, manifest)
+    if write_manifest:
+        write_json(out / MANIFEST, manifest)
     return manifest
 
 
-__all__ = ["IMAGE_EXTS", "MANIFEST", "MANIFEST_FORMAT", "SHARD_PATTERN", "encode_record", "mmload_version",
-           "write_shards"]
+PARTIAL = ".partial"  # the suffix of a shard being written
+
+
+def _finish_shard(fname: str) -> None:
+    os.replace(fname, fname.removesuffix(PARTIAL))
+
+
+def prepare_out(out: Path, overwrite: bool, outputs: Iterable[str]) -> None:
+    """Make ``out`` ready for a write: refuse a file, or a non-empty folder (naming a partial earlier run, shards
+    without a manifest or ``*.partial`` files, as such) unless ``overwrite``, which removes our earlier ``outputs``
+    (glob patterns) and partial files and keeps any other file."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"OUT {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        partial = sorted(p.name for p in out.glob(f"*{PARTIAL}"))
+        if partial or (any(out.glob("*.tar")) and not (out / MANIFEST).exists()):
+            what = f"{len(partial)} partial files ({partial[0]}, ...)" if partial else "shards but no manifest.json"
+            raise FileExistsError(f"OUT {out} holds a partial earlier run ({what}): an earlier write stopped before "
+                                  "it ended; pass --overwrite (overwrite=True) to replace it, or give another folder")
+        raise FileExistsError(f"OUT {out} is not empty; pass --overwrite (overwrite=True) to replace the shards "
+                              "there, or give an empty or new folder")
+    for pattern in (*outputs, f"*{PARTIAL}", f".*{PARTIAL}"):
+        for old in out.glob(pattern):
+            old.unlink()
+
+
+__all__ = ["IMAGE_EXTS", "MANIFEST", "MANIFEST_FORMAT", "PARTIAL", "SHARD_PATTERN", "encode_record", "mmload_version",
+           "prepare_out", "write_shards"]
