@@ -54,6 +54,9 @@ def measure(data: Sequence[str], *, epochs: int, batch_size: int, workers: int, 
         cov.add(batch)
     resume = cov.report(expected, dict(loader_errors(resumed.state_dict())))
 
+    elastic = _elastic(loader_kwargs={"batch_size": batch_size, "seed": seed, **dataset_kwargs}, data=data,
+                       expected=expected, batches=batches)
+
     errors: dict[str, int] = {}
     for r in reports:
         for kind, n in r["errors"].items():
@@ -63,7 +66,41 @@ def measure(data: Sequence[str], *, epochs: int, batch_size: int, workers: int, 
         "samples_read": sum(r["samples"] for r in reports), "errors": errors,
         "repeats": sum(r["repeats"] for r in reports), "lost": sum(r.get("lost") or 0 for r in reports),
         "expected_per_epoch": expected, "per_epoch": reports,
-        "resume": {"stopped_after_batches": batches // 2, **resume},
+        "resume": {"stopped_after_batches": batches // 2, **resume}, "elastic_resume": elastic,
         "rss_after_epoch_bytes": rss, "worker_peak_rss_bytes": worker_peak,
         "peak_rss_bytes": peak_rss_bytes(), "how": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
     }
+
+
+ELASTIC = ((2, 2), (3, 1))  # (ranks, workers) saved, and resumed on
+
+
+def _elastic(*, loader_kwargs: dict[str, Any], data: Sequence[str], expected: int | None,
+             batches: int) -> dict[str, Any]:
+    """Epoch 0 on 2 ranks x 2 workers (simulated in this process: one loader per rank), each rank stopped at its own
+    point, resumed on 3 ranks x 1 worker from both states (``StatefulLoader.load_elastic``) and read to the end."""
+    (ranks, workers), (new_ranks, new_workers) = ELASTIC
+
+    def loader(rank: int, world: int, num_workers: int) -> Any:
+        return make_loader(STRATEGY, list(data), num_workers=num_workers, stateful=True, shuffle=True, rank=rank,
+                           world_size=world, **loader_kwargs)
+
+    cov, states, stops = Coverage(), [], []
+    for rank in range(ranks):
+        made = loader(rank, ranks, workers)
+        it = iter(made)
+        stops.append(max(1, batches // (ranks * (2 + rank))))  # unequal shares at the checkpoint
+        for _ in range(stops[-1]):
+            cov.add(next(it))
+        states.append(made.state_dict())
+        del it, made
+    errors: dict[str, int] = {}
+    for rank in range(new_ranks):
+        made = loader(rank, new_ranks, new_workers)
+        made.load_elastic(states)
+        for batch in made:
+            cov.add(batch)
+        for kind, n in loader_errors(made.state_dict()).items():
+            errors[kind] = errors.get(kind, 0) + n
+    return {"from": list(ELASTIC[0]), "to": list(ELASTIC[1]), "stopped_after_batches": stops,
+            **cov.report(expected, errors)}

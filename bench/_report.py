@@ -133,8 +133,15 @@ def reliability_line(result: dict[str, Any]) -> dict[str, Any]:
             "epochs": r["epochs"], "workers": r["workers"],
             "samples_read": r["samples_read"], "expected_per_epoch": r["expected_per_epoch"], "errors": r["errors"],
             "repeats": r["repeats"], "lost": r["lost"], "resume_repeats": r["resume"]["repeats"],
-            "resume_lost": r["resume"].get("lost"), "peak_rss_bytes": r["peak_rss_bytes"],
+            "resume_lost": r["resume"].get("lost"), "elastic_resume": _elastic_summary(r.get("elastic_resume")),
+            "peak_rss_bytes": r["peak_rss_bytes"],
             "rss_after_epoch_bytes": r["rss_after_epoch_bytes"], "worker_peak_rss_bytes": r["worker_peak_rss_bytes"]}
+
+
+def _elastic_summary(e: dict[str, Any] | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {"from": e["from"], "to": e["to"], "samples": e["samples"], "repeats": e["repeats"], "lost": e.get("lost")}
 
 
 def append_reliability_line(result: dict[str, Any], path: Path) -> None:
@@ -147,13 +154,21 @@ def reliability_section(result: dict[str, Any]) -> list[str]:
     mib = [f"{b / 2**20:.0f}" for b in line["rss_after_epoch_bytes"]]
     return ["", "### Reliability (loader only)", "", result["reliability"]["how"], "",
             "| strategy | epochs | samples read | expected per epoch | errors | repeats | lost | resumed epoch: "
-            "repeats, lost | RSS after each epoch (MiB) | largest worker peak RSS (MiB) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "repeats, lost | elastic resume: repeats, lost | RSS after each epoch (MiB) | largest worker peak RSS "
+            "(MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             f"| {line['strategy']} | {line['epochs']} | {line['samples_read']} | {line['expected_per_epoch']} | "
             f"{line['errors'] or 'none'} | {line['repeats']} | {line['lost']} | {line['resume_repeats']}, "
-            f"{line['resume_lost']} | {' -> '.join(mib)} | "
+            f"{line['resume_lost']} | {_elastic_cell(line['elastic_resume'])} | {' -> '.join(mib)} | "
             f"{' -> '.join(f'{b / 2**20:.0f}' for b in line['worker_peak_rss_bytes'])} |",
             "", f"Every run appends this line to [`{RELIABILITY}`]({RELIABILITY})."]
+
+
+def _elastic_cell(e: dict[str, Any] | None) -> str:
+    if e is None:
+        return "not run"
+    (r, w), (r2, w2) = e["from"], e["to"]
+    return f"{r} ranks x {w} workers -> {r2} x {w2}: {e['repeats']}, {e['lost']}"
 
 
 CSV_COLUMNS = ("strategy", "status", "steps", "samples_per_s", "vs_padded", "real_tokens_per_s", "ms_per_batch",

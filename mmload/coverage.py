@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmload.errors import NOTICES
+
 
 @dataclass
 class Coverage:
@@ -32,7 +34,7 @@ class Coverage:
         out: dict[str, Any] = {"samples": seen, "unique": len(self.counts), "repeats": seen - len(self.counts),
                                "repeated_keys": sorted(repeated)[:10], "errors": dict(errors or {})}
         if expected is not None:
-            bad_samples = sum(n for kind, n in (errors or {}).items() if kind != "shard_read")
+            bad_samples = sum(n for kind, n in (errors or {}).items() if kind != "shard_read" and kind not in NOTICES)
             out["expected"] = expected
             out["lost"] = expected - len(self.counts) - bad_samples
         return out

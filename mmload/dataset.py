@@ -36,6 +36,7 @@ from mmload.stages import (
     STATE_FORMAT,
     BucketStage,
     Decode,
+    Piece,
     Position,
     ShardSource,
     Split,
@@ -184,6 +185,8 @@ class ShardDataset(StreamDataset):
         self._decode = Decode(self.decoder, self.errors, strict)
         self.epoch = 0
         self._stages: tuple[Split, ShardSource] | None = None
+        self.plan: dict[int, list[list[Piece]]] | None = None  # epoch -> pieces per worker (mmload.elastic)
+        self.carried_errors: dict[str, int] | None = None  # an elastic resume's old counts, for rank 0's worker 0
         self._init_state()
 
     @property
@@ -229,20 +232,24 @@ class ShardDataset(StreamDataset):
         # string seeds hash stably across processes
         return random.Random(f"{self.seed}/{self.epoch}/{url}") if self.shuffle else None
 
-    def _shard_ids(self, worker: int = 0, num_workers: int = 1) -> list[tuple[int, str]]:
-        """``(id, url)`` of the shards this rank's ``worker`` reads this epoch: ids index ``self.urls``."""
+    def shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
+        """The shards this rank's ``worker`` reads this epoch without an elastic plan (see NOTE [splitting])."""
+        rank, world = self._placement()
+        return [p.url for p in self.default_pieces(self.epoch, Split(rank, world, worker, num_workers))]
+
+    def default_pieces(self, epoch: int, split: Split) -> list[Piece]:
+        """What ``split`` reads in ``epoch`` without an elastic plan: whole shards (see NOTE [splitting])."""
         ids = list(range(len(self.urls)))
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             ids = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
-        return [(i, self.urls[i]) for i in ids[self.rank::self.world_size][worker::num_workers]]
-
-    def shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
-        """The shards this rank's ``worker`` reads this epoch (see NOTE [splitting])."""
-        return [url for _, url in self._shard_ids(worker, num_workers)]
+        mine = ids[split.rank::split.world_size][split.worker::split.num_workers]
+        return [Piece(i, self.urls[i]) for i in mine]
 
     def _source(self, split: Split) -> ShardSource:
-        return ShardSource(self._shard_ids(split.worker, split.num_workers), self._read, rng=self._rng,
+        plan = (self.plan or {}).get(self.epoch)
+        pieces = plan[split.worker] if plan is not None else self.default_pieces(self.epoch, split)
+        return ShardSource(pieces, self._read, rng=self._rng,
                            buffer=self.shuffle_buffer, on_damage=self._decode.bad, trace=self.trace,
                            worker=split.worker, buffer_bytes=self.limits.shuffle_buffer_bytes)
 
@@ -252,7 +259,10 @@ class ShardDataset(StreamDataset):
             check_split(resume["split"], split.as_dict())
             self.epoch = resume["epoch"]
         source = self._source(split)
-        if not source.shards and resume is None:
+        if self.carried_errors and resume is None and split.rank == split.worker == 0:
+            self.errors.counts.update(self.carried_errors)
+            self.carried_errors = None
+        if not source.shards and resume is None and not (self.plan or {}).get(self.epoch):
             log.warning("rank %d worker %d of %d has no shard to read (%d shards for %d ranks x %d workers): make "
                         "more shards, or fewer workers", split.rank, split.worker, split.num_workers, len(self.urls),
                         split.world_size, split.num_workers)
@@ -307,6 +317,14 @@ class BlendedDataset(StreamDataset):
     @property
     def tokenizer(self) -> Any:
         return self.sources[0].tokenizer
+
+    @property
+    def rank(self) -> int:
+        return self.sources[0].rank
+
+    @property
+    def world_size(self) -> int:
+        return self.sources[0].world_size
 
     @property
     def errors(self) -> ErrorCounter:

@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.stateful_dataloader import _ITERATOR_FINISHED
 
-from mmload.dataset import StreamDataset, open_data
+from mmload.dataset import ShardDataset, StreamDataset, open_data
+from mmload.elastic import decode_plan, encode_plan, saved_rank, worker_states
+from mmload.elastic import plan as elastic_plan
 from mmload.errors import WorkerDied, new_trace, read_trace
 from mmload.sample import Sample
-from mmload.stages import check_split
 from mmload.strategy import STRATEGIES, Strategy, get_strategy
 
 
@@ -56,6 +57,9 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
         loader_kwargs["prefetch_factor"] = prefetch_factor
     return loader_cls(dataset, batch_size=None if batcher else batch_size, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
+
+
+PLAN_KEY = "mmload_elastic_plan"  # where a StatefulLoader state keeps its elastic plan
 
 
 def saved_num_workers(state: dict[str, Any]) -> int:
@@ -101,17 +105,56 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             super().__init__(*args, **kwargs)
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        plan = encode_plan(getattr(self.dataset, "plan", None))
+        if plan is not None:
+            state[PLAN_KEY] = plan  # the epochs an elastic resume planned (NOTE [elastic resume] in mmload.elastic)
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from ``state_dict``. NOTE [end of epoch]: a state taken after the loader's epoch ended (its
-        iterator raised ``StopIteration``) has nothing left to resume: the next ``iter()`` reads a whole epoch, the
-        one the dataset is set to (``set_epoch``, before or after this call), as the uninterrupted loader's next
-        ``iter()`` would, with any number of workers (torchdata would restore the finished epoch's number into a
-        0-worker dataset and replay that epoch)."""
+        """Resume from ``state_dict``; a state saved with another number of workers resumes elastically
+        (:meth:`load_elastic`) when it was saved without ranks.
+
+        NOTE [end of epoch]: a state taken after the loader's epoch ended (its iterator raised ``StopIteration``)
+        has nothing left to resume: the next ``iter()`` reads a whole epoch, the one the dataset is set to
+        (``set_epoch``, before or after this call), as the uninterrupted loader's next ``iter()`` would, with any
+        number of workers (torchdata would restore the finished epoch's number into a 0-worker dataset and replay
+        that epoch)."""
+        state_dict = dict(state_dict)
+        plan = state_dict.pop(PLAN_KEY, None)
+        if plan is not None and isinstance(self.dataset, StreamDataset):
+            self.dataset.plan = decode_plan(plan)
         if state_dict and state_dict.get(_ITERATOR_FINISHED):
             state_dict = {}
-        if state_dict:
-            check_split({"num_workers": saved_num_workers(state_dict)}, {"num_workers": self.num_workers})
+        if state_dict and saved_num_workers(state_dict) != self.num_workers:
+            world = worker_states(state_dict)[0]["stream"]["split"]["world_size"]
+            if world != 1:
+                raise ValueError(f"this state was saved by one of {world} ranks with {saved_num_workers(state_dict)} "
+                                 f"workers: resuming it with {self.num_workers} needs every rank's state, "
+                                 "loader.load_elastic([state of rank 0, state of rank 1, ...])")
+            self.load_elastic([{**state_dict, **({PLAN_KEY: plan} if plan else {})}])
+            return
         super().load_state_dict(state_dict)
+
+    def load_elastic(self, states: Sequence[dict[str, Any]]) -> int:
+        """Resume from the states of every rank of a run saved on any number of ranks and workers, with this
+        loader's rank and workers (NOTE [elastic resume] in :mod:`mmload.elastic`); iterate from the epoch it
+        returns, the earliest any old rank was in. The order differs from the uninterrupted run's; the samples
+        delivered per epoch, over all ranks, do not."""
+        dataset = self.dataset
+        if not isinstance(dataset, ShardDataset):
+            raise ValueError(f"an elastic resume needs a ShardDataset, got {type(dataset).__name__}")
+        saved = []
+        for state in states:
+            split = worker_states(state)[0]["stream"]["split"]
+            saved.append(saved_rank(state, rank=split["rank"], world_size=split["world_size"],
+                                    plan=state.get(PLAN_KEY)))
+        epoch, plan, errors = elastic_plan(dataset, saved, dataset.rank, dataset.world_size, self.num_workers)
+        dataset.plan, dataset.carried_errors = plan, dict(errors)
+        dataset.set_epoch(epoch)
+        super().load_state_dict({})
+        return epoch
 
 
 __all__ = ["LOADER_KEYWORDS", "STRATEGIES", "Loader", "StatefulLoader", "make_collator", "make_loader",

@@ -8,8 +8,9 @@
 Every item carries its **position**, ``(shard, offset)``: the shard's id (its index in the dataset's expanded
 URL list, so a shard listed twice is two shards) and the number of the raw sample in that shard's (shuffled)
 order. NOTE [stage state]: ``state_dict()`` of each stage describes the stream after the last
-item it handed on. The source's is per shard (the shards it finished, the one it is in and how far), not per
-rank/worker split, so that a later resume can hand unfinished shards to another split; the decoder's is its
+item it handed on. The source's is per piece of a shard (:class:`Piece`: the pieces it reads, those it finished,
+the one it is in and how far), not per rank/worker split, so that an elastic resume (``mmload.elastic``) can hand
+what is left to another split; the decoder's is its
 error counts; the bucket stage's is the positions of the samples it holds, which a resume re-reads from the
 source (a shard's shuffled order is a pure function of ``(seed, epoch, url)``) and hands back to it, and the
 batches it has made but not handed on yet, in order. The
@@ -34,7 +35,7 @@ from mmload.decode import Decoder
 from mmload.errors import ErrorCounter, ErrorKind, SampleError, log, write_trace
 from mmload.sample import Sample
 
-STATE_FORMAT = 2  # 1: positions per split (shard index, sample), before mmload.stages; 2: per shard
+STATE_FORMAT = 3  # 1: positions per split (shard index, sample); 2: per shard; 3: per piece of a shard
 Position = tuple[Any, ...]  # (shard id, offset) from one source; a blend prefixes its source's index
 
 
@@ -54,18 +55,18 @@ class Split:
 def check_split(saved: Mapping[str, int], now: Mapping[str, int]) -> None:
     """The one resume check: a position means something only for the split it was saved under.
 
-    NOTE [resume policy]: shards are split by rank and worker, so resuming on another world size or worker
-    count would repeat or skip samples; it is refused with this message (the loader checks the worker count
-    with it, each worker its whole split). ``now`` may name only some fields: those are compared.
+    NOTE [resume policy]: shards are split by rank and worker, so a stream's state read by another split would
+    repeat or skip samples; it is refused with this message. Another cluster shape resumes through
+    ``mmload.elastic``, from every rank's state at once. ``now`` may name only some fields: those are compared.
     """
     keys = [k for k in ("world_size", "num_workers", "rank", "worker") if k in now]
     if any(saved.get(k) != now[k] for k in keys):
         were = ", ".join(f"{k}={saved.get(k)}" for k in keys)
         are = ", ".join(f"{k}={now[k]}" for k in keys)
-        raise ValueError(f"cannot resume a stream saved with {were} as one with {are}: shards are split by rank and "
-                         "worker, so another split would repeat or skip samples. Resume with the same number of "
-                         "ranks and DataLoader workers (torchrun --nproc_per_node, --num-workers), or start the "
-                         "epoch over")
+        raise ValueError(f"cannot resume a stream saved with {were} as one with {are}: a stream's state resumes the "
+                         "split it was saved under. To resume on another number of ranks or workers, give every "
+                         "rank's loader state to StatefulLoader.load_elastic (python -m models.train --resume does "
+                         "it), or start the epoch over")
 
 
 def check_format(state: Mapping[str, Any], what: str) -> None:
@@ -108,24 +109,76 @@ def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buf
         yield held.pop(rng.randrange(len(held)))
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What one stream reads of one shard: the raw samples at offsets ``j`` (in the shard's shuffled order) with
+    ``j >= start`` and ``j % every == phase``, and those listed in ``also``. A whole shard is ``Piece(id, url)``;
+    an elastic resume (``mmload.elastic``) cuts shards into pieces: the rest of a shard from where a stream stopped
+    (``start``), one of several streams that share it (``every``, ``phase``), the samples a bucket held (``also``,
+    ``start=None``).
+
+    NOTE [damage once]: a damaged shard is counted by the one piece that reads its range at phase 0; the pieces
+    of one shard share it out so that exactly one such piece is left whenever the damage is still to be reported.
+    """
+
+    shard: int
+    url: str
+    every: int = 1
+    phase: int = 0
+    start: int | None = 0  # None: only the offsets in ``also``
+    also: tuple[int, ...] = ()
+
+    def wants(self, j: int) -> bool:
+        return (self.start is not None and j >= self.start and j % self.every == self.phase) or j in self.also
+
+    def done_after(self, j: int) -> bool:
+        """No offset after ``j`` is wanted."""
+        return self.start is None and j >= max(self.also, default=-1)
+
+    @property
+    def reports_damage(self) -> bool:
+        return self.start is not None and self.phase == 0
+
+    def as_list(self) -> list[Any]:
+        return [self.shard, self.url, self.every, self.phase, self.start, list(self.also)]
+
+    @classmethod
+    def of(cls, item: Any) -> Piece:
+        """A piece from its ``as_list()``, or a whole shard from ``(id, url)``."""
+        if isinstance(item, Piece):
+            return item
+        if len(item) == 2:
+            return cls(int(item[0]), item[1])
+        shard, url, every, phase, start, also = item
+        return cls(int(shard), url, int(every), int(phase), None if start is None else int(start),
+                   tuple(sorted(int(j) for j in also)))
+
+
 class ShardSource:
-    """The source stage: raw samples of ``shards`` (``(shard id, url)`` pairs) in order, each through
-    ``shuffle_shard``, with positions ``(shard id, offset)``.
+    """The source stage: raw samples of ``pieces`` (:class:`Piece`, or ``(shard id, url)`` for whole shards) in
+    order, each shard through ``shuffle_shard``, with positions ``(shard id, offset)``.
 
     ``read(url)`` yields a shard's raw samples and raises :class:`SampleError` where it is damaged; the damage is
     reported to ``on_damage`` where the shard ends for the stream (after its buffered samples), so a resume never
-    reports it twice. ``trace``: see NOTE [worker trace] in :mod:`mmload.errors`.
+    reports it twice (NOTE [damage once] for shards cut in pieces). ``trace``: see NOTE [worker trace] in
+    :mod:`mmload.errors`.
     """
 
-    def __init__(self, shards: Sequence[tuple[int, str]], read: Callable[[str], Iterator[dict[str, Any]]], *,
-                 rng: Callable[[str], random.Random | None], buffer: int, on_damage: Callable[[SampleError], None],
-                 trace: torch.Tensor | None = None, worker: int = 0, buffer_bytes: int | None = None) -> None:
-        self.shards, self.read, self.rng, self.buffer = [(int(i), url) for i, url in shards], read, rng, buffer
-        self.buffer_bytes = buffer_bytes
+    def __init__(self, pieces: Sequence[Piece | tuple[int, str]], read: Callable[[str], Iterator[dict[str, Any]]],
+                 *, rng: Callable[[str], random.Random | None], buffer: int,
+                 on_damage: Callable[[SampleError], None], trace: torch.Tensor | None = None, worker: int = 0,
+                 buffer_bytes: int | None = None) -> None:
+        self.pieces = [Piece.of(p) for p in pieces]
+        self.read, self.rng, self.buffer, self.buffer_bytes = read, rng, buffer, buffer_bytes
         self.on_damage, self.trace, self.worker = on_damage, trace, worker
-        self.finished: list[int] = []  # ids of the shards read to their end
-        self.current: int | None = None  # id of the shard being read
-        self.offset = 0  # raw samples of ``current`` handed on
+        self.finished: list[int] = []  # indices (in ``pieces``) of the pieces read to their end
+        self.current: int | None = None  # index of the piece being read
+        self.offset = 0  # the next offset of ``current`` to consider
+
+    @property
+    def shards(self) -> list[tuple[int, str]]:
+        """``(shard id, url)`` of every shard this source reads (some, in part)."""
+        return list(dict.fromkeys((p.shard, p.url) for p in self.pieces))
 
     def _shuffled(self, url: str) -> tuple[Iterator[dict[str, Any]], list[SampleError]]:
         """The shard's raw samples in their shuffled order, and (filled once they are all out) its damage: every
@@ -142,22 +195,26 @@ class ShardSource:
 
     def __iter__(self) -> Iterator[tuple[Position, dict[str, Any]]]:
         done = set(self.finished)
-        for shard, url in self.shards:
-            if shard in done:
-                continue  # resuming: a finished shard is not read again
-            start = self.offset if shard == self.current else 0
-            self.current, self.offset = shard, start
-            raws, damage = self._shuffled(url)
+        for k, piece in enumerate(self.pieces):
+            if k in done:
+                continue  # resuming: a finished piece is not read again
+            start = self.offset if k == self.current else 0
+            self.current, self.offset = k, start
+            raws, damage = self._shuffled(piece.url)
             for j, raw in enumerate(raws):
-                if j < start:
-                    continue  # resuming: raw samples handed on before are skipped undecoded
+                if j < start or not piece.wants(j):
+                    if piece.done_after(j):
+                        break  # a piece of held samples only: the rest of the shard is not read
+                    continue  # resuming, or another stream's sample: skipped undecoded
                 self.offset = j + 1
                 if self.trace is not None:
-                    write_trace(self.trace, self.worker, url, raw["__key__"])
-                yield (shard, j), raw
-            for err in damage:
-                self.on_damage(err)
-            self.finished.append(shard)
+                    write_trace(self.trace, self.worker, piece.url, raw["__key__"])
+                yield (piece.shard, j), raw
+            if piece.reports_damage:
+                for err in damage:
+                    self.on_damage(err)
+            raws.close()
+            self.finished.append(k)
             self.current, self.offset = None, 0
 
     def reread(self, positions: Iterable[Position]) -> dict[Position, dict[str, Any]]:
@@ -175,12 +232,15 @@ class ShardSource:
                     out[(shard, j)] = raw
                 if j >= last:
                     break
+            raws.close()
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"finished": list(self.finished), "current": self.current, "offset": self.offset}
+        return {"pieces": [p.as_list() for p in self.pieces], "finished": list(self.finished),
+                "current": self.current, "offset": self.offset}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pieces = [Piece.of(p) for p in state["pieces"]]
         self.finished, self.current, self.offset = list(state["finished"]), state["current"], int(state["offset"])
 
 
@@ -346,5 +406,5 @@ class BucketStage:
         self.held.arrivals = int(state["arrivals"])
 
 
-__all__ = ["STATE_FORMAT", "BucketStage", "Decode", "KeySet", "Position", "ShardSource", "Split", "Transform",
+__all__ = ["STATE_FORMAT", "BucketStage", "Decode", "KeySet", "Piece", "Position", "ShardSource", "Split", "Transform",
            "check_format", "check_split", "raw_bytes", "shuffle_shard"]

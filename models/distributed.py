@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -59,6 +60,14 @@ def rng_state(device: torch.device) -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def seed_rng(seed: int, rank: int, step: int) -> None:
+    """Every random state of this process derived from ``(seed, rank, step)``: an elastic resume has no saved state
+    for a new rank, so every rank starts from one of these."""
+    derived = int.from_bytes(hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest(), "little")
+    torch.manual_seed(derived)  # the CPU generator and every CUDA one
+    random.seed(derived)
+
+
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -66,4 +75,4 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-__all__ = ["DistInfo", "gather", "init_distributed", "rng_state", "set_rng_state"]
+__all__ = ["DistInfo", "gather", "init_distributed", "rng_state", "seed_rng", "set_rng_state"]

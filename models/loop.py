@@ -26,7 +26,6 @@ from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.manifest import manifest_beside
-from mmload.stages import check_split
 from mmload.strategy import get_strategy
 from models.build import apply_freeze, build_model, make_optimizer, make_scheduler
 from models.checkpoint import (
@@ -40,7 +39,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.config import ModelConfig, TrainConfig
-from models.distributed import DistInfo, gather, init_distributed, rng_state, set_rng_state
+from models.distributed import DistInfo, gather, init_distributed, rng_state, seed_rng, set_rng_state
 from models.evaluate import evaluate
 from models.gradmask import GradientMasker, MaskSchedule
 from models.kd import Distiller, ImageTeacher, ShardImageTeacher, TextTeacher
@@ -174,7 +173,6 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     stream = EpochStream(make_epoch_loader)
     step = 0
     if resume is not None:
-        check_split({"world_size": resume.get("world_size", 1)}, {"world_size": info.world})  # one state per rank
         if "optimizer" not in resume:
             raise ValueError(f"{cfg.resume} holds weights only (no optimizer or loader state): evaluate it with "
                              "--eval-only or distill from it with --image-teacher")
@@ -182,14 +180,25 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         scheduler.load_state_dict(resume["scheduler"])
         if masker is not None and resume.get("gradmask") is not None:
             masker.load_state_dict(resume["gradmask"])
-        stream.load_state_dict(resume["loader"][info.rank])
-        set_rng_state(resume["rng"][info.rank], device)
         step = int(resume["step"])
+        was = (int(resume.get("world_size", 1)), int(resume["args"]["num_workers"]))
+        if was == (info.world, cfg.num_workers):
+            stream.load_state_dict(resume["loader"][info.rank])
+            set_rng_state(resume["rng"][info.rank], device)
+        else:  # another cluster shape: continue every old rank's epoch here (NOTE [elastic resume])
+            stream.load_elastic(resume["loader"])
+            seed_rng(cfg.seed, info.rank, step)
+            if info.is_main:
+                print(f"python -m models.train: elastic resume at step {step} from {was[0]} ranks x {was[1]} workers "
+                      f"onto {info.world} x {cfg.num_workers}: the global batch is now {info.world} x "
+                      f"{cfg.batch_size} x {cfg.grad_accum} = {info.world * cfg.batch_size * cfg.grad_accum} samples "
+                      f"(was {was[0] * cfg.batch_size * cfg.grad_accum}); random state re-derived from (seed, rank, "
+                      "step)", file=sys.stderr, flush=True)
 
     out = Path(cfg.out) if cfg.out else None
     resumed_step = step if resume is not None else None
     log = MetricsLog(out, info.is_main, resumed_step)
-    keys = KeyLog(out, info.rank, cfg.log_keys, resumed_step)
+    keys = KeyLog(out, info.rank, cfg.log_keys, resumed_step, info.world)
     if info.is_main and out is not None:
         remove_partial_saves(out)
         if resumed_step is not None and (dropped := drop_checkpoints_after(out, resumed_step)):

@@ -63,15 +63,21 @@ class MetricsLog:
 class KeyLog:
     """``out/keys-rank{rank}.jsonl``: one line per micro-batch, ``{"step", "micro", "epoch", "keys"}`` (``step``
     1-based as in ``metrics.jsonl``), flushed, so a user can audit which samples each step saw. Every rank writes
-    its own file; nothing happens unless ``enabled``."""
+    its own file; nothing happens unless ``enabled``. On a resume every file is trimmed to the resumed step, those of
+    old ranks a resume onto fewer ranks left behind too (by rank 0), so the files read as one run."""
 
-    def __init__(self, out: Path | None, rank: int, enabled: bool, resumed_step: int | None = None) -> None:
+    def __init__(self, out: Path | None, rank: int, enabled: bool, resumed_step: int | None = None,
+                 world: int = 1) -> None:
         self.file = None
         if out is not None and enabled:
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"keys-rank{rank}.jsonl"
             if resumed_step is not None:
                 trim_jsonl(path, resumed_step)
+                if rank == 0:
+                    for old in out.glob("keys-rank*.jsonl"):
+                        if old.stem.removeprefix("keys-rank").isdigit() and int(old.stem[9:]) >= world:
+                            trim_jsonl(old, resumed_step)
             self.file = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, micro: int, epoch: int, keys: list[str]) -> None:

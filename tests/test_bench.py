@@ -145,9 +145,13 @@ def test_reliability_line_reports_a_clean_exactly_once_epoch(run: tuple[dict, Pa
     assert r["samples_read"] == 2 * 96 and r["repeats"] == 0 and r["lost"] == 0 and r["errors"] == {}
     assert r["resume"]["unique"] == 96 and r["resume"]["repeats"] == 0 and r["resume"]["lost"] == 0
     assert r["resume"]["stopped_after_batches"] >= 1
+    elastic = r["elastic_resume"]
+    assert (elastic["from"], elastic["to"]) == ([2, 2], [3, 1])
+    assert elastic["unique"] == 96 and elastic["repeats"] == 0 and elastic["lost"] == 0
     lines = (out / "reliability.jsonl").read_text().splitlines()
     line = json.loads(lines[-1])
     assert line["run"] == result["run"] and line["samples_read"] == 192 and line["lost"] == 0
+    assert line["elastic_resume"] == {"from": [2, 2], "to": [3, 1], "samples": 96, "repeats": 0, "lost": 0}
     for key in ("commit", "device", "date", "data", "peak_rss_bytes", "errors", "repeats"):
         assert key in line
     assert "### Reliability (loader only)" in (out / "README.md").read_text()

@@ -444,9 +444,9 @@ def test_planted_payloads_are_what_they_claim() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(plans=st.lists(planned_shards(), min_size=1, max_size=3), max_text_len=st.sampled_from([2, 16, 64]),
-       shuffle=st.booleans())
+       shuffle=st.booleans(), buffer_bytes=st.sampled_from([1 << 28, 1_500_000, 1]))
 def test_planted_damage_is_skipped_and_counted_exactly(tokenizer: Any, plans: list[PlannedShard],
-                                                       max_text_len: int, shuffle: bool) -> None:
+                                                       max_text_len: int, shuffle: bool, buffer_bytes: int) -> None:
     spy = SpyTokenizer(tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         urls, events = write_shards(Path(tmp), plans)
@@ -455,7 +455,7 @@ def test_planted_damage_is_skipped_and_counted_exactly(tokenizer: Any, plans: li
         for e in events:
             event(f"outcome {e.outcome}")
         ds = hostile_dataset(urls, spy, max_text_len=max_text_len, shuffle=shuffle, shuffle_buffer=3,
-                             max_consecutive_errors=None)
+                             shuffle_buffer_bytes=buffer_bytes, max_consecutive_errors=None)
         with no_hang():
             samples = list(ds)
 

@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Callable
 
 import pytest
+from conftest import assert_exactly_once
 
 from mmload.loader import make_loader
 
@@ -53,24 +54,71 @@ def test_resume_a_blend_with_bucketing(builtin_shards: list[str]) -> None:
     assert_resumes_exactly(make, stop_after=5)
 
 
-def test_resume_refuses_another_worker_count(builtin_shards: list[str]) -> None:
-    def make(workers: int):
+@pytest.mark.parametrize("strategy", ["padded", "bucketed", "nested"])
+@pytest.mark.parametrize(("old", "new", "steps", "ahead"), [
+    ((1, 2), (1, 0), [5], [0]),  # one rank: load_state_dict itself resumes on another worker count
+    ((1, 0), (1, 3), [5], [0]),
+    ((2, 2), (3, 1), [3, 5], [0, 0]),
+    ((2, 2), (1, 2), [3, 2], [1, 0]),  # rank 0 is an epoch ahead of rank 1
+    ((2, 2), (7, 2), [3, 2], [1, 0]),  # 14 streams for 8 shards: shards are cut by sample position
+])
+def test_an_elastic_resume_delivers_every_sample_of_each_finished_epoch_exactly_once(
+        strategy: str, old: tuple[int, int], new: tuple[int, int], steps: list[int], ahead: list[int],
+        builtin_shards: list[str]) -> None:
+    """Old ranks (simulated in one process) stop mid-epoch, some a whole epoch ahead; new ranks of another count and
+    worker count resume from all their states and read to the end of epoch 1: each key once in each epoch."""
+    def make(rank: int, world: int, workers: int):
+        return make_loader(strategy, builtin_shards, batch_size=8, num_workers=workers, stateful=True, shuffle=True,
+                           seed=1, rank=rank, world_size=world, image_size=16, max_text_len=32)
+
+    (ranks, workers), (new_ranks, new_workers) = old, new
+    delivered: dict[int, list[str]] = {0: [], 1: []}
+    states = []
+    for rank in range(ranks):
+        loader = make(rank, ranks, workers)
+        if ahead[rank]:
+            delivered[0] += [k for b in loader for k in b.keys]
+            loader.dataset.set_epoch(1)
+        it = iter(loader)
+        delivered[ahead[rank]] += [k for _ in range(steps[rank]) for k in next(it).keys]
+        states.append(loader.state_dict())
+        del it, loader
+    for rank in range(new_ranks):
+        loader = make(rank, new_ranks, new_workers)
+        if ranks == new_ranks == 1:
+            loader.load_state_dict(states[0])
+            epoch = loader.dataset.epoch
+        else:
+            epoch = loader.load_elastic(states)
+        assert epoch == min(ahead)
+        for e in range(epoch, 2):
+            loader.dataset.set_epoch(e)
+            delivered[e] += [k for b in loader for k in b.keys]
+    every = [k for b in make(0, 1, 0) for k in b.keys]
+    for e in (0, 1):
+        assert_exactly_once(delivered[e], every)
+
+
+def test_one_rank_of_several_cannot_resume_alone_on_another_worker_count(builtin_shards: list[str]) -> None:
+    def make(workers: int, rank: int = 0):
         return make_loader("padded", builtin_shards, batch_size=8, num_workers=workers, stateful=True,
-                           image_size=16)
+                           image_size=16, rank=rank, world_size=2)
 
     loader = make(2)
     it = iter(loader)
     next(it), next(it)
     state = loader.state_dict()
     del it
-    with pytest.raises(ValueError, match="same number of ranks and DataLoader workers"):
+    with pytest.raises(ValueError, match=r"needs every rank's state, loader.load_elastic\("):
         make(1).load_state_dict(state)
-    # The dataset refuses too, e.g. a state moved to another rank by hand.
+    with pytest.raises(ValueError, match="needs the state of every old rank"):
+        make(1).load_elastic([state])
+    # The dataset refuses a stream's state read by another split, e.g. a state moved to another rank by hand.
     from mmload import ShardDataset
 
     ds = ShardDataset(builtin_shards, image_size=16, rank=1, world_size=2)
     ds.load_state_dict(state["_snapshot"]["_worker_snapshots"]["worker_0"]["dataset_state"])
-    with pytest.raises(ValueError, match="same number of ranks and DataLoader workers"):
+    with pytest.raises(ValueError, match="StatefulLoader.load_elastic"):
         next(iter(ds))
 
 
@@ -143,3 +191,40 @@ def test_an_end_of_epoch_state_starts_the_epoch_the_dataset_is_set_to(workers: i
         resumed.dataset.set_epoch(1)
     got = [k for b in resumed for k in b.keys]
     assert got == (epoch0 if set_epoch == "never" else epoch1)
+
+
+def test_an_elastic_resume_of_an_elastic_resume_and_a_plain_resume_inside_a_plan(builtin_shards: list[str]) -> None:
+    """2 x 2 stops; 3 x 1 resumes, stops again mid-plan (strided pieces, held samples and all); one of those ranks
+    resumes its own state as saved (same shape), then 1 x 2 continues all three: each key once per epoch."""
+    def make(rank: int, world: int, workers: int):
+        return make_loader("bucketed", builtin_shards, batch_size=8, num_workers=workers, stateful=True, shuffle=True,
+                           seed=2, rank=rank, world_size=world, image_size=16, max_text_len=32)
+
+    delivered: list[str] = []
+    first = []
+    for rank in range(2):
+        loader = make(rank, 2, 2)
+        it = iter(loader)
+        delivered += [k for _ in range(3) for k in next(it).keys]
+        first.append(loader.state_dict())
+        del it, loader
+    second = []
+    for rank in range(3):
+        loader = make(rank, 3, 1)
+        loader.load_elastic(first)
+        it = iter(loader)
+        delivered += [k for _ in range(2) for k in next(it).keys]
+        state = loader.state_dict()
+        del it, loader
+        if rank == 1:  # the same shape again: an ordinary resume, inside the plan
+            loader = make(rank, 3, 1)
+            loader.load_state_dict(state)
+            it = iter(loader)
+            delivered += list(next(it).keys)
+            state = loader.state_dict()
+            del it, loader
+        second.append(state)
+    loader = make(0, 1, 2)
+    loader.load_elastic(second)
+    delivered += [k for b in loader for k in b.keys]
+    assert_exactly_once(delivered, [k for b in make(0, 1, 0) for k in b.keys])

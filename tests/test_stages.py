@@ -8,9 +8,10 @@ import pytest
 from conftest import assert_exactly_once, cut_shard, make_samples
 
 from mmload import BucketBatcher, ShardDataset
+from mmload.elastic import deal
 from mmload.errors import ErrorCounter, ErrorKind, SampleError
 from mmload.loader import make_loader
-from mmload.stages import STATE_FORMAT, BucketStage, Decode, ShardSource, check_split, shuffle_shard
+from mmload.stages import STATE_FORMAT, BucketStage, Decode, Piece, ShardSource, check_split, shuffle_shard
 
 
 def fake_shards(n_shards: int = 3, per_shard: int = 7, damaged: str | None = None):
@@ -47,12 +48,32 @@ def test_the_source_keeps_its_position_per_shard_and_resumes_from_it() -> None:
     it = iter(source)
     head = [next(it)[0] for _ in range(10)]
     state = source.state_dict()
-    assert state == {"finished": [0], "current": 1, "offset": 3}  # per shard, not per split
+    assert {k: state[k] for k in ("finished", "current", "offset")} == {"finished": [0], "current": 1, "offset": 3}
+    assert state["pieces"] == [[i, url, 1, 0, 0, []] for i, url in shards]  # per piece of a shard, not per split
     again = ShardSource(shards, read, rng=seeded, buffer=3, on_damage=damage.append)
     again.load_state_dict(state)
     assert head + [pos for pos, _ in again] == full
     raws = again.reread([head[-1], full[-1]])  # the same shuffled order: a position names one raw sample
     assert {p: raw["__key__"] for p, raw in raws.items()} == {p: keys[p] for p in (head[-1], full[-1])}
+
+
+def test_pieces_of_a_shard_share_it_out_and_its_damage_once() -> None:
+    """A shard dealt to more streams than there are shards is cut by sample position: the strided pieces deliver
+    every raw sample once between them, and only the phase-0 piece reports the shard's damage."""
+    shards, read = fake_shards(n_shards=2, per_shard=7, damaged="s1")
+    whole = [Piece(i, url) for i, url in shards]
+    dealt = deal(whole, 5)
+    assert [len(d) for d in dealt] == [2, 1, 1, 1, 1] and all(p.every == 3 for d in dealt for p in d)
+    got, damage = [], []
+    for pieces in dealt:
+        got += [pos for pos, _ in ShardSource(pieces, read, rng=seeded, buffer=3, on_damage=damage.append)]
+    want = [pos for pos, _ in ShardSource(shards, read, rng=seeded, buffer=3, on_damage=lambda e: None)]
+    assert sorted(got) == sorted(want) and len(got) == len(set(got))
+    assert [e.url for e in damage] == ["s1"]
+    held = Piece(0, "s0", start=None, also=(1, 4))  # only held samples: the shard is read no further than them
+    assert [j for (_, j), _ in ShardSource([held], read, rng=lambda u: None, buffer=1,
+                                           on_damage=damage.append)] == [1, 4]
+    assert Piece.of(held.as_list()) == held and Piece.of((3, "s3")) == Piece(3, "s3")
 
 
 def test_shard_damage_is_reported_once_where_the_shard_ends() -> None:
@@ -132,8 +153,13 @@ def test_states_carry_a_format_and_an_old_one_is_refused(builtin_shards: list[st
     state = ds.state_dict()
     assert state["format"] == STATE_FORMAT and state["stream"]["split"] == {"rank": 0, "world_size": 1, "worker": 0,
                                                                              "num_workers": 1}
-    with pytest.raises(ValueError, match="format 1, this mmload reads format 2"):
-        ds.load_state_dict({**state, "format": 1})
+    for old in (1, 2):  # 2: positions per shard, before pieces
+        with pytest.raises(ValueError, match=f"format {old}, this mmload reads format {STATE_FORMAT}; resume it"):
+            ds.load_state_dict({**state, "format": old})
+    from mmload.epochs import EpochStream
+
+    with pytest.raises(ValueError, match="epoch-stream state has format 1, this mmload reads format 2"):
+        EpochStream(lambda epoch: None).load_state_dict({"format": 1, "epoch": 0, "loader": None})
     with pytest.raises(ValueError, match="saved with world_size=1, rank=0 as one with world_size=2, rank=1"):
         check_split({"rank": 0, "world_size": 1}, {"world_size": 2, "rank": 1})
 
