@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmload.decode import Decoder
 from mmload.errors import ErrorCounter, log
+from mmload.manifest import shard_samples
 from mmload.reader import (
     MAX_MEMBER_BYTES,
     MAX_SAMPLE_BYTES,
@@ -187,6 +188,8 @@ class ShardDataset(StreamDataset):
         self._stages: tuple[Split, ShardSource] | None = None
         self.plan: dict[int, list[list[Piece]]] | None = None  # epoch -> pieces per worker (mmload.elastic)
         self.carried_errors: dict[str, int] | None = None  # an elastic resume's old counts, for rank 0's worker 0
+        self.balanced = False  # equal shares per stream (set on a blend's sources)
+        self.shard_counts: list[int] | None = None  # samples per shard, when balanced
         self._init_state()
 
     @property
@@ -246,9 +249,33 @@ class ShardDataset(StreamDataset):
         mine = ids[split.rank::split.world_size][split.worker::split.num_workers]
         return [Piece(i, self.urls[i]) for i in mine]
 
+    def balanced_pieces(self, epoch: int, split: Split) -> list[Piece] | None:
+        """What ``split`` reads in ``epoch`` when every stream must get an equal share (a blend's sources, NOTE
+        [blend mix] in ``BlendedDataset``): the ``k``-th of ``S`` equal ranges of the epoch's samples, shard after
+        shard in the epoch's shard order, from the per-shard counts (``shard_counts``); None without counts."""
+        if self.shard_counts is None:
+            return None
+        order = [p.shard for p in self.default_pieces(epoch, Split())]
+        streams = split.world_size * split.num_workers
+        k = split.rank * split.num_workers + split.worker
+        total = sum(self.shard_counts[i] for i in order)
+        lo, hi = total * k // streams, total * (k + 1) // streams
+        pieces, at = [], 0
+        for i in order:
+            n = self.shard_counts[i]
+            start, stop = max(lo, at) - at, min(hi, at + n) - at
+            if start < stop:  # the range that reaches a shard's end reads to its real end, whatever the count said
+                pieces.append(Piece(i, self.urls[i], start=start, stop=None if stop == n else stop))
+            at += n
+        return pieces
+
     def _source(self, split: Split) -> ShardSource:
         plan = (self.plan or {}).get(self.epoch)
-        pieces = plan[split.worker] if plan is not None else self.default_pieces(self.epoch, split)
+        if plan is not None:
+            pieces = plan[split.worker]
+        else:
+            balanced = self.balanced_pieces(self.epoch, split) if self.balanced else None
+            pieces = balanced if balanced is not None else self.default_pieces(self.epoch, split)
         return ShardSource(pieces, self._read, rng=self._rng,
                            buffer=self.shuffle_buffer, on_damage=self._decode.bad, trace=self.trace,
                            worker=split.worker, buffer_bytes=self.limits.shuffle_buffer_bytes)
@@ -296,6 +323,14 @@ class BlendedDataset(StreamDataset):
     At each step a source is drawn with probability proportional to its weight among those not yet
     exhausted, so every sample of every source is still read exactly once per epoch (``stop="all"``);
     ``stop="first"`` ends the epoch when the first source runs out (the rest of the others is not read).
+
+    NOTE [blend mix]: each stream (a worker of a rank) blends its own share of every source, and the DataLoader
+    takes a batch from each worker in turn, so the whole loader's mix matches the weights only if every stream
+    has an equal share of every source: else a stream with less of a source runs out of it early, and leans to
+    the others from then on. A blend's sources are therefore split by samples, not shards: stream ``k`` of ``S``
+    reads the ``k``-th ``1/S`` of each source's samples (counted by its manifest, or img2dataset's
+    ``*_stats.json``), shard after shard; a shard on a boundary is read by two streams, each delivering its part.
+    Without counts the split is by whole shards, and a warning says when that cannot be even.
     """
 
     def __init__(self, sources: Sequence[ShardDataset], weights: Sequence[float], *, seed: int = 0,
@@ -309,6 +344,8 @@ class BlendedDataset(StreamDataset):
             raise ValueError(f"stop must be 'all' or 'first', got {stop!r}")
         self.sources, self.weights = list(sources), list(weights)
         self.seed, self.stop, self.batcher = seed, stop, batcher
+        for src in self.sources:  # NOTE [blend mix]
+            src.balanced, src.shard_counts = True, shard_samples(src.urls)
         self.epoch = 0
         self._rng = random.Random(f"{seed}/0/0")
         self._live = list(range(len(self.sources)))
@@ -340,7 +377,10 @@ class BlendedDataset(StreamDataset):
 
     def _items(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
         info = get_worker_info()
-        self._rng = random.Random(f"{self.seed}/{self.epoch}/{0 if info is None else info.id}")
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        self._rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        if resume is None and self.rank == 0 and worker == 0:
+            self._warn_unbalanced(self.world_size * num_workers)
         self._live = list(range(len(self.sources)))
         subs: list[dict[str, Any] | None] = [None] * len(self.sources)
         if resume is not None:
@@ -350,6 +390,15 @@ class BlendedDataset(StreamDataset):
             src.trace = self.trace
         streams = [src._items(sub) for src, sub in zip(self.sources, subs)]
         return self._blend(streams)
+
+    def _warn_unbalanced(self, streams: int) -> None:
+        for i, src in enumerate(self.sources):
+            if src.shard_counts is None and len(src.urls) % streams:
+                log.warning("blend source %d (%s, ...) has %d shards and no per-shard sample counts (manifest.json or "
+                            "img2dataset *_stats.json) for %d streams (ranks x workers): %s, so the delivered mix "
+                            "leans away from its weight; give its shards a manifest, or a multiple of %d shards", i,
+                            src.urls[0], len(src.urls), streams, "some streams read none of it" if
+                            len(src.urls) < streams else "streams get unequal shares of it", streams)
 
     def _blend(self, streams: list[Iterator[tuple[Position, Sample]]]) -> Iterator[tuple[Position, Sample]]:
         while self._live:

@@ -34,6 +34,28 @@ def manifest_beside(url: str) -> dict[str, Any] | None:
         return None
 
 
+def shard_samples(urls: list[str]) -> list[int] | None:
+    """The number of samples in each of ``urls`` (local shards), from the ``manifest.json`` beside them (mmload's)
+    or each shard's ``*_stats.json`` (img2dataset's ``successes``); None when any count is unknown."""
+    counts, manifests = [], {}
+    for url in urls:
+        folder = local_folder(url)
+        if folder is None:
+            return None
+        if folder not in manifests:
+            manifest = manifest_beside(url) or {}
+            manifests[folder] = {s["name"]: int(s["samples"]) for s in manifest.get("shards", ())}
+        n = manifests[folder].get(Path(url).name)
+        if n is None:
+            try:
+                stats = json.loads((folder / (Path(url).name.split(".")[0] + "_stats.json")).read_text())
+                n = int(stats["successes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        counts.append(n)
+    return counts
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as stable, readable JSON (sorted keys, trailing newline), atomically: to a temporary name
     beside ``path``, then renamed, so a reader never sees half a file (a kill or a full disk leaves the old one)."""
@@ -56,4 +78,4 @@ def local_folder(url: str) -> Path | None:
     return Path(os.path.expanduser(url)).parent
 
 
-__all__ = ["MANIFEST", "local_folder", "manifest_beside", "read_manifest", "write_json"]
+__all__ = ["MANIFEST", "local_folder", "manifest_beside", "read_manifest", "shard_samples", "write_json"]

@@ -112,13 +112,15 @@ def shuffle_shard(raws: Iterable[dict[str, Any]], rng: random.Random | None, buf
 @dataclass(frozen=True)
 class Piece:
     """What one stream reads of one shard: the raw samples at offsets ``j`` (in the shard's shuffled order) with
-    ``j >= start`` and ``j % every == phase``, and those listed in ``also``. A whole shard is ``Piece(id, url)``;
-    an elastic resume (``mmload.elastic``) cuts shards into pieces: the rest of a shard from where a stream stopped
-    (``start``), one of several streams that share it (``every``, ``phase``), the samples a bucket held (``also``,
-    ``start=None``).
+    ``start <= j < stop`` and ``j % every == phase``, and those listed in ``also``. A whole shard is
+    ``Piece(id, url)``; a blend's balanced split (``ShardDataset.balanced_pieces``) gives a stream a range
+    (``start``, ``stop``), and an elastic resume (``mmload.elastic``) cuts shards into pieces: the rest of a shard
+    from where a stream stopped (``start``), one of several streams that share it (``every``, ``phase``), the
+    samples a bucket held (``also``, ``start=None``).
 
-    NOTE [damage once]: a damaged shard is counted by the one piece that reads its range at phase 0; the pieces
-    of one shard share it out so that exactly one such piece is left whenever the damage is still to be reported.
+    NOTE [damage once]: a damaged shard is counted by the one piece that reads its range to the end
+    (``stop=None``) at phase 0; the pieces of one shard share it out so that exactly one such piece is left
+    whenever the damage is still to be reported.
     """
 
     shard: int
@@ -127,20 +129,25 @@ class Piece:
     phase: int = 0
     start: int | None = 0  # None: only the offsets in ``also``
     also: tuple[int, ...] = ()
+    stop: int | None = None  # None: to the end of the shard
 
     def wants(self, j: int) -> bool:
-        return (self.start is not None and j >= self.start and j % self.every == self.phase) or j in self.also
+        in_range = self.start is not None and self.start <= j and (self.stop is None or j < self.stop)
+        return (in_range and j % self.every == self.phase) or j in self.also
 
     def done_after(self, j: int) -> bool:
         """No offset after ``j`` is wanted."""
-        return self.start is None and j >= max(self.also, default=-1)
+        if self.start is not None and self.stop is None:
+            return False
+        last = max(self.also, default=-1) if self.start is None else max(self.stop - 1, *self.also, -1)
+        return j >= last
 
     @property
     def reports_damage(self) -> bool:
-        return self.start is not None and self.phase == 0
+        return self.start is not None and self.stop is None and self.phase == 0
 
     def as_list(self) -> list[Any]:
-        return [self.shard, self.url, self.every, self.phase, self.start, list(self.also)]
+        return [self.shard, self.url, self.every, self.phase, self.start, list(self.also), self.stop]
 
     @classmethod
     def of(cls, item: Any) -> Piece:
@@ -149,9 +156,9 @@ class Piece:
             return item
         if len(item) == 2:
             return cls(int(item[0]), item[1])
-        shard, url, every, phase, start, also = item
+        shard, url, every, phase, start, also, stop = item
         return cls(int(shard), url, int(every), int(phase), None if start is None else int(start),
-                   tuple(sorted(int(j) for j in also)))
+                   tuple(sorted(int(j) for j in also)), None if stop is None else int(stop))
 
 
 class ShardSource:

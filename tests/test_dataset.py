@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -216,3 +217,60 @@ def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(builtin_shard
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert says in capsys.readouterr().err
+
+
+def tag_source(sample):
+    """Keys of the two blended sets below collide (both builtin): prefix each with its set's folder name."""
+    return dataclasses.replace(sample, key=f"{Path(sample.url).parent.name}/{sample.key}")
+
+
+@pytest.fixture(scope="module")
+def blend_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A small set of 2 shards and a large one of 4 shards of unequal sizes: not every stream gets a whole shard of
+    each when the split is by shards."""
+    from mmload.make_shards import make_shards
+
+    root = tmp_path_factory.mktemp("blend")
+    make_shards(root / "small", samples=120, seed=1, maxcount=60, progress=False)
+    make_shards(root / "large", samples=560, seed=2, maxcount=150, progress=False)
+    return str(root / "small"), str(root / "large")
+
+
+@pytest.mark.parametrize(("ranks", "workers"), [(1, 3), (1, 4), (2, 2)])
+def test_a_blend_delivers_its_weights_over_the_whole_loader(blend_sets: tuple[str, str], ranks: int,
+                                                           workers: int) -> None:
+    """1:4 over every worker of every rank (ranks simulated in one process) while both sources are live: within
+    three standard deviations of 0.8 over the first 400 samples, and every sample once over the epoch."""
+    from mmload.loader import make_loader
+
+    small, large = blend_sets
+    loaders = [make_loader("padded", [f"{small}@1", f"{large}@4"], batch_size=8, num_workers=workers, shuffle=True,
+                           seed=3, image_size=16, transform=tag_source, rank=r, world_size=ranks)
+               for r in range(ranks)]
+    per_rank = [[k for b in loader for k in b.keys] for loader in loaders]
+    head = [k for keys in per_rank for k in keys[:400 // ranks]]
+    share = sum(k.startswith("large/") for k in head) / len(head)
+    assert abs(share - 0.8) < 3 * (0.8 * 0.2 / len(head)) ** 0.5, share
+    every = [tag_source(s).key for src in (small, large) for s in ShardDataset(src, image_size=16)]
+    assert_exactly_once([k for keys in per_rank for k in keys], every)
+
+
+def test_a_blend_source_without_sample_counts_warns_when_its_shards_cannot_be_shared_evenly(
+        blend_sets: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mmload.manifest import shard_samples
+
+    small, large = blend_sets
+    bare = tmp_path / "bare"  # the small set's shards, without the manifest that counts their samples
+    bare.mkdir()
+    for shard in sorted(Path(small).glob("*.tar")):
+        (bare / shard.name).write_bytes(shard.read_bytes())
+    assert shard_samples(sorted(str(p) for p in bare.glob("*.tar"))) is None
+    (bare / "shard-000000_stats.json").write_text(json.dumps({"successes": 60}))  # img2dataset's count
+    (bare / "shard-000001_stats.json").write_text(json.dumps({"successes": 60}))
+    assert shard_samples(sorted(str(p) for p in bare.glob("*.tar"))) == [60, 60]
+    (bare / "shard-000001_stats.json").unlink()
+    tokenizer = ShardDataset(small).tokenizer
+    blend = open_data([f"{bare}@1", f"{large}@4"], image_size=16, tokenizer=tokenizer, rank=0, world_size=3)
+    next(iter(blend))
+    assert any("blend source 0" in r.message and "some streams read none of it" in r.message
+               for r in caplog.records)

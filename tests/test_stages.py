@@ -49,7 +49,7 @@ def test_the_source_keeps_its_position_per_shard_and_resumes_from_it() -> None:
     head = [next(it)[0] for _ in range(10)]
     state = source.state_dict()
     assert {k: state[k] for k in ("finished", "current", "offset")} == {"finished": [0], "current": 1, "offset": 3}
-    assert state["pieces"] == [[i, url, 1, 0, 0, []] for i, url in shards]  # per piece of a shard, not per split
+    assert state["pieces"] == [[i, url, 1, 0, 0, [], None] for i, url in shards]  # per piece of a shard, not per split
     again = ShardSource(shards, read, rng=seeded, buffer=3, on_damage=damage.append)
     again.load_state_dict(state)
     assert head + [pos for pos, _ in again] == full
