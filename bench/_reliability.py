@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from bench._measure import peak_rss_bytes, rss_bytes
 from mmload.coverage import Coverage, loader_errors
+from mmload.dataset import parse_data
 from mmload.loader import make_loader
 from mmload.strategy import REGISTRY
 
@@ -54,8 +55,10 @@ def measure(data: Sequence[str], *, epochs: int, batch_size: int, workers: int, 
         cov.add(batch)
     resume = cov.report(expected, dict(loader_errors(resumed.state_dict())))
 
-    elastic = _elastic(loader_kwargs={"batch_size": batch_size, "seed": seed, **dataset_kwargs}, data=data,
-                       expected=expected, batches=batches)
+    elastic = None
+    if len(parse_data(list(data))) == 1:  # a blend is not resumed elastically yet (mmload.elastic)
+        elastic = _elastic(loader_kwargs={"batch_size": batch_size, "seed": seed, **dataset_kwargs}, data=data,
+                           expected=expected, batches=batches)
 
     errors: dict[str, int] = {}
     for r in reports:

@@ -284,6 +284,7 @@ class ShardDataset(StreamDataset):
         split = self.split()
         if resume is not None:
             check_split(resume["split"], split.as_dict())
+            self.check_order(resume["order"])
             self.epoch = resume["epoch"]
         source = self._source(split)
         if self.carried_errors and resume is None and split.rank == split.worker == 0:
@@ -310,7 +311,23 @@ class ShardDataset(StreamDataset):
             self._stages = (split, self._source(split))
         split, source = self._stages
         return {"epoch": self.epoch, "split": split.as_dict(), "source": source.state_dict(),
-                "decode": self._decode.state_dict()}
+                "decode": self._decode.state_dict(), "order": self.order()}
+
+    def order(self) -> dict[str, Any]:
+        """What decides which raw sample a position ``(shard, offset)`` names: the shuffle and its bounds (a
+        sample's size, with what ``max_*_bytes`` left out of it, moves the byte-bounded buffer)."""
+        return {"shuffle": self.shuffle, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
+                "shuffle_buffer_bytes": self.limits.shuffle_buffer_bytes,
+                "max_sample_bytes": self.limits.max_sample_bytes, "max_member_bytes": self.max_member_bytes}
+
+    def check_order(self, saved: dict[str, Any]) -> None:
+        """Refuse a state whose positions name other samples here (another seed, shuffle or byte bound)."""
+        now = self.order()
+        changed = [f"{k}={saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"cannot resume: the state was saved with other settings that decide the order of the "
+                             f"samples ({', '.join(changed)}), so its positions would name other samples; resume with "
+                             "the settings it was saved with, or start the epoch over")
 
     def _load_items_state(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]  # before iter(): re-reading held samples needs this epoch's order

@@ -108,6 +108,7 @@ def _left_by(dataset: Any, saved: SavedRank, epoch: int) -> tuple[list[Piece], C
     left, errors = [], Counter()
     for state in saved.workers:
         stream, bucket = state["stream"], state["bucket"]
+        dataset.check_order(stream["order"])
         source = stream["source"]
         errors.update(stream["decode"]["errors"])
         pieces = [Piece.of(p) for p in source["pieces"]]

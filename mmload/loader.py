@@ -76,7 +76,10 @@ class _ReportsDeadWorkers:
         dataset = self.dataset
         if self.num_workers > 0 and isinstance(dataset, StreamDataset):
             dataset.trace = new_trace(self.num_workers)  # set before super() starts (and pickles to) the workers
-        return _reporting(super().__iter__(), getattr(dataset, "trace", None))
+        batches = super().__iter__()
+        if self.num_workers > 0 and getattr(dataset, "carried_errors", None):
+            dataset.carried_errors = None  # the workers have their copies; worker 0 counts them, once
+        return _reporting(batches, getattr(dataset, "trace", None))
 
 
 def _reporting(batches: Iterator[Any], trace: torch.Tensor | None) -> Iterator[Any]:
@@ -128,7 +131,12 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
         if state_dict and state_dict.get(_ITERATOR_FINISHED):
             state_dict = {}
         if state_dict and saved_num_workers(state_dict) != self.num_workers:
-            world = worker_states(state_dict)[0]["stream"]["split"]["world_size"]
+            stream = worker_states(state_dict)[0]["stream"]
+            if "split" not in stream:  # a blend's: one state per source
+                raise ValueError(f"this state of a blend was saved with {saved_num_workers(state_dict)} workers: an "
+                                 "elastic resume of a blend of several --data sources is not supported yet; resume "
+                                 f"with {saved_num_workers(state_dict)} workers, or start the epoch over")
+            world = stream["split"]["world_size"]
             if world != 1:
                 raise ValueError(f"this state was saved by one of {world} ranks with {saved_num_workers(state_dict)} "
                                  f"workers: resuming it with {self.num_workers} needs every rank's state, "

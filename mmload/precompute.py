@@ -29,6 +29,8 @@ from mmload.collate import PaddedCollator
 from mmload.coverage import loader_errors
 from mmload.dataset import ShardDataset
 from mmload.loader import StatefulLoader
+from mmload.manifest import local_folder
+from mmload.reader import expand_urls
 from mmload.sample import IGNORE_INDEX
 from mmload.tokenizer import save_tokenizer
 
@@ -177,6 +179,10 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
+    inside = [u for u in expand_urls(urls)
+              if local_folder(u) is not None and out.resolve() in Path(u).resolve().parents]
+    if inside:  # --overwrite would delete them
+        raise ValueError(f"the output folder {out} holds input shards ({inside[0]}, ...): give another folder")
     prepare_out(out, overwrite, PRECOMPUTE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

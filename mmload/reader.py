@@ -262,7 +262,7 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0,
                 yield current  # complete: the archive ends cleanly after it (a cut may have taken more members)
                 current = None
         done = True
-    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError, lzma.LZMAError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError, TypeError, lzma.LZMAError, zlib.error) as e:
         if source.silent:  # the data stopped because the source went silent (NOTE [silent sources])
             raise SampleError(ErrorKind.SHARD_TIMEOUT, f"no byte for {read_timeout:g} s after {source.total} "
                               f"bytes (--read-timeout): {type(e).__name__}: {e}", url) from e
@@ -308,7 +308,10 @@ class _Gunzip:
         return data
 
     def read(self, n: int = -1) -> bytes:
-        n = n if n is not None and n > 0 else 1 << 16
+        if n == 0:
+            return b""
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(1 << 16), b""))
         while not self.inflate.eof:
             data = self.inflate.unconsumed_tail or self.source.read(1 << 16)
             if not data:
@@ -319,9 +322,14 @@ class _Gunzip:
         return b""
 
 
-# magic bytes of the compressed tars tarfile's "r|*" reads, and readers that inflate them
-_COMPRESSED = ((b"\x1f\x8b", _Gunzip), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile),
-               (b"\x5d\x00\x00", lzma.LZMAFile))
+def _is_bzip2(head: bytes) -> bool:
+    return head[:3] == b"BZh" and head[3:4] in b"123456789" and len(head) >= 10 and head[4:10] == b"1AY&SY"
+
+
+# the signatures of the compressed tars tarfile's "r|*" reads (its own tests), and readers that inflate them
+_COMPRESSED = ((lambda h: h.startswith(b"\x1f\x8b\x08"), _Gunzip), (_is_bzip2, bz2.BZ2File),
+               (lambda h: h.startswith(b"\xfd7zXZ\x00"), lzma.LZMAFile),
+               (lambda h: h.startswith(b"\x5d\x00\x00\x80"), lzma.LZMAFile))
 
 
 def _decompressed(source: _TailReader) -> Any:
@@ -331,9 +339,9 @@ def _decompressed(source: _TailReader) -> Any:
     10 KiB read, so skipping a highly compressed member costs time quadratic in its size (minutes for a few GiB of
     zeros). ``_Gunzip`` and the stdlib's ``bz2``/``lzma`` readers inflate in bounded steps; tarfile reads their
     output as a plain tar, and a compressed stream cut short raises ``EOFError`` where it stops."""
-    head = source.peek(6)
-    for magic, reader in _COMPRESSED:
-        if head.startswith(magic):
+    head = source.peek(10)
+    for matches, reader in _COMPRESSED:
+        if matches(head):
             return reader(source)
     return source
 

@@ -192,3 +192,29 @@ def test_skipping_a_huge_member_of_a_gzipped_shard_inflates_in_bounded_steps(tmp
     finally:
         tracemalloc.stop()
     assert [r["__key__"] for r in raws] == ["a", "b"] and "jpg" in raws[1] and peak < 4 << 20
+
+
+def test_a_gzip_shard_with_a_corrupt_deflate_stream_is_a_shard_read(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 64)  # an invalid block type
+    assert read(str(path), retries=0) == ([], {"shard_read": 1})
+
+
+def test_a_plain_tar_is_not_taken_for_a_compressed_one_by_its_first_name(tmp_path: Path) -> None:
+    """tarfile's own signatures: a member named like bzip2's or gzip's magic starts a plain tar."""
+    for name in ("BZh91AY", "\x1f\x8bx"):
+        url = shard(tmp_path / "s.tar", Planted(name, (("jpg", JPG),), "image"))
+        assert read(url) == ([(name, "image")], {}), name
+
+
+def test_a_resume_with_other_order_settings_is_refused(tmp_path: Path) -> None:
+    url = shard(tmp_path / "s.tar", *(Planted(f"k{i}", (("jpg", JPG),), "image") for i in range(6)))
+    ds = ShardDataset(url, tokenizer=None, image_size=16, shuffle=True, shuffle_buffer=4)
+    it = iter(ds)
+    next(it)
+    state = ds.state_dict()
+    again = ShardDataset(url, tokenizer=None, image_size=16, shuffle=True, shuffle_buffer=4,
+                         shuffle_buffer_bytes=5000)
+    again.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"shuffle_buffer_bytes=268435456 -> 5000"):
+        next(iter(again))

@@ -78,6 +78,11 @@ def test_refusals(tmp_path: Path, builtin_shards: list[str], encoder_ckpt: Path)
         precompute(builtin_shards[:1], tmp_path / "full", image_encoder=MMLoadFeatures(model, tok))
     with pytest.raises(ValueError, match="no text encoder"):
         precompute(builtin_shards[:1], tmp_path / "y", image_encoder=MMLoadFeatures(model, tok), progress=False)
+    assert list((tmp_path / "y").iterdir()) == []  # the failed run left no partial shard to block a rerun
+    inputs = Path(builtin_shards[0]).parent
+    with pytest.raises(ValueError, match="holds input shards"):  # --overwrite would delete them
+        precompute(builtin_shards[:1], inputs, image_encoder=MMLoadFeatures(model, tok), overwrite=True)
+    assert Path(builtin_shards[0]).is_file()
 
 
 def test_hf_text_encoder(tmp_path: Path) -> None:
