@@ -55,7 +55,7 @@ def _add_text(out: dict[int, Sample], keys: list[str], i: int, ids: torch.Tensor
         out[i] = Sample(keys[i], Modality.TEXT, ids=ids, mlm_labels=mlm, label=label)
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class PaddedBatch(Batch):
     """The baseline: one dense sub-batch per modality present. Bucketed batches hold a single modality."""
 
@@ -83,7 +83,7 @@ class PaddedBatch(Batch):
         return ModelInput(image=self.image, text=self.text)
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class PerSampleBatch(Batch):
     """A list of one-sample batches; the model runs them one at a time until its losses are summed."""
 
@@ -112,7 +112,7 @@ def _shifted(layout: Any, start: int) -> Any:
     return layout if layout is None or start == 0 else dataclasses.replace(layout, index=layout.index + start)
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class NestedBatch(Batch):
     """Texts as one jagged tensor; images (all one size after decoding) as one dense tensor.
 
@@ -143,7 +143,7 @@ class NestedBatch(Batch):
         return ModelInput(image=self.image, text=self.text, joint=True)
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class EmbeddingBatch(Batch):
     """Precomputed embeddings, jagged: a pooled vector is a sequence of length 1."""
 

@@ -88,6 +88,18 @@ class StreamDataset(IterableDataset):
     def _load_items_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def samples_of(self, split: Split) -> int:
+        """How many raw samples ``split`` reads this epoch, from the shards' sample counts; ``TypeError`` when they
+        are not known (see ``__len__``)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """The samples this rank reads this epoch (all its workers), as its shards' ``manifest.json`` (or
+        img2dataset's ``*_stats.json``) counts them, bad ones included: bad samples skipped on the way make an
+        epoch shorter. ``TypeError`` when the counts are not known, as for any iterable without a length."""
+        rank, world = self.rank, self.world_size
+        return self.samples_of(Split(rank, world, 0, 1))
+
     def samples(self) -> Iterator[Sample]:
         """Decoded samples of this rank and worker, in order; bad ones skipped and counted (or raised)."""
         for _, sample in self._items(None):
@@ -269,6 +281,22 @@ class ShardDataset(StreamDataset):
             at += n
         return pieces
 
+    def samples_of(self, split: Split) -> int:
+        if self.plan:
+            raise TypeError("len() of a ShardDataset resumed elastically is not known in advance: its epochs hold "
+                            "what the old ranks left")
+        counts = self.shard_counts if self.shard_counts is not None else shard_samples(self.urls)
+        if counts is None:
+            raise TypeError(f"len() of a ShardDataset needs each shard's sample count, from the manifest.json beside "
+                            f"the shards (mmload make-shards writes it) or img2dataset's *_stats.json; {self.urls[0]} "
+                            "has none")
+        self.shard_counts = counts
+        if self.balanced:
+            streams, k = split.world_size * split.num_workers, split.rank * split.num_workers + split.worker
+            total = sum(counts)
+            return total * (k + 1) // streams - total * k // streams
+        return sum(counts[p.shard] for p in self.default_pieces(self.epoch, split))
+
     def _source(self, split: Split) -> ShardSource:
         plan = (self.plan or {}).get(self.epoch)
         if plan is not None:
@@ -391,6 +419,11 @@ class BlendedDataset(StreamDataset):
         self.epoch = epoch
         for s in self.sources:
             s.set_epoch(epoch)
+
+    def samples_of(self, split: Split) -> int:
+        if self.stop == "first":
+            raise TypeError("len() of a blend with stop='first' is not known in advance: it ends when a source does")
+        return sum(src.samples_of(split) for src in self.sources)
 
     def _items(self, resume: dict[str, Any] | None) -> Iterator[tuple[Position, Sample]]:
         info = get_worker_info()

@@ -26,7 +26,7 @@ from mmload.sample import IGNORE_INDEX
 from mmload.tensors import TensorBatch
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class ImageBatch(TensorBatch):
     """Dense images."""
 
@@ -38,7 +38,7 @@ class ImageBatch(TensorBatch):
         return self.pixels.shape[0]
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class TextBatch(TensorBatch):
     """Dense text: ids padded to the longest member."""
 
@@ -57,7 +57,7 @@ class TextBatch(TensorBatch):
         return self
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class JaggedText(TensorBatch):
     """Packed text: ids end to end, no padding; ``offsets`` double as ``cu_seqlens`` for varlen attention."""
 
@@ -94,7 +94,7 @@ class JaggedText(TensorBatch):
         return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, labels=self.labels, index=self.index)
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class PackedEmbeddings(TensorBatch):
     """Precomputed embeddings, jagged: a pooled vector is a sequence of length 1. A row is an image side or a
     text side (``is_text``); the two sides of a pair are two rows with the same ``index``."""
@@ -118,7 +118,7 @@ class PackedEmbeddings(TensorBatch):
 TextLayout = TextBatch | JaggedText
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class ModelInput(TensorBatch):
     """What the model reads: one layout per modality side, or ``parts`` run one after another."""
 

@@ -16,6 +16,7 @@ from mmload.elastic import decode_plan, encode_plan, saved_rank, worker_states
 from mmload.elastic import plan as elastic_plan
 from mmload.errors import WorkerDied, new_trace, read_trace
 from mmload.sample import Sample
+from mmload.stages import Split
 from mmload.strategy import STRATEGIES, Strategy, get_strategy
 
 
@@ -80,6 +81,19 @@ class _ReportsDeadWorkers:
         if self.num_workers > 0 and getattr(dataset, "carried_errors", None):
             dataset.carried_errors = None  # the workers have their copies; worker 0 counts them, once
         return _reporting(batches, getattr(dataset, "trace", None))
+
+    def __len__(self) -> int:
+        """Batches an epoch yields, when that is known in advance: a fixed ``batch_size`` (every worker yields its own
+        last, partial batch) over a dataset whose sample counts are known. Bucketed batches vary: ``TypeError``."""
+        dataset = self.dataset
+        if not isinstance(dataset, StreamDataset):
+            return super().__len__()
+        if self.batch_size is None:
+            raise TypeError("len() of a bucketed loader is not known in advance (its batches vary in size); "
+                            "len(loader.dataset) gives the samples of this rank")
+        rank, world, workers = dataset.rank, dataset.world_size, max(self.num_workers, 1)
+        per_worker = [dataset.samples_of(Split(rank, world, w, workers)) for w in range(workers)]
+        return sum(-(-n // self.batch_size) if not self.drop_last else n // self.batch_size for n in per_worker)
 
 
 def _reporting(batches: Iterator[Any], trace: torch.Tensor | None) -> Iterator[Any]:

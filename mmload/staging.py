@@ -16,7 +16,7 @@ import torch
 
 from mmload.batch import Batch
 from mmload.layouts import ModelInput
-from mmload.tensors import BatchStats, can_pin_memory, collect_tensors, map_leaves, map_tensors
+from mmload.tensors import BatchStats, can_pin_memory, collect_tensors, map_leaves, map_tensors, to_arguments
 
 ALIGN = 64  # bytes; a multiple of every dtype's size and of a cache line
 
@@ -31,7 +31,7 @@ class Slot:
     offset: int
 
 
-@dataclass
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class PackedBatch(Batch):
     """A batch whose tensors share one uint8 buffer; ``to(device)`` gives back the batch with views on the device.
 
@@ -48,8 +48,15 @@ class PackedBatch(Batch):
             return self
         return PackedBatch(self.buffer.pin_memory(), self.template, self.source_stats)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Any:
-        return unpack(self.buffer.to(device, non_blocking=non_blocking), self.template)
+    def to(self, *args: Any, non_blocking: bool = False, **kwargs: Any) -> Any:
+        """The batch on ``device`` in one copy of the buffer; a dtype then casts its floating-point tensors."""
+        device, dtype = to_arguments(args, kwargs)
+        batch = unpack(self.buffer.to(device, non_blocking=non_blocking) if device is not None else self.buffer,
+                       self.template)
+        return batch if dtype is None else batch.to(dtype)
+
+    def __repr__(self) -> str:
+        return f"PackedBatch({self.buffer.numel()} bytes in one buffer, of {self.unpack()!r})"
 
     def unpack(self) -> Any:
         """The batch with host views on the buffer (no copy)."""

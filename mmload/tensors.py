@@ -46,6 +46,36 @@ def collect_tensors(obj: Any) -> list[torch.Tensor]:
     return found
 
 
+def to_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, torch.dtype | None]:
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    if kwargs:
+        raise TypeError(f"to() got unexpected keywords {sorted(kwargs)}")
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            dtype = arg
+        elif isinstance(arg, torch.device | str | int):
+            device = arg
+        else:
+            raise TypeError(f"to() takes a device and/or a dtype, got {type(arg).__name__}")
+    return device, dtype
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        where = "" if value.device.type == "cpu" else f" {value.device}"
+        if value.is_nested:
+            return f"nested {value.size(0)} rows {dtype}{where}"
+        return f"{'x'.join(map(str, value.shape)) or 'scalar'} {dtype}{where}"
+    if isinstance(value, list | tuple):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"[{len(value)} {'/'.join(kinds)}]" if value else "[]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return repr(value)
+    text = repr(value)
+    return text if len(text) <= 40 else type(value).__name__
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """What one batch costs to move and to compute.
@@ -79,8 +109,24 @@ class TensorBatch:
             return self
         return map_tensors(self, torch.Tensor.pin_memory)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
-        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+    def to(self, *args: Any, non_blocking: bool = False, **kwargs: Any) -> Self:
+        """``to(device)``, ``to(dtype)`` or both, as ``Tensor.to`` takes them. A dtype casts only floating-point
+        tensors, as Hugging Face's ``BatchFeature.to`` does: token ids, masks, labels and uint8 pixels keep theirs
+        (``batch.to(torch.bfloat16)`` must not turn id 2482 into 2480)."""
+        device, dtype = to_arguments(args, kwargs)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            cast = dtype if dtype is not None and t.is_floating_point() else None
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking) if (device or cast) else t
+
+        return map_tensors(self, move)
+
+    def __repr__(self) -> str:
+        """A short summary, a shape and dtype per tensor (``PaddedBatch(keys=[64 str], image=ImageBatch(pixels=59x3x
+        224x224 uint8, ...), ...)``), not the tensors' values."""
+        parts = [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                 if getattr(self, f.name) is not None]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     def tensors(self) -> list[torch.Tensor]:
         return collect_tensors(self)
