@@ -496,6 +496,8 @@ def parse_data(specs: str | Sequence[str]) -> list[tuple[list[str], float]]:
     parsed = []
     for spec in specs:
         urls, sep, weight = spec.rpartition("@")
+        if sep and _is_number(weight) and not 0 < float(weight) < float("inf"):
+            raise ValueError(f"--data {spec!r}: a weight must be a number > 0, got {weight}")
         parsed.append(([urls], float(weight)) if sep and _is_number(weight) else ([spec], None))
     if all(w is None for _, w in parsed):
         return [([u for urls, _ in parsed for u in urls], 1.0)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import glob
 import lzma
 import os
 import re
@@ -97,22 +98,53 @@ class ReadLimits:
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand (``shard-{000..009}.tar``) and list directories (every ``*.tar`` inside, sorted)."""
+    """Brace-expand (``shard-{000..009}.tar``), glob local patterns (``data/*.tar``, also when a shell did not) and
+    list directories (every ``*.tar`` inside, sorted).
+
+    A pattern (braces, a glob) that matches no existing file, or a list in which no local path exists (a typo), is a
+    ``FileNotFoundError``, not an epoch of zero samples; one missing shard among existing ones is read, and counted,
+    as unreadable.
+    """
     if isinstance(urls, str | os.PathLike):
         urls = [os.fspath(urls)]
     out: list[str] = []
     for spec in urls:
-        for url in braceexpand.braceexpand(os.fspath(spec)):
-            if os.path.isdir(url):
-                found = sorted(str(p) for p in Path(url).glob("*.tar"))
-                if not found:
+        found: list[str] = []
+        for url in braceexpand.braceexpand(os.fspath(spec)):  # UnbalancedBracesError is a ValueError
+            if _is_remote(url):
+                found.append(url)
+            elif os.path.isdir(url):
+                shards = sorted(str(p) for p in Path(url).glob("*.tar"))
+                if not shards:
                     raise FileNotFoundError(f"no *.tar shards in directory {url}")
-                out.extend(found)
+                found.extend(shards)
+            elif glob.has_magic(url):
+                found.extend(sorted(glob.glob(os.path.expanduser(url))))
             else:
-                out.append(url)
+                found.append(url)
+        pattern = found != [os.fspath(spec)]
+        if not found or (pattern and _none_exist(found)):
+            raise FileNotFoundError(_no_match(spec))
+        out.extend(found)
     if not out:
         raise ValueError(f"no shard URLs in {urls!r}")
+    if _none_exist(out):
+        raise FileNotFoundError(_no_match(urls[0] if len(urls) == 1 else ", ".join(map(os.fspath, urls))))
     return out
+
+
+def _none_exist(urls: list[str]) -> bool:
+    """All of ``urls`` are local paths, and none exists."""
+    return not any(_is_remote(u) or os.path.exists(_local_path(u)) for u in urls)
+
+
+def _no_match(spec: Any) -> str:
+    return (f"no shard matches {os.fspath(spec)!r}: check the path (a brace pattern shard-{{000..009}}.tar, a glob "
+            "data/*.tar or a folder of *.tar)")
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else os.path.expanduser(url)
 
 
 def read_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES, retries: int = 2, backoff: float = 0.5,

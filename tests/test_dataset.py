@@ -274,3 +274,24 @@ def test_a_blend_source_without_sample_counts_warns_when_its_shards_cannot_be_sh
     next(iter(blend))
     assert any("blend source 0" in r.message and "some streams read none of it" in r.message
                for r in caplog.records)
+
+
+def test_paths_that_match_nothing_are_one_line_errors_not_empty_epochs(builtin_shards: list[str], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from mmload.cli import main
+    from models.train import main as train_main
+
+    folder = Path(builtin_shards[0]).parent
+    for argv, says in (([str(tmp_path / "typo.tar")], "no shard matches"),
+                       ([str(folder / "none-{000..003}.tar")], "no shard matches"),
+                       ([str(folder / "*.tgz")], "no shard matches"),
+                       ([str(folder / "shard-{000..002.tar")], "Unbalanced braces")):
+        assert main(["inspect", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmload inspect: error: ") and says in err and len(err.splitlines()) == 1, err
+    assert main(["inspect", "--json", str(folder / "*.tar")]) == 0  # a glob the shell did not expand
+    assert json.loads(capsys.readouterr().out)["samples"] == 300
+    assert train_main(["--data", f"{folder}@-1", "--steps", "1"]) == 2
+    assert "a weight must be a number > 0, got -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="got inf"):
+        parse_data([f"{folder}@inf", f"{folder}@1"])
