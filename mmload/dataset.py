@@ -291,20 +291,19 @@ class ShardDataset(StreamDataset):
                             f"the shards (mmload make-shards writes it) or img2dataset's *_stats.json; {self.urls[0]} "
                             "has none")
         self.shard_counts = counts
-        if self.balanced:
-            streams, k = split.world_size * split.num_workers, split.rank * split.num_workers + split.worker
-            total = sum(counts)
-            return total * (k + 1) // streams - total * k // streams
-        return sum(counts[p.shard] for p in self.default_pieces(self.epoch, split))
+        return sum((counts[p.shard] if p.stop is None else p.stop) - p.start for p in self._pieces(split))
 
-    def _source(self, split: Split) -> ShardSource:
+    def _pieces(self, split: Split) -> list[Piece]:
+        """What ``split`` reads this epoch: its elastic plan's pieces, else its balanced share (a blend's source with
+        sample counts), else its whole shards."""
         plan = (self.plan or {}).get(self.epoch)
         if plan is not None:
-            pieces = plan[split.worker]
-        else:
-            balanced = self.balanced_pieces(self.epoch, split) if self.balanced else None
-            pieces = balanced if balanced is not None else self.default_pieces(self.epoch, split)
-        return ShardSource(pieces, self._read, rng=self._rng,
+            return plan[split.worker]
+        balanced = self.balanced_pieces(self.epoch, split) if self.balanced else None
+        return balanced if balanced is not None else self.default_pieces(self.epoch, split)
+
+    def _source(self, split: Split) -> ShardSource:
+        return ShardSource(self._pieces(split), self._read, rng=self._rng,
                            buffer=self.shuffle_buffer, on_damage=self._decode.bad, trace=self.trace,
                            worker=split.worker, buffer_bytes=self.limits.shuffle_buffer_bytes)
 

@@ -71,11 +71,11 @@ def decode_plan(saved: Mapping[str, Any] | None) -> dict[int, list[list[Piece]]]
     return {int(e): [[Piece.of(p) for p in w] for w in ws] for e, ws in saved["epochs"].items()}
 
 
-def saved_rank(loader_state: Mapping[str, Any] | None, *, rank: int, world_size: int, epoch: int = 0,
-               plan: Mapping[str, Any] | None = None) -> SavedRank:
+def saved_rank(loader_state: Mapping[str, Any] | None, *, rank: int | None = None, world_size: int | None = None,
+               epoch: int = 0, plan: Mapping[str, Any] | None = None) -> SavedRank:
     """A :class:`SavedRank` from one rank's ``StatefulLoader`` state (None: between epochs, at the start of
-    ``epoch``), its split and its saved plan (``encode_plan``). A state taken after its epoch ended is at the start of
-    the next epoch (NOTE [end of epoch] in :mod:`mmload.loader`)."""
+    ``epoch``), its split (None: the one its streams were saved with) and its saved plan (``encode_plan``). A state
+    taken after its epoch ended is at the start of the next epoch (NOTE [end of epoch] in :mod:`mmload.loader`)."""
     workers = None
     if loader_state:
         states = tuple(worker_states(loader_state))
@@ -86,6 +86,8 @@ def saved_rank(loader_state: Mapping[str, Any] | None, *, rank: int, world_size:
                                  "--data sources is not supported yet; resume with the ranks and workers it was "
                                  "saved with, or start the epoch over")
             split = state["stream"]["split"]
+            if rank is None:
+                rank, world_size = split["rank"], split["world_size"]
             if (split["rank"], split["world_size"]) != (rank, world_size):
                 raise ValueError(f"the loader state of rank {rank} of {world_size} holds a stream of rank "
                                  f"{split['rank']} of {split['world_size']}: give the states in rank order")

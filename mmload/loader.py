@@ -12,7 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.stateful_dataloader import _ITERATOR_FINISHED
 
 from mmload.dataset import ShardDataset, StreamDataset, open_data
-from mmload.elastic import decode_plan, encode_plan, saved_rank, worker_states
+from mmload.elastic import decode_plan, encode_plan, saved_rank
 from mmload.elastic import plan as elastic_plan
 from mmload.errors import WorkerDied, new_trace, read_trace
 from mmload.sample import Sample
@@ -145,12 +145,7 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
         if state_dict and state_dict.get(_ITERATOR_FINISHED):
             state_dict = {}
         if state_dict and saved_num_workers(state_dict) != self.num_workers:
-            stream = worker_states(state_dict)[0]["stream"]
-            if "split" not in stream:  # a blend's: one state per source
-                raise ValueError(f"this state of a blend was saved with {saved_num_workers(state_dict)} workers: an "
-                                 "elastic resume of a blend of several --data sources is not supported yet; resume "
-                                 f"with {saved_num_workers(state_dict)} workers, or start the epoch over")
-            world = stream["split"]["world_size"]
+            world = saved_rank(state_dict).world_size  # a blend's state is refused here, with why
             if world != 1:
                 raise ValueError(f"this state was saved by one of {world} ranks with {saved_num_workers(state_dict)} "
                                  f"workers: resuming it with {self.num_workers} needs every rank's state, "
@@ -167,11 +162,7 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
         dataset = self.dataset
         if not isinstance(dataset, ShardDataset):
             raise ValueError(f"an elastic resume needs a ShardDataset, got {type(dataset).__name__}")
-        saved = []
-        for state in states:
-            split = worker_states(state)[0]["stream"]["split"]
-            saved.append(saved_rank(state, rank=split["rank"], world_size=split["world_size"],
-                                    plan=state.get(PLAN_KEY)))
+        saved = [saved_rank(state, plan=state.get(PLAN_KEY)) for state in states]
         epoch, plan, errors = elastic_plan(dataset, saved, dataset.rank, dataset.world_size, self.num_workers)
         dataset.plan, dataset.carried_errors = plan, dict(errors)
         dataset.set_epoch(epoch)

@@ -32,7 +32,7 @@ from mmload.shards import (
     write_json,
     write_shards,
 )
-from mmload.shards.writer import prepare_out
+from mmload.shards.writer import OUTPUTS, prepare_out
 from mmload.tokenizer import MIN_VOCAB_SIZE, TOKENIZER_FILE, save_tokenizer, train_wordpiece
 
 SOURCES = ("builtin", "folder", "text")
@@ -41,8 +41,7 @@ BUILTIN_MAXCOUNT = 125  # the cached default: 2000 samples in 16 shards, so up t
 DEFAULT_MAXSIZE = 256 * 2**20
 CLASSES_FILE = "classes.json"
 MIN_TOKENIZER_TEXTS = 1000  # fewer texts than this: train the tokenizer on them plus the pydoc corpus
-_OUTPUTS = ("shard-*.tar", MANIFEST, CLASSES_FILE, TOKENIZER_FILE, "tokenizer_config.json",
-            "special_tokens_map.json")
+_OUTPUTS = (*OUTPUTS, CLASSES_FILE)
 
 
 def make_shards(

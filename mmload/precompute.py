@@ -172,7 +172,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``, ``shuffle_buffer_bytes``).
     """
     from mmload.manifest import MANIFEST, write_json
-    from mmload.shards.writer import prepare_out, write_shards
+    from mmload.shards.writer import OUTPUTS, prepare_out, write_shards
 
     if image_encoder is None and text_encoder is None:
         raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
@@ -183,7 +183,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
               if local_folder(u) is not None and out.resolve() in Path(u).resolve().parents]
     if inside:  # --overwrite would delete them
         raise ValueError(f"the output folder {out} holds input shards ({inside[0]}, ...): give another folder")
-    prepare_out(out, overwrite, PRECOMPUTE_OUTPUTS)
+    prepare_out(out, overwrite, OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = text_encoder.tokenizer if text_encoder is not None and text_encoder.tokenizer is not None else None
@@ -213,10 +213,6 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     write_json(out / MANIFEST, manifest)  # last: its presence means done (NOTE [atomic outputs] in shards.writer)
     return manifest
 
-
-# what precompute writes into its folder, removed by overwrite=True (with the partial files of an earlier run)
-PRECOMPUTE_OUTPUTS = ("shard-*.tar", "manifest.json", "tokenizer.json", "tokenizer_config.json",
-                      "special_tokens_map.json")
 
 
 __all__ = ["FeatureEncoder", "HFFeatures", "ModuleImageFeatures", "precompute"]

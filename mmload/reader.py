@@ -235,7 +235,7 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0,
     except Exception as e:
         raise SampleError(ErrorKind.SHARD_READ, f"cannot open: {type(e).__name__}: {e}", url) from e
     current: dict[str, Any] | None = None
-    size = 0  # bytes of ``current``'s members so far, read or not
+    size, too_large = 0, False  # bytes of ``current``'s members so far, read or not; past max_sample_bytes
     seen: set[str] = set()
     source = _TailReader(stream, read_timeout)
     done = False
@@ -262,7 +262,7 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0,
                     yield current
                     current = None
                 if current is None:
-                    current, size = {"__key__": key, "__url__": url}, 0
+                    current, size, too_large = {"__key__": key, "__url__": url}, 0, False
                     if key in seen:
                         flag(ErrorKind.DUPLICATE_KEY, "key seen earlier in the shard (members of one sample must "
                                                       "be adjacent)")
@@ -272,13 +272,14 @@ def _read_tar(url: str, max_member_bytes: int, read_timeout: float = 0,
                     current.setdefault("__links__", {})[ext] = f"{info.name} -> {info.linkname}"
                     continue
                 size += info.size
-                if any(e.kind == ErrorKind.SAMPLE_TOO_LARGE for e in current.get("__errors__", ())):
-                    continue  # already too large: the rest of it is not read
+                if too_large:
+                    continue  # the rest of it is not read
                 if info.size > max_member_bytes:
                     flag(ErrorKind.MEMBER_TOO_LARGE, f"{info.name} is {info.size} bytes (max_member_bytes="
                                                      f"{max_member_bytes})")
                     continue
                 if size > max_sample_bytes:
+                    too_large = True
                     for name in [k for k in current if not k.startswith("__")]:
                         del current[name]  # not kept while the rest of it is skipped
                     flag(ErrorKind.SAMPLE_TOO_LARGE, f"its members add up to more than max_sample_bytes="
@@ -446,11 +447,8 @@ class _TailReader:
 
     def peek(self, n: int) -> bytes:
         """The first ``n`` bytes (fewer if the data ends first), left to be read again."""
-        while len(self.pending) < n:
-            more = self._read(n - len(self.pending), fill=True)
-            if not more:
-                break
-            self.pending += more
+        if len(self.pending) < n:
+            self.pending += self._read(n - len(self.pending), fill=True)
         return self.pending[:n]
 
     def read(self, n: int = -1) -> bytes:

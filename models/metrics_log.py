@@ -76,7 +76,8 @@ class KeyLog:
                 trim_jsonl(path, resumed_step)
                 if rank == 0:
                     for old in out.glob("keys-rank*.jsonl"):
-                        if old.stem.removeprefix("keys-rank").isdigit() and int(old.stem[9:]) >= world:
+                        other = old.stem.removeprefix("keys-rank")
+                        if other.isdigit() and int(other) >= world:
                             trim_jsonl(old, resumed_step)
             self.file = open(path, "a", encoding="utf-8")
 

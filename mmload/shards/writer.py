@@ -31,6 +31,7 @@ import webdataset as wds
 
 from mmload.manifest import MANIFEST, write_json
 from mmload.sample import Modality
+from mmload.tokenizer import TOKENIZER_FILE
 
 SHARD_PATTERN = "shard-%06d.tar"
 MANIFEST_FORMAT = "mmload-shards/1"
@@ -151,6 +152,8 @@ def write_shards(
 
 
 PARTIAL = ".partial"  # the suffix of a shard being written
+# what a folder of shards holds beside its shards: what overwrite=True replaces (with the partial files)
+OUTPUTS = ("shard-*.tar", MANIFEST, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _finish_shard(fname: str) -> None:
@@ -178,5 +181,5 @@ def prepare_out(out: Path, overwrite: bool, outputs: Iterable[str]) -> None:
             old.unlink()
 
 
-__all__ = ["IMAGE_EXTS", "MANIFEST", "MANIFEST_FORMAT", "PARTIAL", "SHARD_PATTERN", "encode_record", "mmload_version",
-           "prepare_out", "write_shards"]
+__all__ = ["IMAGE_EXTS", "MANIFEST", "MANIFEST_FORMAT", "OUTPUTS", "PARTIAL", "SHARD_PATTERN", "encode_record",
+           "mmload_version", "prepare_out", "write_shards"]
