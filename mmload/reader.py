@@ -325,11 +325,17 @@ class _Gunzip:
         if flags & 4:  # FEXTRA
             self._exactly(int.from_bytes(self._exactly(2), "little"))
         for flag in (8, 16):  # FNAME, FCOMMENT: NUL-terminated
-            while flags & flag and self._exactly(1) != b"\0":
-                pass
+            if flags & flag:
+                self._through_nul()
         if flags & 2:  # FHCRC
             self._exactly(2)
         self.inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+
+    def _through_nul(self) -> None:
+        """Skip a NUL-terminated header field, its NUL included."""
+        byte = self._exactly(1)
+        while byte != b"\0":
+            byte = self._exactly(1)
 
     def _exactly(self, n: int) -> bytes:
         data = b""

@@ -218,3 +218,13 @@ def test_a_resume_with_other_order_settings_is_refused(tmp_path: Path) -> None:
     again.load_state_dict(state)
     with pytest.raises(ValueError, match=r"shuffle_buffer_bytes=268435456 -> 5000"):
         next(iter(again))
+
+
+def test_a_gzip_shard_with_a_file_name_in_its_header_is_read(tmp_path: Path) -> None:
+    """``tar czf`` and ``gzip`` store the file name (FNAME) in the header: the inflater skips it."""
+    data = tar_bytes((Planted("a", (("jpg", JPG),), "image"), Planted("b", (("jpg", JPG),), "image")))[0]
+    path = tmp_path / "named.tar.gz"
+    with path.open("wb") as f, gzip.GzipFile(filename="named.tar", fileobj=f, mode="wb", mtime=0) as out:
+        out.write(data)
+    assert path.read_bytes()[3] & 8  # FNAME is set
+    assert read(str(path)) == ([("a", "image"), ("b", "image")], {})
