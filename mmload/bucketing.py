@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from mmload.raw import RawInput, as_samples
 from mmload.sample import Modality, Sample
 
 # Bucket upper bounds in tokens: 8 apart up to 64, then about 12-25% apart, so that padding within a
@@ -44,11 +45,13 @@ def _check_boundaries(boundaries: Sequence[int]) -> None:
 
 
 @dataclass
-class BucketBatcher:
+class BucketBatcher(RawInput):
     """Stream stage: ``samples -> lists of samples`` of one modality and length bucket.
 
     Use as ``ShardDataset(..., batcher=BucketBatcher(32))`` and
-    ``DataLoader(ds, batch_size=None, collate_fn=PaddedCollator())``.
+    ``DataLoader(ds, batch_size=None, collate_fn=PaddedCollator())``; on a ``webdataset`` pipeline, as
+    ``.compose(BucketBatcher(32))``. It takes raw samples too (NOTE [raw samples] in :mod:`mmload.raw`), decoded
+    with its ``tokenizer``, ``image_size`` and ``max_text_len`` keywords.
     """
 
     batch_size: int
@@ -57,6 +60,7 @@ class BucketBatcher:
     max_wait: int | None = None  # default: 16 batches' worth of arrivals
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         _check_boundaries(self.boundaries)
@@ -70,10 +74,10 @@ class BucketBatcher:
         if self.max_wait < 1:
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait}")
 
-    def __call__(self, samples: Iterable[Sample]) -> Iterator[list[Sample]]:
+    def __call__(self, samples: Iterable[Any]) -> Iterator[list[Sample]]:
         """Batches from ``samples``, each as soon as it is due (``holder()`` is the same, one sample at a time)."""
         held = self.holder()
-        for sample in samples:
+        for sample in as_samples(self, samples):
             for batch in held.add(sample):
                 yield [s for s, _ in batch]
         for batch in held.drain():
@@ -169,6 +173,21 @@ class ModalityBucketBatchSampler(Sampler[list[int]]):
         self.buckets: dict[BucketKey, list[int]] = {}
         for i, (m, n) in enumerate(zip(modalities, lengths)):
             self.buckets.setdefault(bucket_key(m, n, boundaries), []).append(i)
+
+    @classmethod
+    def from_dataset(cls, dataset: Sequence[Any], batch_size: int, *, tokenizer: Any = None,
+                     max_text_len: int = 512, progress: bool = True, **kwargs: Any) -> ModalityBucketBatchSampler:
+        """The sampler of a map-style ``dataset`` of ``Sample``s or raw samples (dicts, tuples: NOTE [raw samples]
+        in :mod:`mmload.raw`): reads every item once for its modality and token count (texts are tokenized as
+        the collator will, with ``tokenizer`` and ``max_text_len``; images are not decoded). ``kwargs`` go to the
+        sampler (``boundaries``, ``shuffle``, ``seed``, ...); pair it with ``PaddedCollator(tokenizer=...)``."""
+        from tqdm.auto import tqdm
+
+        describe = RawInput(tokenizer=tokenizer, max_text_len=max_text_len).describe
+        items = tqdm(range(len(dataset)), desc="bucketing: reading lengths", unit="sample",
+                     disable=not progress or len(dataset) < 10_000)
+        modalities, lengths = zip(*(describe(dataset[i], i) for i in items)) if len(dataset) else ((), ())
+        return cls(modalities, lengths, batch_size, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

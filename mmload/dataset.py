@@ -133,8 +133,9 @@ class ShardDataset(StreamDataset):
 
     Args:
         urls: shard paths, brace patterns, directories of ``*.tar`` or ``pipe:`` URLs.
-        tokenizer: a HF tokenizer, a name or local path for ``AutoTokenizer``, or ``None`` to load the one
-            ``mmload make-shards`` stored beside the shards.
+        tokenizer: a HF tokenizer, a name or local path for ``AutoTokenizer``, or ``None`` for the one
+            ``mmload make-shards`` stored beside the shards, else the bundled bert-base-uncased WordPiece
+            (:func:`mmload.tokenizer.default_tokenizer`, logged once).
         image_size: images are decoded to uint8 ``(3, image_size, image_size)``.
         max_text_len: texts are truncated to this many tokens, ``[CLS]`` and ``[SEP]`` included.
         shuffle: shuffle shard order and, through a ``shuffle_buffer`` of raw samples, samples in each shard.
@@ -174,10 +175,7 @@ class ShardDataset(StreamDataset):
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
         elif tokenizer is None:
-            try:
-                tokenizer = load_tokenizer(None, [u for u in self.urls if os.path.exists(u)] or self.urls)
-            except ValueError:
-                tokenizer = None  # image-only shards need none; a text sample then fails with a clear message
+            tokenizer = load_tokenizer(None, [u for u in self.urls if os.path.exists(u)] or self.urls)
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         if (rank is None) != (world_size is None):

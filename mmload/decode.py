@@ -19,20 +19,21 @@ TEXT_EXTS = ("txt",)
 EMB_EXT = "emb.npy"
 EMB_EXTS = (EMB_EXT, "ids.npy", "logits.npy")  # an embedding, its token ids, a teacher's logits
 READ_EXTS = frozenset({*IMAGE_EXTS, *TEXT_EXTS, *EMB_EXTS, "json", "cls"})  # the members a decoder may read
+IDS_KEY = "__ids__"  # token ids given by the caller instead of a text (raw samples: mmload.raw)
 MAX_PIXELS = 64_000_000  # 8000 x 8000: past it, an image is treated as a decompression bomb
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """JPEG/PNG/WebP bytes -> uint8 ``(3, size, size)``: EXIF orientation applied, any mode to RGB (16-bit scaled,
-    not clipped), shorter side resized, centre crop.
+def decode_image(data: bytes | Image.Image, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """JPEG/PNG/WebP bytes (or an opened PIL image) -> uint8 ``(3, size, size)``: EXIF orientation applied, any mode
+    to RGB (16-bit scaled, not clipped), shorter side resized, centre crop.
 
     Raises ``SampleError``-free plain exceptions; the caller names the kind.
     """
-    img = Image.open(io.BytesIO(data))
+    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
     w, h = img.size
     if w * h > max_pixels:
         raise ValueError(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
-    if img.format == "JPEG":
+    if img.format == "JPEG" and not isinstance(data, Image.Image):
         _check_jpeg_size(data, w, h)
         img.draft("RGB", (size, size))  # DCT-domain downscale: decodes a 640x480 JPEG ~3x faster
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
@@ -116,7 +117,7 @@ class Decoder:
         meta = {}
         if "json" in raw:
             try:
-                meta = json.loads(raw["json"])
+                meta = raw["json"] if isinstance(raw["json"], dict) else json.loads(raw["json"])
                 assert isinstance(meta, dict), "top level is not an object"
             except Exception as e:
                 raise fail(ErrorKind.BAD_METADATA, f"bad .json: {e}") from e
@@ -124,13 +125,13 @@ class Decoder:
         if not isinstance(label, int) or isinstance(label, bool):
             raise fail(ErrorKind.BAD_METADATA, f"bad .json label {label!r}: not an integer")
         if "cls" in raw:
-            try:
-                label = int(raw["cls"].decode().strip())
-            except Exception as e:
-                raise fail(ErrorKind.BAD_METADATA, f"bad .cls {raw['cls'][:20]!r}") from e
+            label = _class_label(raw["cls"], fail)
 
         image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
         text = next((raw[e] for e in TEXT_EXTS if e in raw), None)
+        given_ids = raw.get(IDS_KEY)  # ids a caller tokenized itself (mmload.raw), used as given
+        if given_ids is not None:
+            text = given_ids
         emb = raw.get(EMB_EXT)
         declared = meta.get("modality")
         if declared is not None and declared not in set(Modality):
@@ -171,17 +172,20 @@ class Decoder:
                     e, Image.DecompressionBombError) else ErrorKind.IMAGE_DECODE
                 raise fail(kind, f"{type(e).__name__}: {e}") from e
         if modality != Modality.IMAGE:
-            ids = self._ids(text, fail)
+            ids = text if given_ids is not None else self._ids(text, fail)
         return Sample(key, modality, pixels=pixels, ids=ids, label=label, url=url)
 
-    def _ids(self, data: bytes, fail: Any) -> torch.Tensor:
+    def _ids(self, data: bytes | str, fail: Any) -> torch.Tensor:
         if self.tokenizer is None:
             raise ValueError("a text sample needs a tokenizer: pass tokenizer= (a HF name or path) or read shards "
                              "made by `mmload make-shards`, which stores one beside them")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise fail(ErrorKind.TEXT_DECODE, f"not UTF-8: {e}") from e
+        if isinstance(data, str):
+            text = data
+        else:
+            try:
+                text = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise fail(ErrorKind.TEXT_DECODE, f"not UTF-8: {e}") from e
         text = text.strip()
         if not text:
             raise fail(ErrorKind.EMPTY_TEXT, "empty text")
@@ -191,6 +195,17 @@ class Decoder:
         return torch.tensor(ids, dtype=torch.int64)
 
 
+def _class_label(value: Any, fail: Any) -> int:
+    """A ``.cls`` member: bytes or text holding an integer, or (decoded by webdataset, or given raw) an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int((value.decode() if isinstance(value, bytes | bytearray) else value).strip())
+    except Exception as e:
+        raise fail(ErrorKind.BAD_METADATA, f"bad .cls {value[:20] if isinstance(value, bytes | str) else value!r}: "
+                                           "not an integer") from e
+
+
 def _used(raw: dict[str, Any], sample: Sample) -> set[str]:
     """The members of ``raw`` that went into ``sample``."""
     used = {ext for ext in ("json", "cls") if ext in raw}
@@ -198,8 +213,9 @@ def _used(raw: dict[str, Any], sample: Sample) -> set[str]:
         return used | {ext for ext in EMB_EXTS if ext in raw}
     if sample.modality != Modality.TEXT:
         used.add(next(e for e in IMAGE_EXTS if e in raw))
-    if sample.modality != Modality.IMAGE:
-        used.add(next(e for e in TEXT_EXTS if e in raw))
+    text = next((e for e in TEXT_EXTS if e in raw), None)
+    if sample.modality != Modality.IMAGE and text is not None:  # None: ids given instead (mmload.raw)
+        used.add(text)
     return used
 
 

@@ -68,9 +68,10 @@ class SampleError(Exception):
                     self.url, self.key = keyed["url"], ast.literal_eval(keyed["key"])
                 else:
                     self.url = line["rest"].partition(": ")[0]
+            self.detail = text
             super().__init__(text)
             return
-        self.kind, self.url, self.key = ErrorKind(kind), url, key
+        self.kind, self.url, self.key, self.detail = ErrorKind(kind), url, key, message
         where = f"{url}" + (f" key {key!r}" if key else "")
         super().__init__(f"[{self.kind}] {where}: {message}")
 

@@ -17,13 +17,18 @@ its ``index``: the position of its sample in the list given to the collator (NOT
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from mmload.sample import IGNORE_INDEX
 from mmload.tensors import TensorBatch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
@@ -37,6 +42,14 @@ class ImageBatch(TensorBatch):
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
+    def hf_inputs(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``{"pixel_values": (N, 3, H, W)}``, normalized (``(x / 255 - mean) / std``, ImageNet's by default) on
+        the device the pixels are on, for a Hugging Face vision model (``ViTModel(**batch.image.hf_inputs())``);
+        pass the model's ``image_processor.image_mean``/``image_std`` (0.5 for Google's ViTs). Rows are in the
+        order of ``index``."""
+        return {"pixel_values": normalize_pixels(self.pixels, mean, std, dtype)}
+
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class TextBatch(TensorBatch):
@@ -49,12 +62,28 @@ class TextBatch(TensorBatch):
     mlm_labels: torch.Tensor  # int (N, T), ids' dtype, IGNORE_INDEX where no MLM loss is taken
     labels: torch.Tensor  # int64 (N,)
     index: torch.Tensor  # int64 (N,)
+    masked: bool = False  # a masking stage ran (some sample came with mlm_labels): hf_inputs() gives labels
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def padded(self) -> TextBatch:
         return self
+
+    def hf_inputs(self, sep_id: int | None = None) -> dict[str, torch.Tensor]:
+        """The keyword arguments of a Hugging Face text model: ``BertModel(**batch.text.hf_inputs())``.
+
+        ``input_ids`` and ``attention_mask`` ``(N, T)`` as int64, on the device the batch is on; ``labels`` (MLM
+        targets, -100 where no loss is taken) when masking ran; ``token_type_ids`` (1 after each row's first
+        ``[SEP]``, BERT's sentence B) when ``sep_id`` is given, for texts made into pairs (``NextSegmentPairs``).
+        Rows are in the order of ``index``: row ``r`` is sample ``index[r]`` of the collated list.
+        """
+        out = {"input_ids": self.ids.long(), "attention_mask": self.mask.long()}
+        if sep_id is not None:
+            out["token_type_ids"] = token_types(self.ids, sep_id) * self.mask
+        if self.masked:
+            out["labels"] = self.mlm_labels.long()
+        return out
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
@@ -69,9 +98,32 @@ class JaggedText(TensorBatch):
     labels: torch.Tensor  # int64 (N,)
     index: torch.Tensor  # int64 (N,)
     max_len: int  # kept on the host so kernels need no device sync to read it
+    masked: bool = False  # a masking stage ran (some sample came with mlm_labels): hf_inputs() gives labels
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
+
+    def hf_inputs(self, sep_id: int | None = None) -> dict[str, Any]:
+        """The texts in Hugging Face's packed form, that of ``DataCollatorWithFlattening(return_flash_attn_kwargs=
+        True)``: ``input_ids`` and ``position_ids`` ``(1, sum T)`` int64 (positions restart at 0 in each text),
+        ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32, ``N + 1``) and ``max_length_q``/``max_length_k`` (ints); plus
+        ``labels`` ``(1, sum T)`` when masking ran and ``token_type_ids`` when ``sep_id`` is given, as
+        :meth:`TextBatch.hf_inputs`.
+
+        Correct only with a varlen attention implementation (``attn_implementation="flash_attention_2"`` and
+        its kin), which reads ``cu_seq_lens``: a model running eager or SDPA attention lets every text attend to
+        all the others. For those, use ``batch.text.padded().hf_inputs()``. Texts are in the order of ``index``.
+        """
+        row, pos = self.row_positions()  # (sum T,), (sum T,)
+        cu = self.offsets.to(torch.int32)  # (N+1,)
+        out: dict[str, Any] = {"input_ids": self.values.long()[None], "position_ids": pos[None],
+                               "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                               "max_length_q": self.max_len, "max_length_k": self.max_len}
+        if sep_id is not None:
+            out["token_type_ids"] = packed_token_types(self.values, self.offsets, row, sep_id)[None]
+        if self.masked:
+            out["labels"] = self.mlm_labels.long()[None]
+        return out
 
     def nested(self) -> torch.Tensor:
         """The ids as a ``torch.nested`` jagged tensor ``(N, j)``."""
@@ -91,7 +143,8 @@ class JaggedText(TensorBatch):
         mlm[row, pos] = self.mlm_labels
         mask = torch.zeros(n, T, dtype=torch.bool, device=ids.device)  # (N, T)
         mask[row, pos] = True
-        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, labels=self.labels, index=self.index)
+        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, labels=self.labels, index=self.index,
+                         masked=self.masked)
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
@@ -151,6 +204,27 @@ def model_input(batch: Any) -> ModelInput:
     return to_input()
 
 
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` -> ``(x / 255 - mean) / std`` in ``dtype``, on the pixels' device."""
+    m = torch.tensor(mean, dtype=dtype, device=pixels.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels.to(dtype) / 255 - m) / s  # (N, 3, H, W)
+
+
+def token_types(ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """Segment ids of dense ``ids`` (B, T): 1 on the tokens after a row's first [SEP], else 0 (BERT's A and B)."""
+    is_sep = (ids == sep_id).long()  # (B, T)
+    return ((is_sep.cumsum(1) - is_sep) > 0).long()  # (B, T), [SEP]s strictly before each token
+
+
+def packed_token_types(ids: torch.Tensor, offsets: torch.Tensor, row: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """``token_types`` of packed ``ids`` (sum T,) with ``offsets`` (B+1,) and each token's ``row`` (sum T,)."""
+    is_sep = (ids == sep_id).long()  # (sum T,)
+    before = F.pad(is_sep.cumsum(0), (1, 0))  # (sum T+1,), [SEP]s before each token of the whole pack
+    return ((before[:-1] - before[offsets[:-1]][row]) > 0).long()  # (sum T,), minus those of earlier rows
+
+
 def row_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For packed tokens: the row each token belongs to and its position inside that row, both ``(sum T,)``."""
     lengths = offsets.diff()  # (B,)
@@ -160,5 +234,5 @@ def row_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torc
     return row, pos
 
 
-__all__ = ["ImageBatch", "JaggedText", "ModelInput", "PackedEmbeddings", "TextBatch", "TextLayout", "model_input",
-           "row_positions"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageBatch", "JaggedText", "ModelInput", "PackedEmbeddings", "TextBatch",
+           "TextLayout", "model_input", "normalize_pixels", "packed_token_types", "row_positions", "token_types"]

@@ -28,6 +28,7 @@ from mmload.batch import PaddedBatch
 from mmload.collate import PaddedCollator
 from mmload.coverage import loader_errors
 from mmload.dataset import ShardDataset
+from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 from mmload.loader import StatefulLoader
 from mmload.manifest import local_folder
 from mmload.reader import expand_urls
@@ -55,15 +56,15 @@ class ModuleImageFeatures:
 
     module: nn.Module
     image_size: int
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     name: str = "module"
     tokenizer: Any = None
     takes_text: bool = False
     max_text_len: int = 512
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = _normalize(pixels, self.mean, self.std)
+        x = normalize_pixels(pixels, self.mean, self.std)
         out = self.module(x)
         out = getattr(out, "last_hidden_state", out)
         return out if out.dim() == 3 else out.unsqueeze(1)
@@ -100,18 +101,12 @@ class HFFeatures:
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.vision:
             raise ValueError(f"{self.name} is a text model; give images a vision encoder (--encoder image=PATH)")
-        return self.model(pixel_values=_normalize(pixels, self.mean, self.std)).last_hidden_state
+        return self.model(pixel_values=normalize_pixels(pixels, self.mean, self.std)).last_hidden_state
 
     def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.vision:
             raise ValueError(f"{self.name} is a vision model; give texts a text encoder (--encoder text=PATH)")
         return self.model(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
-
-
-def _normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255 - m) / s  # (N, 3, H, W)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -1,13 +1,16 @@
-"""The default text tokenizer: a BERT-style WordPiece trained offline, saved beside the shards.
+"""Text tokenizers: the one given, else the one saved beside the shards, else bert-base-uncased's WordPiece.
 
 ``make-shards`` trains one (``train_wordpiece``) and saves it into the shard folder; ``load_tokenizer`` finds it
-there when no ``--tokenizer`` is given. Any Hugging Face tokenizer (hub name or local folder) works instead.
+there when no ``--tokenizer`` is given. Shards mmload did not write (img2dataset output, say) get
+:func:`default_tokenizer`: the bert-base-uncased vocabulary (ViT-BERT's, 30,522 pieces) shipped with the package,
+so nothing is downloaded. Any Hugging Face tokenizer (hub name or local folder) works instead.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +22,13 @@ from mmload.manifest import local_folder, write_json
 if TYPE_CHECKING:  # transformers costs ~1 s to import: load it when a tokenizer is made, not at CLI start
     from transformers import PreTrainedTokenizerFast
 
+log = logging.getLogger("mmload")
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, in this order
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 1
 TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_TOKENIZER = "bert-base-uncased"
+DEFAULT_VOCAB = Path(__file__).with_name("data") / "bert-base-uncased-vocab.txt"  # Apache-2.0, google-research/bert
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
@@ -83,21 +90,69 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str | Path) -> None:
 
 
 def load_tokenizer(name_or_path: str | None, shard_urls: Sequence[str] = ()) -> PreTrainedTokenizerFast:
-    """Load ``name_or_path`` (a local folder or a hub name), else the tokenizer saved beside the first shard.
+    """Load ``name_or_path`` (a local folder or a hub name), else the tokenizer saved beside the first shard, else
+    :func:`default_tokenizer` (logged once per process).
 
     Loads are cached per resolved path, so DataLoader workers and repeated calls share one object: do not
     mutate it (``add_tokens`` and the like); load your own copy with ``AutoTokenizer`` for that.
     """
     if name_or_path is not None:
         path = Path(name_or_path).expanduser()
-        return _load(str(path.resolve()) if path.exists() else name_or_path)
+        if path.exists():
+            return _load(str(path.resolve()))
+        if _looks_like_path(name_or_path):
+            raise FileNotFoundError(f"tokenizer {name_or_path!r}: no such file or folder; give a folder holding a "
+                                    "Hugging Face tokenizer (tokenizer.json) or a hub name like bert-base-uncased")
+        if name_or_path == DEFAULT_TOKENIZER:
+            return default_tokenizer()
+        return _load(name_or_path)
     folder = local_folder(shard_urls[0]) if shard_urls else None
     if folder is not None and (folder / TOKENIZER_FILE).is_file():
         return _load(str(folder.resolve()))
     where = f"beside the shards in {folder}" if folder is not None else (
         f"beside the first shard {shard_urls[0]!r} (not a local file)" if shard_urls else "(no shards given)")
-    raise ValueError(f"no tokenizer given and none found {where}; pass --tokenizer NAME_OR_PATH (a local folder "
-                     "or a Hugging Face hub name) or make the shards with `mmload make-shards`, which saves one")
+    _log_default_once(f"no tokenizer given and none {where}")
+    return default_tokenizer()
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub name is ``name`` or ``owner/name``: anything else (``./x``, ``~/x``, ``/x``, ``a/b/c``, ``x\\y``) is
+    meant as a local path, and a missing one is an error, not a download attempt."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+@functools.cache
+def _log_default_once(why: str) -> None:
+    log.warning("%s: using the bundled %s WordPiece (%d pieces); pass --tokenizer (tokenizer=) to choose another",
+                why, DEFAULT_TOKENIZER, default_tokenizer().vocab_size)
+
+
+@functools.cache
+def default_tokenizer() -> PreTrainedTokenizerFast:
+    """bert-base-uncased's tokenizer (the vocabulary ViT-BERT uses: 30,522 WordPiece pieces, lowercased, accents
+    stripped, ``[CLS] ... [SEP]``), built from the vocabulary file shipped with mmload: no network, no hub cache.
+
+    Its ids equal Hugging Face's ``bert-base-uncased`` tokenizer's (tested against a BERT checkpoint that ships
+    that vocabulary). One object per process, made on first use; do not mutate it.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    with open(DEFAULT_VOCAB, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            vocab[line.rstrip("\n")] = i
+    tok = _bert_wordpiece(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100),
+                          normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer())
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_max_length=512,
+                                        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    tokenizer.name_or_path = DEFAULT_TOKENIZER
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=8)

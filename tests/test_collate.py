@@ -125,8 +125,10 @@ def test_collators_validate() -> None:
         PaddedCollator(pad_to_multiple_of=0)
     with pytest.raises(ValueError, match="empty"):
         NestedCollator()([])
-    with pytest.raises(TypeError, match="mmload.Sample"):
+    with pytest.raises(ValueError, match=r"raw sample 0: no image, text or input_ids field \(has \['ids'\]\)"):
         PaddedCollator()([{"ids": [1, 2]}])
+    with pytest.raises(TypeError, match="EmbeddingCollator takes mmload.Sample with precomputed embeddings"):
+        EmbeddingCollator()([{"text": "a caption"}])
     big = Sample("big", "text", ids=torch.tensor([2, 40000, 3]))
     with pytest.raises(ValueError, match="does not fit"):
         PaddedCollator(ids_dtype=torch.int16)([big])

@@ -193,12 +193,21 @@ def test_unreadable_shard_is_counted_and_the_rest_goes_on(tmp_path: Path, builti
     assert n == sum(1 for _ in ShardDataset(builtin_shards[0], image_size=32)) and ds.errors.counts["shard_read"] == 1
 
 
-def test_image_only_shards_need_no_tokenizer(tmp_path: Path) -> None:
+def test_shards_without_a_tokenizer_get_the_bundled_bert_one_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mmload.tokenizer import _log_default_once, default_tokenizer
+
+    _log_default_once.cache_clear()
     shard = write_tar(tmp_path / "img.tar", [("a.jpg", jpeg()), ("b.jpg", jpeg(3))])
     assert [s.key for s in ShardDataset(shard, tokenizer=None)] == ["a", "b"]
-    text = write_tar(tmp_path / "txt.tar", [("c.txt", b"words")])
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        list(ShardDataset(text, tokenizer=None))
+    text = write_tar(tmp_path / "txt.tar", [("c.txt", b"A car parked on the street.")])
+    with caplog.at_level("WARNING", logger="mmload"):
+        samples = list(ShardDataset(text, tokenizer=None))
+        ShardDataset(text)
+    assert samples[0].ids.tolist() == [101, 1037, 2482, 9083, 2006, 1996, 2395, 1012, 102]  # bert-base-uncased's
+    assert ShardDataset(text).tokenizer is default_tokenizer()
+    said = [r.getMessage() for r in caplog.records if "bundled bert-base-uncased" in r.getMessage()]
+    assert len(said) == 1 and "30522 pieces" in said[0], said
 
 
 def test_bad_input_on_the_command_line_is_one_line_not_a_traceback(builtin_shards: list[str], tmp_path: Path,

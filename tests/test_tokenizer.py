@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mmload.shards import pydoc_corpus
-from mmload.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_wordpiece
+from mmload.tokenizer import SPECIAL_TOKENS, default_tokenizer, load_tokenizer, save_tokenizer, train_wordpiece
 
 TEXTS = list(pydoc_corpus())[:20]
 
@@ -73,7 +73,35 @@ def test_found_beside_the_shards(saved: Path, url: str) -> None:
         assert load_tokenizer(None, [spelled]).cls_token_id == 2
 
 
-def test_missing_tokenizer_says_how_to_fix(tmp_path: Path) -> None:
-    for urls in ([str(tmp_path / "shard-000000.tar")], ["pipe:curl -s http://example.com/shard.tar"], []):
-        with pytest.raises(ValueError, match="--tokenizer.*make-shards"):
-            load_tokenizer(None, urls)
+def test_no_tokenizer_anywhere_falls_back_to_the_default_and_says_where_it_looked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mmload.tokenizer import _log_default_once
+
+    _log_default_once.cache_clear()
+    with caplog.at_level("WARNING", logger="mmload"):
+        for urls in ([str(tmp_path / "shard-000000.tar")], ["pipe:curl -s http://example.com/shard.tar"], []):
+            assert load_tokenizer(None, urls) is default_tokenizer()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3 and str(tmp_path) in said[0] and "not a local file" in said[1], said
+    assert all("--tokenizer" in m for m in said)
+
+
+def test_the_default_tokenizer_is_bert_base_uncased(minilm: str) -> None:
+    """Ids equal to a BERT checkpoint's own tokenizer that ships bert-base-uncased's vocabulary, on English prose,
+    accents, CJK, emoji, control characters, long words and the special tokens' spelling."""
+    ours, theirs = default_tokenizer(), AutoTokenizer.from_pretrained(minilm)
+    texts = [*pydoc_corpus()][:300] + ["Héllo WORLD — naïve café 東京 😀", "tab\there\x00nul", "x" * 150, "",
+                                       "[MASK] and [SEP] spelt out", "UPPER lower MiXeD don't co-op"]
+    assert [ours(t)["input_ids"] for t in texts] == [theirs(t, truncation=False)["input_ids"] for t in texts]
+    assert (len(ours), ours.cls_token_id, ours.sep_token_id, ours.mask_token_id, ours.pad_token_id) == (
+        30522, 101, 102, 103, 0)
+    pair = ours("a b", "c d")
+    assert pair["input_ids"] == [101, 1037, 1038, 102, 1039, 1040, 102] and pair["token_type_ids"][-1] == 1
+    assert load_tokenizer("bert-base-uncased") is ours and load_tokenizer(None, ()) is ours  # offline, one object
+    assert pickle.loads(pickle.dumps(ours))("a car")["input_ids"] == [101, 1037, 2482, 102]
+
+
+@pytest.mark.parametrize("path", ["./no-such-tokenizer", "~/no/such/tok", "/no/such", "a/b/c"])
+def test_a_tokenizer_path_that_does_not_exist_says_so(path: str) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_tokenizer(path)

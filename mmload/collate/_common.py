@@ -18,11 +18,14 @@ def check_ids_dtype(dtype: torch.dtype) -> None:
 
 
 def check_samples(samples: Sequence[Sample]) -> None:
+    """For the embeddings collator, which takes precomputed samples only (the others take raw ones too)."""
     if len(samples) == 0:
         raise ValueError("cannot collate an empty list of samples")
-    if not isinstance(samples[0], Sample):
-        raise TypeError(f"mmload collators take a list of mmload.Sample, got {type(samples[0]).__name__}; "
-                        "read the shards with mmload.ShardDataset")
+    bad = next((i for i, s in enumerate(samples) if not isinstance(s, Sample)), None)
+    if bad is not None:
+        raise TypeError(f"EmbeddingCollator takes mmload.Sample with precomputed embeddings (read the output of "
+                        f"`mmload precompute` with mmload.ShardDataset); sample {bad} is a "
+                        f"{type(samples[bad]).__name__}")
 
 
 def cast_ids(ids: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
@@ -52,6 +55,11 @@ def labels_and_index(rows: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tens
 
 def text_rows(samples: Sequence[Sample]) -> list[tuple[int, Sample]]:
     return [(i, s) for i, s in enumerate(samples) if s.ids is not None]
+
+
+def masked(rows: Sequence[tuple[int, Sample]]) -> bool:
+    """Whether a masking stage ran on the texts of a batch: any of them came with MLM labels."""
+    return any(s.mlm_labels is not None for _, s in rows)
 
 
 def mlm_or_ignore(sample: Sample) -> torch.Tensor:

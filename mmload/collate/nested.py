@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -11,18 +12,19 @@ from mmload.batch import JaggedText, NestedBatch
 from mmload.collate._common import (
     cast_ids,
     check_ids_dtype,
-    check_samples,
     image_batch,
     labels_and_index,
+    masked,
     mlm_or_ignore,
     text_rows,
 )
+from mmload.raw import RawInput
 from mmload.sample import Sample
 from mmload.staging import PackedBatch, pack
 
 
 @dataclass
-class NestedCollator:
+class NestedCollator(RawInput):
     """``collate_fn`` for the nested strategy: zero padded tokens.
 
     ``pack`` defaults to True: a nested batch is a handful of tensors (ids, offsets, labels, pixels) and
@@ -33,10 +35,11 @@ class NestedCollator:
     pack: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ids_dtype(self.ids_dtype)
 
-    def __call__(self, samples: Sequence[Sample]) -> NestedBatch | PackedBatch:
-        check_samples(samples)
+    def __call__(self, samples: Sequence[Any]) -> NestedBatch | PackedBatch:
+        samples = self.to_samples(samples)
         batch = NestedBatch(image=image_batch(samples), text=self._text(samples), keys=[s.key for s in samples])
         return pack(batch) if self.pack else batch
 
@@ -52,5 +55,6 @@ class NestedCollator:
             offsets=offsets,
             mlm_labels=torch.cat([cast_ids(mlm_or_ignore(s), self.ids_dtype, s.key) for _, s in rows]),  # (sum T,)
             max_len=int(lengths.max()),
+            masked=masked(rows),
             **labels_and_index(rows),
         )

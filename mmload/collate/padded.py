@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -11,18 +12,19 @@ from mmload.batch import PaddedBatch, TextBatch
 from mmload.collate._common import (
     cast_ids,
     check_ids_dtype,
-    check_samples,
     image_batch,
     labels_and_index,
+    masked,
     mlm_or_ignore,
     text_rows,
 )
+from mmload.raw import RawInput
 from mmload.sample import IGNORE_INDEX, Sample
 from mmload.staging import PackedBatch, pack
 
 
 @dataclass
-class PaddedCollator:
+class PaddedCollator(RawInput):
     """``collate_fn`` for the padded strategy (and, after a bucketing stage or sampler, the bucketed one).
 
     Args:
@@ -38,14 +40,15 @@ class PaddedCollator:
     pack: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ids_dtype(self.ids_dtype)
         if self.pad_id < 0:
             raise ValueError(f"pad_id must be >= 0, got {self.pad_id}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
 
-    def __call__(self, samples: Sequence[Sample]) -> PaddedBatch | PackedBatch:
-        check_samples(samples)
+    def __call__(self, samples: Sequence[Any]) -> PaddedBatch | PackedBatch:
+        samples = self.to_samples(samples)
         batch = PaddedBatch(image=image_batch(samples), text=self._text(samples), keys=[s.key for s in samples])
         return pack(batch) if self.pack else batch
 
@@ -64,4 +67,4 @@ class PaddedCollator:
             ids[row, :n] = cast_ids(s.ids, self.ids_dtype, s.key)
             mlm[row, :n] = cast_ids(mlm_or_ignore(s), self.ids_dtype, s.key)
             mask[row, :n] = True
-        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, **labels_and_index(rows))
+        return TextBatch(ids=ids, mask=mask, mlm_labels=mlm, masked=masked(rows), **labels_and_index(rows))
