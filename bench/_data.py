@@ -20,13 +20,13 @@ import torch
 
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.make_shards import BUILTIN_MAXCOUNT, TEXT_LEN
-from mmload.manifest import manifest_beside
+from mmload.manifest import manifest_beside, shard_samples
 from mmload.sample import Sample
 
 DEFAULT_TEXT_LEN = TEXT_LEN  # builtin texts' word counts: (median, sigma)
 DEFAULT_MAXCOUNT = BUILTIN_MAXCOUNT  # shards of the cached default data: enough for 16 loader workers
 _KEY_FILE = "bench-key.json"
-EMBEDDING_CACHE_FORMAT = 2  # 2: texts truncated to the encoder's max_text_len (1 kept 512 tokens)
+EMBEDDING_CACHE_FORMAT = 3  # 3: image_text pairs keep both sides; 2: texts truncated to the encoder's max_text_len
 
 
 def builtin_shards(root: Path, samples: int, seed: int, image_text_ratio: float,
@@ -69,14 +69,16 @@ def _inputs(urls: Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 def _samples_per_shard(urls: Sequence[str]) -> int:
-    """The source's shard size (from its manifest), so embedding shards split over workers the same way."""
-    manifest = manifest_beside(urls[0])
-    return max(int(s["samples"]) for s in manifest["shards"]) if manifest else DEFAULT_MAXCOUNT
+    """The source's shard size (from its manifest or img2dataset's stats), so embedding shards split over workers
+    the same way."""
+    counts = shard_samples(list(urls))
+    return max(counts) if counts else DEFAULT_MAXCOUNT
 
 
 def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, vocab_size: int, tokens: bool,
-                   device: torch.device, progress: bool = True, **read: Any) -> list[str]:
-    """``--data`` specs of embedding shards for ``data`` (one cached folder per spec, weights kept)."""
+                   device: torch.device, progress: bool = True, tokenizer: Any = None, **read: Any) -> list[str]:
+    """``--data`` specs of embedding shards for ``data`` (one cached folder per spec, weights kept), texts
+    tokenized with ``tokenizer`` (the run's)."""
     from mmload.precompute import precompute
     from models.build import build_model
     from models.features import MMLoadFeatures
@@ -85,7 +87,7 @@ def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, v
     for spec, weight in parse_data(data):
         urls = expand_urls(spec)
         key = {"format": EMBEDDING_CACHE_FORMAT, "preset": preset, "seed": seed, "vocab_size": vocab_size,
-               "tokens": tokens, "inputs": _inputs(urls)}
+               "tokens": tokens, "inputs": _inputs(urls), "tokenizer": getattr(tokenizer, "name_or_path", None)}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         folder = root / f"emb-{preset}-{seed}-{'tokens' if tokens else 'pooled'}-{digest}"
 
@@ -94,7 +96,7 @@ def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, v
             encoder.to(device).eval().requires_grad_(False)
             features = MMLoadFeatures(encoder, name=f"mmload-{preset}-random-seed{seed}")
             precompute(urls, tmp, image_encoder=features, text_encoder=features, tokens=tokens, device=device,
-                       maxcount=_samples_per_shard(urls), progress=progress, **read)
+                       maxcount=_samples_per_shard(urls), progress=progress, tokenizer=tokenizer, **read)
 
         _cached(folder, key, build)
         out.append(f"{folder}@{weight:g}")  # a folder spec reads every *.tar in it

@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from bench import _data, _measure, _reliability, _report
+from mmload.commands import Parser, add_verbose, run_command
 from mmload.dataset import expand_urls, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
@@ -64,7 +65,7 @@ QUICK = {"preset": "tiny", "samples": 96, "maxcount": 24, "image_text_ratio": 2.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python bench/throughput.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1],
         epilog="Example: python bench/throughput.py --data 'my-img2dataset/{00000..00009}.tar' --strategies "
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "space), clipped to [5, 512] words (default 48,0.9)")
     g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                    help="HF tokenizer for the texts (default: the one saved beside the first shard, as make-shards "
-                        "does; img2dataset output needs one)")
+                        "does, else the bundled bert-base-uncased WordPiece, for img2dataset output)")
     g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
                    help="embeddings strategy: precompute every token's embedding (same tokens as the other "
                         "strategies, MLM works) or one pooled vector per sample (no MLM) (default tokens)")
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true",
                    help="seconds, for tests: tiny preset, 96 builtin samples, batch 8, 3 steps, 1 worker")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_verbose(p)
     return p
 
 
@@ -161,6 +163,7 @@ class BenchConfig:
     maxcount: int
     collate_batches: int
     argv: tuple[str, ...] | None = None  # the command line, as given to main() (None: sys.argv)
+    verbose: bool = False  # -v: an error's traceback instead of its one line
 
     @property
     def read_limits(self) -> ReadLimits:
@@ -290,8 +293,8 @@ class Bench:
                 self.emb_data = _data.embedding_data(
                     self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
                     tokens=args.emb == "tokens", device=self.device, progress=args.progress,
-                    **args.read_limits.kwargs())
-            except ValueError as e:  # e.g. paired image_text samples: precompute takes one modality per sample
+                    tokenizer=self.tokenizer, **args.read_limits.kwargs())
+            except ValueError as e:  # e.g. shards with nothing precompute can embed
                 self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
                                      if not get_strategy(s).has_raw_inputs})
         self.data_of = {DataKind.RAW: self.data, DataKind.PRECOMPUTED: self.emb_data}
@@ -523,12 +526,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line's exit status: 0, 2 for a mistake on the command line, 1 for bad data or a failed write
+    (NOTE [one-line errors] in :mod:`mmload.commands`)."""
+    verbose = bool({"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv))
+    return run_command("python bench/throughput.py", lambda: main(argv) and None, verbose)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except OSError as exn:  # a full disk, a read-only --out: one line, not a traceback
-        sys.exit(f"python bench/throughput.py: error: {exn}")
-    sys.exit(0)
+    sys.exit(cli())
 
 
-__all__ = ["BenchConfig", "build_parser", "main", "parse_args", "run"]
+__all__ = ["BenchConfig", "build_parser", "cli", "main", "parse_args", "run"]

@@ -32,7 +32,8 @@ _WHERE = {
     "make_loader": "mmload.loader", "EpochStream": "mmload.epochs",
     # reliability
     "Coverage": "mmload.coverage", "loader_errors": "mmload.coverage", "ErrorKind": "mmload.errors",
-    "SampleError": "mmload.errors", "TooManyErrors": "mmload.errors", "WorkerDied": "mmload.errors",
+    "NoSamples": "mmload.errors", "SampleError": "mmload.errors", "TooManyErrors": "mmload.errors",
+    "WorkerDied": "mmload.errors",
 }
 
 __all__ = sorted(_WHERE)

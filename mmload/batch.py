@@ -145,16 +145,18 @@ class NestedBatch(Batch):
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class EmbeddingBatch(Batch):
-    """Precomputed embeddings, jagged: a pooled vector is a sequence of length 1."""
+    """Precomputed embeddings, jagged: a pooled vector is a sequence of length 1. A row is one sample, or one side
+    of a precomputed ``image_text`` pair (two rows, image then text, with the same ``index``)."""
 
     values: torch.Tensor  # float16 (sum L, D)
-    offsets: torch.Tensor  # int64 (N+1,)
-    is_text: torch.Tensor  # bool (N,)
-    labels: torch.Tensor  # int64 (N,)
+    offsets: torch.Tensor  # int64 (R+1,)
+    is_text: torch.Tensor  # bool (R,)
+    labels: torch.Tensor  # int64 (R,), the sample's label on each of its rows
     mlm_labels: torch.Tensor  # int64 (sum L,), IGNORE_INDEX where no MLM loss (always, for pooled vectors)
+    index: torch.Tensor  # int64 (R,), each row's sample: its position in keys (NOTE [index fields])
     keys: list[str]
     max_len: int
-    teacher_logits: torch.Tensor | None = None  # (N, C) from `mmload precompute --teacher`; 0 on text rows
+    teacher_logits: torch.Tensor | None = None  # (R, C) from `mmload precompute --teacher`; 0 on text rows
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
@@ -167,23 +169,30 @@ class EmbeddingBatch(Batch):
 
     def unbatch(self) -> list[Sample]:
         bounds = self.offsets.tolist()
+        sides: dict[int, dict[bool, int]] = {}  # sample position -> {is_text: row}
+        for row, (i, text) in enumerate(zip(self.index.tolist(), self.is_text.tolist())):
+            sides.setdefault(i, {})[text] = row
         out = []
-        for row, key in enumerate(self.keys):
-            lo, hi = bounds[row], bounds[row + 1]
-            emb = self.values[lo:hi]
-            text = bool(self.is_text[row])
-            logits = None if self.teacher_logits is None or text else self.teacher_logits[row]
-            out.append(Sample(key, Modality.TEXT if text else Modality.IMAGE, emb=emb if hi - lo > 1 else emb[0],
-                              mlm_labels=self.mlm_labels[lo:hi] if text else None, label=int(self.labels[row]),
-                              teacher_logits=logits))
+        for i, key in enumerate(self.keys):
+            rows = sides[i]
+
+            def emb(row: int) -> torch.Tensor:
+                lo, hi = bounds[row], bounds[row + 1]
+                return self.values[lo:hi] if hi - lo > 1 else self.values[lo]
+
+            image, text = rows.get(False), rows.get(True)
+            first = image if image is not None else text
+            logits = None if self.teacher_logits is None or image is None else self.teacher_logits[image]
+            mlm = None if text is None else self.mlm_labels[bounds[text]:bounds[text + 1]]
+            modality = Modality.IMAGE_TEXT if len(rows) == 2 else Modality.TEXT if image is None else Modality.IMAGE
+            out.append(Sample(key, modality, emb=emb(first), text_emb=emb(text) if len(rows) == 2 else None,
+                              mlm_labels=mlm, label=int(self.labels[first]), teacher_logits=logits))
         return out
 
     def model_input(self) -> ModelInput:
         return ModelInput(embeddings=PackedEmbeddings(
             values=self.values, offsets=self.offsets, is_text=self.is_text, labels=self.labels,
-            mlm_labels=self.mlm_labels,
-            index=torch.arange(len(self), device=self.offsets.device), max_len=self.max_len,
-            teacher_logits=self.teacher_logits))
+            mlm_labels=self.mlm_labels, index=self.index, max_len=self.max_len, teacher_logits=self.teacher_logits))
 
 
 AnyBatch = Batch  # every batch type, PackedBatch included, is a Batch

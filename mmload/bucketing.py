@@ -75,7 +75,8 @@ class BucketBatcher(RawInput):
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait}")
 
     def __call__(self, samples: Iterable[Any]) -> Iterator[list[Sample]]:
-        """Batches from ``samples``, each as soon as it is due (``holder()`` is the same, one sample at a time)."""
+        """Batches from ``samples``, each as soon as it is due (``holder()`` does the same, one ``Sample`` at a
+        time)."""
         held = self.holder()
         for sample in as_samples(self, samples):
             for batch in held.add(sample):
@@ -84,7 +85,8 @@ class BucketBatcher(RawInput):
             yield [s for s, _ in batch]
 
     def holder(self, arrivals: int = 0) -> Held:
-        """The buckets of one stream, empty; ``arrivals`` numbers the first sample to come."""
+        """The buckets of one stream, empty; ``arrivals`` numbers the first sample to come. It takes ``Sample``s
+        (what mmload's own stages hold); calling the batcher converts raw samples first."""
         return Held(self, arrivals)
 
 

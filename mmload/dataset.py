@@ -45,7 +45,7 @@ from mmload.stages import (
     check_format,
     check_split,
 )
-from mmload.tokenizer import load_tokenizer
+from mmload.tokenizer import LazyDefault, lazy_default, load_tokenizer, tokenizer_beside
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork; each tokenizes single texts anyway
 
@@ -174,8 +174,9 @@ class ShardDataset(StreamDataset):
         self.urls = expand_urls(urls)
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
-        elif tokenizer is None:
-            tokenizer = load_tokenizer(None, [u for u in self.urls if os.path.exists(u)] or self.urls)
+        elif tokenizer is None:  # the one beside the shards, else the default when a text needs it
+            local = [u for u in self.urls if os.path.exists(u)] or self.urls
+            tokenizer = tokenizer_beside(local) or lazy_default(local)
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         if (rank is None) != (world_size is None):
@@ -204,6 +205,8 @@ class ShardDataset(StreamDataset):
 
     @property
     def tokenizer(self) -> Any:
+        if isinstance(self.decoder.tokenizer, LazyDefault):
+            self.decoder.tokenizer = self.decoder.tokenizer.load()
         return self.decoder.tokenizer
 
     def __getstate__(self) -> dict[str, Any]:

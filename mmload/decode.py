@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +14,13 @@ from PIL import Image, ImageOps
 
 from mmload.errors import ErrorKind, SampleError
 from mmload.sample import IGNORE_INDEX, Modality, Sample
+from mmload.tokenizer import LazyDefault
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt",)
 EMB_EXT = "emb.npy"
-EMB_EXTS = (EMB_EXT, "ids.npy", "logits.npy")  # an embedding, its token ids, a teacher's logits
+TEXT_EMB_EXT = "text.emb.npy"  # the text side of a precomputed image_text pair (EMB_EXT is its image side)
+EMB_EXTS = (EMB_EXT, TEXT_EMB_EXT, "ids.npy", "logits.npy")  # embeddings, token ids, a teacher's logits
 READ_EXTS = frozenset({*IMAGE_EXTS, *TEXT_EXTS, *EMB_EXTS, "json", "cls"})  # the members a decoder may read
 IDS_KEY = "__ids__"  # token ids given by the caller instead of a text (raw samples: mmload.raw)
 MAX_PIXELS = 64_000_000  # 8000 x 8000: past it, an image is treated as a decompression bomb
@@ -39,8 +42,10 @@ def decode_image(data: bytes | Image.Image, size: int, max_pixels: int = MAX_PIX
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with orientation 6
     if img.mode in WIDE_GREY_MODES:  # 16-bit grey: convert("RGB") would clip every value over 255 to white
-        wide = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        # mode I holds any int: 16-bit data (a PNG's, in older Pillows) or 8-bit values converted up, kept as they are
+        shift = 0 if img.mode == "I" and wide.size and int(wide.max()) <= 255 else 8
+        img = Image.fromarray((wide >> shift).astype(np.uint8), "L")
     img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # uint8 (3, H, W)
 
@@ -81,7 +86,7 @@ def _check_jpeg_size(data: bytes, w: int, h: int) -> None:
 class Decoder:
     """Turns raw members into a Sample, raising :class:`SampleError` with a named kind on bad input."""
 
-    tokenizer: Any = None  # a HF tokenizer; None reads images and embeddings only
+    tokenizer: Any = None  # a HF tokenizer, a LazyDefault (loaded at the first text); None: no texts
     image_size: int = 224
     max_text_len: int = 512
     max_pixels: int = MAX_PIXELS
@@ -148,12 +153,20 @@ class Decoder:
                 return torch.from_numpy(data if dtype is None else data.astype(dtype))
 
             vec = array(EMB_EXT, np.float16)
+            text_vec = array(TEXT_EMB_EXT, np.float16)  # a pair's text side
             ids = array("ids.npy", np.int64)  # per-token text embeddings keep their ids, for masked-token labels
-            if ids is not None and (vec.dim() != 2 or ids.shape != vec.shape[:1]):
-                raise fail(ErrorKind.EMB_DECODE, f"ids {tuple(ids.shape)} do not match emb {tuple(vec.shape)}")
+            tokens = vec if text_vec is None else text_vec
+            if ids is not None and (tokens.dim() != 2 or ids.shape != tokens.shape[:1]):
+                raise fail(ErrorKind.EMB_DECODE, f"ids {tuple(ids.shape)} do not match the text embedding "
+                                                 f"{tuple(tokens.shape)}")
             logits = array("logits.npy")  # a teacher's class logits, from `mmload precompute --teacher`
-            return Sample(key, Modality(declared or Modality.IMAGE), emb=vec, ids=ids, label=label,
-                          teacher_logits=logits, url=url)
+            modality = Modality(declared) if declared else (
+                Modality.IMAGE if text_vec is None else Modality.IMAGE_TEXT)
+            if (modality == Modality.IMAGE_TEXT) != (text_vec is not None):
+                need = "needs" if text_vec is None else "has no use for"
+                raise fail(ErrorKind.EMB_DECODE, f"an embedding sample of modality {modality} {need} .{TEXT_EMB_EXT}")
+            return Sample(key, modality, emb=vec, text_emb=text_vec, ids=ids, label=label, teacher_logits=logits,
+                          url=url)
 
         modality = Modality(declared) if declared else _infer(image is not None, text is not None)
         if modality is None:
@@ -179,6 +192,8 @@ class Decoder:
         if self.tokenizer is None:
             raise ValueError("a text sample needs a tokenizer: pass tokenizer= (a HF name or path) or read shards "
                              "made by `mmload make-shards`, which stores one beside them")
+        if isinstance(self.tokenizer, LazyDefault):
+            self.tokenizer = self.tokenizer.load()
         if isinstance(data, str):
             text = data
         else:
@@ -191,8 +206,12 @@ class Decoder:
             raise fail(ErrorKind.EMPTY_TEXT, "empty text")
         # A bound on tokenizer work for huge captions: no word piece is shorter than one character.
         text = text[: self.max_text_len * 32]
-        ids = self.tokenizer(text, truncation=True, max_length=self.max_text_len)["input_ids"]
+        with _TOKENIZE:  # a fast tokenizer keeps the truncation of its last call: threads must not interleave
+            ids = self.tokenizer(text, truncation=True, max_length=self.max_text_len)["input_ids"]
         return torch.tensor(ids, dtype=torch.int64)
+
+
+_TOKENIZE = threading.Lock()
 
 
 def _class_label(value: Any, fail: Any) -> int:

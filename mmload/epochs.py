@@ -13,6 +13,7 @@ from typing import Any
 
 from mmload.elastic import decode_plan, encode_plan, saved_rank
 from mmload.elastic import plan as elastic_plan
+from mmload.errors import NoSamples
 from mmload.stages import Piece
 
 
@@ -50,6 +51,16 @@ class EpochStream:
             self._split = (dataset.rank, dataset.world_size)
         return loader
 
+    def _skipped(self) -> str:
+        """``; skipped: image_decode 3, ...``: the bad input the loader counted, when it can tell."""
+        from mmload.coverage import loader_errors
+
+        try:
+            counts = loader_errors(self.loader.state_dict())
+        except Exception:  # a plain DataLoader has no state to read
+            return ""
+        return "; skipped: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) if counts else ""
+
     def __next__(self) -> Any:
         while True:
             if self.loader is None:
@@ -61,8 +72,8 @@ class EpochStream:
                 batch = next(self._it)
             except StopIteration:
                 if self._fresh:
-                    raise RuntimeError(f"epoch {self.epoch} yielded no batch: no data for this process (fewer "
-                                       "shards than processes x workers?)") from None
+                    raise NoSamples(f"epoch {self.epoch} yielded no batch: no good sample for this process"
+                                    f"{self._skipped()} (or fewer shards than processes x workers)") from None
                 self.epoch, self.loader, self._it = self.epoch + 1, None, None
                 continue
             self._fresh = False

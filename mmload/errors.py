@@ -80,6 +80,10 @@ class TooManyErrors(RuntimeError):
     """Raised after ``max_consecutive_errors`` bad samples in a row: a dead source should not spin forever."""
 
 
+class NoSamples(RuntimeError):
+    """An epoch of a process delivered no batch: every sample of its share was bad, or it got no share."""
+
+
 class ErrorCounter:
     """Counts skipped input by kind and logs it: the first few of each kind in full, then every 1000th."""
 

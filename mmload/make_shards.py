@@ -201,23 +201,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """The ``make-shards`` command: check the arguments, write the shards, print a summary."""
-    try:
-        path = args.path or args.source_path
-        if args.path and args.source_path and args.path != args.source_path:
-            raise ValueError(f"two paths given: --source {args.source} {args.source_path} and --path {args.path}; "
-                             "give one")
-        builtin_only = {name: getattr(args, name) for name in ("samples", "seed", "image_text_ratio")}
-        given = {name: value for name, value in builtin_only.items() if value is not None}  # others: defaults
-        if args.source != "builtin" and given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise ValueError(f"{flags}: options of --source builtin, not of --source {args.source}")
-        start = time.perf_counter()
-        manifest = make_shards(args.out, args.source, path, maxcount=args.maxcount, maxsize=args.maxsize,
-                               vocab_size=args.vocab_size, overwrite=args.overwrite,
-                               progress=not getattr(args, "quiet", False), **given)
-    except (ValueError, FileNotFoundError, FileExistsError) as exn:  # bad input (a full disk: mmload.cli.main)
-        raise SystemExit(f"mmload make-shards: error: {exn}") from exn
+    """The ``make-shards`` command: check the arguments, write the shards, print a summary (a bad argument
+    raises ValueError and the like: ``mmload.cli.main`` makes it one line)."""
+    path = args.path or args.source_path
+    if args.path and args.source_path and args.path != args.source_path:
+        raise ValueError(f"two paths given: --source {args.source} {args.source_path} and --path {args.path}; "
+                         "give one")
+    builtin_only = {name: getattr(args, name) for name in ("samples", "seed", "image_text_ratio")}
+    given = {name: value for name, value in builtin_only.items() if value is not None}  # others: defaults
+    if args.source != "builtin" and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: options of --source builtin, not of --source {args.source}")
+    start = time.perf_counter()
+    manifest = make_shards(args.out, args.source, path, maxcount=args.maxcount, maxsize=args.maxsize,
+                           vocab_size=args.vocab_size, overwrite=args.overwrite,
+                           progress=not getattr(args, "quiet", False), **given)
     seconds = time.perf_counter() - start
     counts = ", ".join(f"{k} {v}" for k, v in manifest["samples"].items() if k != "total" and v)
     size = sum(s["bytes"] for s in manifest["shards"]) / 1e6

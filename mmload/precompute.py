@@ -2,8 +2,12 @@
 
 Each output sample keeps its key, modality and label and gets ``KEY.emb.npy`` (float16): the pooled
 vector ``(D,)`` (the class / [CLS] token) or, with ``tokens=True``, every token ``(L, D)``; per-token text
-embeddings also keep their ids (``KEY.ids.npy``) so that masked-token labels can be made from them.
+embeddings also keep their ids (``KEY.ids.npy``) so that masked-token labels can be made from them. An
+``image_text`` pair gets both sides: its image's in ``KEY.emb.npy`` and its text's in ``KEY.text.emb.npy``.
 Read the output with ``ShardDataset`` and batch it with ``EmbeddingCollator``.
+
+Under ``torchrun`` each rank embeds its share of the shards (``ShardDataset``'s split by rank) and writes its own
+``shard-r{rank}-*.tar``; rank 0 writes the one manifest once every rank is done.
 
 The library takes encoder objects (anything with :class:`FeatureEncoder`'s fields: ``HFFeatures`` for a Hugging
 Face model folder, ``ModuleImageFeatures`` for any torch module, ``models.features.MMLoadFeatures`` for an mmload
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +33,13 @@ from mmload.batch import PaddedBatch
 from mmload.collate import PaddedCollator
 from mmload.coverage import loader_errors
 from mmload.dataset import ShardDataset
+from mmload.decode import TEXT_EMB_EXT
 from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 from mmload.loader import StatefulLoader
 from mmload.manifest import local_folder
 from mmload.reader import expand_urls
 from mmload.sample import IGNORE_INDEX
+from mmload.shards.writer import SHARD_PATTERN
 from mmload.tokenizer import save_tokenizer
 
 
@@ -142,14 +149,16 @@ def _records(batch: PaddedBatch, image_enc: FeatureEncoder | None, text_enc: Fea
         feats = text_enc.texts(batch.text.ids.to(device), batch.text.mask.to(device)).float().cpu()  # (B, T, D)
         for row, i in enumerate(batch.text.index.tolist()):
             n = int(batch.text.mask[row].sum())
-            if i in out:
-                raise ValueError(f"sample {batch.keys[i]!r} is an image_text pair; precompute one modality per "
-                                 "sample (split the pair when making the shards)")
-            rec = {"json": {"modality": "text", "encoder": text_enc.name, "tokens": tokens},
-                   "emb.npy": _npy((feats[row, :n] if tokens else feats[row, 0]).half().numpy())}
+            emb = _npy((feats[row, :n] if tokens else feats[row, 0]).half().numpy())
+            if i in out:  # an image_text pair: its image side came first, its text side goes beside it
+                rec = out[i]
+                rec["json"].update(modality="image_text", text_encoder=text_enc.name)
+                rec[TEXT_EMB_EXT] = emb
+            else:
+                rec = out[i] = {"json": {"modality": "text", "encoder": text_enc.name, "tokens": tokens},
+                                "emb.npy": emb}
             if tokens:
                 rec["ids.npy"] = _npy(batch.text.ids[row, :n].numpy().astype(np.int32))
-            out[i] = rec
     for i in sorted(out):
         yield {"__key__": batch.keys[i], **out[i]}
 
@@ -159,12 +168,16 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
                text_encoder: FeatureEncoder | None = None, tokens: bool = False, batch_size: int = 64,
                num_workers: int = 0, device: torch.device | str | None = None, maxcount: int = 1000,
                overwrite: bool = False, progress: bool = True,
-               teacher: Callable[[PaddedBatch], torch.Tensor] | None = None, **read: Any) -> dict[str, Any]:
+               teacher: Callable[[PaddedBatch], torch.Tensor] | None = None, tokenizer: Any = None,
+               **read: Any) -> dict[str, Any]:
     """Embed every sample of ``urls`` with the frozen encoders and write shards to ``out``; returns the manifest.
 
     ``teacher`` (e.g. ``models.kd.ImageTeacher``) maps a batch to image class logits by ascending sample index;
-    they are stored as ``KEY.logits.npy`` for distillation without running the teacher again. ``read``: the
-    :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``, ``shuffle_buffer_bytes``).
+    they are stored as ``KEY.logits.npy`` for distillation without running the teacher again. ``tokenizer``
+    tokenizes the texts when the text encoder brings none (default: the shards' own, else the bundled one).
+    ``read``: the :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``,
+    ``shuffle_buffer_bytes``). In an initialised ``torch.distributed`` group (``torchrun``) every rank must call
+    it: each embeds and writes its share, and every rank returns the one manifest.
     """
     from mmload.manifest import MANIFEST, write_json
     from mmload.shards.writer import OUTPUTS, prepare_out, write_shards
@@ -173,22 +186,34 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
         raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if text_encoder is not None and text_encoder.tokenizer is not None:
+        if tokenizer is not None and tokenizer is not text_encoder.tokenizer:
+            raise ValueError(f"the text encoder {text_encoder.name!r} brings its own tokenizer (its vocabulary): "
+                             "give no tokenizer (--tokenizer) with it")
+        tokenizer = text_encoder.tokenizer
+    rank, world = _rank_world()
     out = Path(out)
-    inside = [u for u in expand_urls(urls)
-              if local_folder(u) is not None and out.resolve() in Path(u).resolve().parents]
-    if inside:  # --overwrite would delete them
-        raise ValueError(f"the output folder {out} holds input shards ({inside[0]}, ...): give another folder")
-    prepare_out(out, overwrite, OUTPUTS)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = text_encoder.tokenizer if text_encoder is not None and text_encoder.tokenizer is not None else None
+
+    def check_and_prepare() -> None:
+        inside = [u for u in expand_urls(urls)
+                  if local_folder(u) is not None and out.resolve() in Path(u).resolve().parents]
+        if inside:  # --overwrite would delete them
+            raise ValueError(f"the output folder {out} holds input shards ({inside[0]}, ...): give another folder")
+        prepare_out(out, overwrite, OUTPUTS)
+        out.mkdir(parents=True, exist_ok=True)
+
+    _on_rank0(check_and_prepare, rank, world)  # one rank cleans the folder; all raise what it raised
+    if device is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     image_size = image_encoder.image_size if image_encoder is not None else 32
     max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
     ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len, shuffle=False,
-                      **read)
+                      rank=rank, world_size=world, **read)
     loader = StatefulLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
                             num_workers=num_workers)  # stateful: its state carries the workers' error counts
-    bar = tqdm(desc="precompute", unit=" samples", disable=not progress)
+    bar = tqdm(desc="precompute" if world == 1 else f"precompute rank {rank}", unit=" samples",
+               disable=not progress)
 
     def records() -> Iterator[dict[str, Any]]:
         for batch in loader:
@@ -197,17 +222,75 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
 
     names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None),
              "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
+    info = {"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens}
     try:
-        manifest = write_shards(records(), out, maxcount=maxcount, write_manifest=False,
-                                info={"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens})
+        part = write_shards(records(), out, maxcount=maxcount, write_manifest=False, info=info,
+                            pattern=SHARD_PATTERN if world == 1 else f"shard-r{rank:03d}-%06d.tar",
+                            allow_empty=world > 1)
+        part["errors"] = loader_errors(loader.state_dict())  # known once every input is read
+        failure = None
+    except Exception as e:  # the other ranks must hear of it, not wait for this one's manifest for ever
+        part, failure = None, e
     finally:
         bar.close()
-    manifest["errors"] = dict(sorted(loader_errors(loader.state_dict()).items()))  # known once every input is read
-    if ds.tokenizer is not None:
-        save_tokenizer(ds.tokenizer, out)  # beside the embeddings: it made their ids.npy
-    write_json(out / MANIFEST, manifest)  # last: its presence means done (NOTE [atomic outputs] in shards.writer)
+    parts = _gather(part if failure is None else failure, world)
+    failed = next((p for p in parts if isinstance(p, BaseException)), None)
+    if failed is not None:
+        raise failure if failure is not None else failed
+    manifest = _merge(parts)
+    if rank == 0:
+        if ds.tokenizer is not None:
+            save_tokenizer(ds.tokenizer, out)  # beside the embeddings: it made their ids.npy
+        write_json(out / MANIFEST, manifest)  # last: its presence means done (NOTE [atomic outputs] in shards.writer)
+    if world > 1:
+        torch.distributed.barrier()  # every rank returns once the manifest is written
     return manifest
 
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _on_rank0(fn: Callable[[], None], rank: int, world: int) -> None:
+    """Run ``fn`` on rank 0 only; every rank raises what it raised (or none does)."""
+    error: list[BaseException | None] = [None]
+    if rank == 0:
+        try:
+            fn()
+        except Exception as e:
+            if world == 1:
+                raise
+            error = [e]
+    if world > 1:
+        torch.distributed.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
+def _merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest from every rank's: their shards in rank order, their counts and errors summed."""
+    manifest = dict(parts[0])
+    manifest["shards"] = [shard for part in parts for shard in part["shards"]]
+    manifest["samples"] = {k: sum(part["samples"][k] for part in parts) for k in parts[0]["samples"]}
+    errors: dict[str, int] = {}
+    for part in parts:
+        for kind, n in part["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    manifest["errors"] = dict(sorted(errors.items()))
+    if not manifest["shards"]:
+        raise ValueError(f"no samples to embed in {manifest['inputs'][:3]}")
+    return manifest
 
 
 __all__ = ["FeatureEncoder", "HFFeatures", "ModuleImageFeatures", "precompute"]

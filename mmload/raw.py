@@ -37,6 +37,7 @@ from PIL import Image
 from mmload.decode import IDS_KEY, IMAGE_EXTS, Decoder, _infer
 from mmload.errors import ErrorKind, SampleError
 from mmload.sample import Modality, Sample
+from mmload.tokenizer import LazyDefault, load_tokenizer
 
 log = logging.getLogger("mmload")
 
@@ -45,6 +46,9 @@ TEXT_FIELDS = ("text", "txt")
 LABEL_FIELDS = ("label", "cls")
 KEY_FIELDS = ("key", "__key__")
 READ_FIELDS = frozenset({*IMAGE_FIELDS, *TEXT_FIELDS, "input_ids", *LABEL_FIELDS, *KEY_FIELDS, "json", "__url__"})
+MAX_TOKEN_ID = 2**31 - 1  # what the collators' int32 ids hold
+_WHAT = {"jpg": "image", "txt": "text", IDS_KEY: "text", "cls": "label", "__key__": "key", "json": "json",
+         "__url__": "url"}
 # the member whose field a decoder error names
 _MEMBER_OF_KIND = {ErrorKind.IMAGE_DECODE: "jpg", ErrorKind.IMAGE_TOO_LARGE: "jpg", ErrorKind.TEXT_DECODE: "txt",
                    ErrorKind.EMPTY_TEXT: "txt", ErrorKind.BAD_METADATA: "json"}
@@ -69,7 +73,20 @@ class RawInput:
     max_text_len: int = 512
 
     def __post_init__(self) -> None:
-        self._decoder = Decoder(None, image_size=self.image_size, max_text_len=self.max_text_len)  # checks both
+        self._decoder()  # checks image_size and max_text_len, loads a tokenizer given by name
+
+    def _decoder(self) -> Decoder:
+        """The decoder of the current settings (made again when a field was set since)."""
+        made = self.__dict__.get("_made")
+        if made is None or made[0] is not self.tokenizer or made[1] != (self.image_size, self.max_text_len):
+            tokenizer = self.tokenizer
+            if tokenizer is None:  # loaded at the first text, once per process
+                tokenizer = LazyDefault("no tokenizer given for raw samples")
+            elif isinstance(tokenizer, str | os.PathLike):
+                tokenizer = load_tokenizer(os.fspath(tokenizer))
+            decoder = Decoder(tokenizer, image_size=self.image_size, max_text_len=self.max_text_len)
+            made = self.__dict__["_made"] = (self.tokenizer, (self.image_size, self.max_text_len), decoder)
+        return made[2]
 
     def to_samples(self, samples: Sequence[Any]) -> Sequence[Sample]:
         """``samples`` as ``Sample``s (the same list when they already are); a bad one raises, naming its index."""
@@ -94,17 +111,15 @@ class RawInput:
         members, fields = _members(raw, index)
         meta = {k: members[k] for k in ("__key__", "json", "cls") if k in members}
         text = {k: members[k] for k in (IDS_KEY, "txt") if k in members}
-        if not text:
-            return self._decode({**meta, "jpg": members["jpg"]}, fields, index).modality, 0
-        tokens = self._decode({**meta, "json": {"modality": "text"}, **text}, fields, index).num_text_tokens
-        return _infer("jpg" in members, True), tokens
+        tokens = 0
+        if text:  # the text alone, decoded as a text sample
+            tokens = self._decode({**meta, "json": {"modality": "text"}, **text}, fields, index).num_text_tokens
+        declared = members.get("json", {}).get("modality") if isinstance(members.get("json"), dict) else None
+        return Modality(declared) if declared else _infer("jpg" in members, bool(text)), tokens
 
     def _decode(self, members: dict[str, Any], fields: dict[str, str], index: int) -> Sample:
-        decoder = self._decoder
-        if "txt" in members and decoder.tokenizer is None:
-            decoder.tokenizer = _resolve_tokenizer(self.tokenizer)
         try:
-            return decoder(members)
+            return self._decoder()(members)
         except SampleError as e:
             member = _MEMBER_OF_KIND.get(e.kind)
             if e.kind == ErrorKind.BAD_METADATA and "cls" in fields and ".cls" in e.detail:
@@ -143,10 +158,12 @@ def _members(raw: Any, index: int) -> tuple[dict[str, Any], dict[str, str]]:
     def put(member: str, field: str, value: Any) -> None:
         if member in members:
             raise ValueError(f"raw sample {index}: fields {fields[member]!r} and {field!r} both give the "
-                             f"{member if member != IDS_KEY else 'text'}; keep one")
+                             f"{_WHAT[member]}; keep one")
         members[member], fields[member] = value, field
 
     for field, value in raw.items():
+        if value is None:  # a column this row does not fill (Hugging Face datasets): as if absent
+            continue
         if field in IMAGE_FIELDS:
             put("jpg", field, _image(value, index, field))
         elif field in TEXT_FIELDS:
@@ -166,7 +183,8 @@ def _members(raw: Any, index: int) -> tuple[dict[str, Any], dict[str, str]]:
     if not any(m in members for m in ("jpg", "txt", IDS_KEY)):
         raise ValueError(f"raw sample {index}: no image, text or input_ids field (has {sorted(map(str, raw))}); "
                          f"mmload reads {sorted(f for f in READ_FIELDS if not f.startswith('__'))} and __key__")
-    unread = frozenset(str(f) for f in raw if f not in READ_FIELDS and not str(f).startswith("__"))
+    unread = frozenset(str(f) for f, v in raw.items()
+                       if f not in READ_FIELDS and not str(f).startswith("__") and v is not None)
     if unread:
         _log_unread_once(unread)
     members.setdefault("__key__", f"raw sample {index}")  # for the decoder's messages; replaced by content_key
@@ -174,9 +192,14 @@ def _members(raw: Any, index: int) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _from_pair(raw: Sequence[Any], index: int) -> dict[str, Any]:
+    if raw and all(_is_int(x) for x in raw):
+        raise TypeError(f"raw sample {index}: a list of ints is not a sample; give token ids as "
+                        "{'input_ids': [...]}")
     if len(raw) != 2:
         raise TypeError(f"raw sample {index}: a tuple must be (image, text) or (image, label), got {len(raw)} items")
     image, second = raw
+    if isinstance(second, torch.Tensor | np.ndarray) and second.ndim == 0:
+        second = second.item()
     if isinstance(second, str | bytes):
         return {"image": image, "text": second}
     if _is_int(second):
@@ -198,8 +221,9 @@ def _image(value: Any, index: int, field: str) -> Image.Image | bytes:
     where = f"raw sample {index}: field {field!r}"
     if isinstance(value, torch.Tensor):
         if value.dim() != 3 or value.shape[0] not in (1, 3, 4):
+            hint = "; it looks HWC: use .permute(2, 0, 1)" if value.dim() == 3 and value.shape[2] in (1, 3, 4) else ""
             raise ValueError(f"{where}: an image tensor must be CHW with 1, 3 or 4 channels, got shape "
-                             f"{tuple(value.shape)}")
+                             f"{tuple(value.shape)}{hint}")
         if value.is_floating_point():
             if not bool(torch.isfinite(value).all()) or float(value.min()) < 0 or float(value.max()) > 1:
                 raise ValueError(f"{where}: a float image tensor must hold values in [0, 1], got "
@@ -228,7 +252,7 @@ def _text(value: Any, index: int, field: str) -> str | bytes:
 def _ids(value: Any, index: int, field: str) -> torch.Tensor:
     where = f"raw sample {index}: field {field!r}"
     if isinstance(value, torch.Tensor | np.ndarray):
-        ids = torch.as_tensor(value)
+        ids = torch.as_tensor(value).detach().cpu()
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"{where}: token ids must be integers, got {ids.dtype}")
     elif isinstance(value, list | tuple) and all(_is_int(v) for v in value):
@@ -237,8 +261,9 @@ def _ids(value: Any, index: int, field: str) -> torch.Tensor:
         raise TypeError(f"{where}: expected a list or tensor of ints, got {type(value).__name__}")
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"{where}: token ids must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
-    if int(ids.min()) < 0:
-        raise ValueError(f"{where}: token ids must be >= 0, got {int(ids.min())}")
+    if int(ids.min()) < 0 or int(ids.max()) > MAX_TOKEN_ID:  # no vocabulary comes near 2**31 pieces
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"{where}: token ids must be in [0, 2**31), got {bad}")
     return ids.to(torch.int64)
 
 
@@ -252,14 +277,3 @@ def _label(value: Any, index: int, field: str) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _resolve_tokenizer(tokenizer: Any) -> Any:
-    from mmload.tokenizer import _log_default_once, default_tokenizer, load_tokenizer
-
-    if tokenizer is None:
-        _log_default_once("no tokenizer given for raw samples")
-        return default_tokenizer()
-    if isinstance(tokenizer, str | os.PathLike):
-        return load_tokenizer(os.fspath(tokenizer))
-    return tokenizer

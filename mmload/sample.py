@@ -22,8 +22,10 @@ class Sample:
 
     ``pixels`` is uint8 ``(3, H, W)``; ``ids`` is int64 ``(T,)`` word pieces including the special tokens;
     ``mlm_labels`` (set by a masking stage) is int64 ``(T,)`` with ``IGNORE_INDEX`` where no loss is taken;
-    ``emb`` is a precomputed float16 embedding, ``(D,)`` pooled or ``(L, D)`` per token; ``teacher_logits`` are
-    a frozen teacher's class logits ``(C,)`` stored beside it by ``mmload precompute --teacher``.
+    ``emb`` is a precomputed float16 embedding, ``(D,)`` pooled or ``(L, D)`` per token (of the image, for a
+    pair); ``text_emb`` is the text side's of a precomputed ``image_text`` pair (``ids`` then belong to it);
+    ``teacher_logits`` are a frozen teacher's class logits ``(C,)`` stored beside it by ``mmload precompute
+    --teacher``.
     """
 
     key: str
@@ -35,13 +37,18 @@ class Sample:
     label: int = IGNORE_INDEX
     teacher_logits: torch.Tensor | None = None
     url: str = ""
+    text_emb: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.modality = Modality(self.modality)
         if self.emb is not None:
-            if self.emb.dim() not in (1, 2):
-                raise ValueError(f"sample {self.key!r}: emb must be (D,) or (L, D), got shape {tuple(self.emb.shape)}")
+            for name, emb in (("emb", self.emb), ("text_emb", self.text_emb)):
+                if emb is not None and emb.dim() not in (1, 2):
+                    raise ValueError(f"sample {self.key!r}: {name} must be (D,) or (L, D), got shape "
+                                     f"{tuple(emb.shape)}")
             return
+        if self.text_emb is not None:
+            raise ValueError(f"sample {self.key!r}: text_emb is the text side of a precomputed pair; give emb too")
         if self.modality in (Modality.IMAGE, Modality.IMAGE_TEXT):
             if self.pixels is None or self.pixels.dtype != torch.uint8 or self.pixels.dim() != 3:
                 raise ValueError(f"sample {self.key!r}: {self.modality} needs uint8 pixels (3, H, W)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,13 +108,41 @@ def load_tokenizer(name_or_path: str | None, shard_urls: Sequence[str] = ()) -> 
         if name_or_path == DEFAULT_TOKENIZER:
             return default_tokenizer()
         return _load(name_or_path)
+    return tokenizer_beside(shard_urls) or lazy_default(shard_urls).load()
+
+
+def tokenizer_beside(shard_urls: Sequence[str]) -> PreTrainedTokenizerFast | None:
+    """The tokenizer ``make-shards`` saved beside the first shard, or None."""
     folder = local_folder(shard_urls[0]) if shard_urls else None
     if folder is not None and (folder / TOKENIZER_FILE).is_file():
         return _load(str(folder.resolve()))
+    return None
+
+
+def lazy_default(shard_urls: Sequence[str] = ()) -> LazyDefault:
+    """The default tokenizer, not loaded yet, with what to log when it is (where no tokenizer was found)."""
+    folder = local_folder(shard_urls[0]) if shard_urls else None
     where = f"beside the shards in {folder}" if folder is not None else (
         f"beside the first shard {shard_urls[0]!r} (not a local file)" if shard_urls else "(no shards given)")
-    _log_default_once(f"no tokenizer given and none {where}")
-    return default_tokenizer()
+    return LazyDefault(f"no tokenizer given and none {where}")
+
+
+@dataclass(frozen=True)
+class LazyDefault:
+    """Stands in for :func:`default_tokenizer` until a text needs it, so that image-only data never loads
+    transformers; ``load()`` logs ``why`` once per process (in DataLoader workers, from the first worker only)."""
+
+    why: str
+
+    def load(self) -> PreTrainedTokenizerFast:
+        from torch.utils.data import get_worker_info
+
+        tokenizer = default_tokenizer()
+        worker = get_worker_info()
+        if worker is None or worker.id == 0:
+            with _DEFAULT_LOCK:  # one line even when threads load it together
+                _log_default_once(self.why)
+        return tokenizer
 
 
 def _looks_like_path(name: str) -> bool:
@@ -127,7 +157,9 @@ def _log_default_once(why: str) -> None:
                 why, DEFAULT_TOKENIZER, default_tokenizer().vocab_size)
 
 
-@functools.cache
+_DEFAULT_LOCK = threading.RLock()  # threads that need it first build it once (transformers' lazy imports race)
+
+
 def default_tokenizer() -> PreTrainedTokenizerFast:
     """bert-base-uncased's tokenizer (the vocabulary ViT-BERT uses: 30,522 WordPiece pieces, lowercased, accents
     stripped, ``[CLS] ... [SEP]``), built from the vocabulary file shipped with mmload: no network, no hub cache.
@@ -135,6 +167,12 @@ def default_tokenizer() -> PreTrainedTokenizerFast:
     Its ids equal Hugging Face's ``bert-base-uncased`` tokenizer's (tested against a BERT checkpoint that ships
     that vocabulary). One object per process, made on first use; do not mutate it.
     """
+    with _DEFAULT_LOCK:
+        return _build_default()
+
+
+@functools.cache
+def _build_default() -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {}

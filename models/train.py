@@ -26,6 +26,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from mmload.commands import HelpFormatter, Parser, add_verbose, run_command
 from mmload.reader import ReadLimits
 from mmload.strategy import STRATEGIES
 from models.config import FREEZE_MODES, PRECISIONS, ModelConfig, TrainConfig
@@ -35,8 +36,8 @@ D = TrainConfig  # the defaults of every option are TrainConfig's
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m models.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(
+        prog="python -m models.train", formatter_class=HelpFormatter,
         description="Joint image-classification + masked-language-model pretraining of ViT-BERT on mixed "
                     "image/text webdataset shards, with one of mmload's five batching strategies.")
     g = p.add_argument_group("data")
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=D.batch_size, help="samples per micro-batch and process")
     g.add_argument("--num-workers", type=int, default=D.num_workers, help="DataLoader worker processes per process")
     g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
-                   help="HF tokenizer for the texts; default: the one saved beside the first shard")
+                   help="HF tokenizer for the texts (default: the one saved beside the first shard, else the "
+                        "bundled bert-base-uncased WordPiece)")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="read shards and samples in order (training shuffles by default)")
     ReadLimits.add_arguments(g)
@@ -124,25 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-samples", type=int, default=D.limit_samples,
                    help="--eval-only: evaluate the first K samples")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    add_verbose(p)
     return p
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """The TrainConfig of a command line (``sys.argv[1:]`` when ``argv`` is None); bad values raise ValueError."""
-    args = vars(build_parser().parse_args(argv))
-    return TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
+    return _config(build_parser().parse_args(argv))
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    values = vars(args)
+    return TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        train(parse_config(argv))
-    except (ValueError, FileNotFoundError) as exn:
-        print(f"python -m models.train: error: {exn}", file=sys.stderr)
-        return 2
-    except OSError as exn:  # a full disk, a read-only --out: one line, not a traceback
-        print(f"python -m models.train: error: {exn}", file=sys.stderr)
-        return 1
-    return 0
+    """Exit status 0, 2 for a mistake on the command line, 1 for bad data or a failed write (NOTE [one-line
+    errors] in :mod:`mmload.commands`)."""
+    args = build_parser().parse_args(argv)
+
+    def run() -> None:
+        train(_config(args))
+
+    return run_command("python -m models.train", run, args.verbose)
 
 
 if __name__ == "__main__":

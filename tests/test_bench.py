@@ -164,3 +164,15 @@ def test_profile_writes_tensorboard_traces_with_a_range_per_phase(run: tuple[dic
     text = traces[0].read_text()
     for phase in ("data_wait", "h2d", "forward", "backward", "optimizer"):
         assert f'"{phase}"' in text, phase
+
+
+def test_img2dataset_shards_with_data_alone_run_all_five(tmp_path: Path, img2dataset_shards: list[str]) -> None:
+    """Shards mmload did not write (no tokenizer, no manifest, every sample a pair), given by --data alone: the
+    bundled tokenizer reads them and every strategy runs, embeddings included (both sides of each pair)."""
+    folder = str(Path(img2dataset_shards[0]).parent)
+    result = main(["--quick", "--data", folder, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                   "--no-progress", "--reliability-epochs", "0"])
+    for name in STRATEGIES:
+        entry = result["strategies"][name]
+        assert entry["status"] == "ok" and entry["e2e"]["samples_per_s"] > 0, (name, entry["status"])
+    assert result["config"]["tokenizer_vocab"] == 30522

@@ -30,7 +30,7 @@ from mmload.decode import Decoder, decode_image
 from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD
 from mmload.masking import MLMMasking
 from mmload.raw import RawInput
-from mmload.tokenizer import default_tokenizer
+from mmload.tokenizer import LazyDefault, default_tokenizer
 
 SIZE = 32
 README = Path(__file__).parent.parent / "README.md"
@@ -127,9 +127,9 @@ def test_every_collator_but_embeddings_takes_raw_samples_and_all_agree() -> None
 def test_the_default_tokenizer_loads_only_for_texts() -> None:
     collate = PaddedCollator(image_size=SIZE)
     collate([{"image": picture()}, {"input_ids": [1, 2, 3]}])
-    assert collate._decoder.tokenizer is None
+    assert isinstance(collate._decoder().tokenizer, LazyDefault)
     collate([{"text": "now a text"}])
-    assert collate._decoder.tokenizer is default_tokenizer()
+    assert collate._decoder().tokenizer is default_tokenizer()
 
 
 @pytest.mark.parametrize(("sample", "error", "message"), [
@@ -146,7 +146,7 @@ def test_the_default_tokenizer_loads_only_for_texts() -> None:
     ({"input_ids": [1.5, 2]}, TypeError, r"field 'input_ids': expected a list or tensor of ints"),
     ({"input_ids": torch.tensor([1.0])}, ValueError, r"field 'input_ids': token ids must be integers"),
     ({"input_ids": []}, ValueError, r"field 'input_ids': token ids must be a non-empty 1-D"),
-    ({"input_ids": [-1, 3]}, ValueError, r"field 'input_ids': token ids must be >= 0"),
+    ({"input_ids": [-1, 3]}, ValueError, r"field 'input_ids': token ids must be in \[0, 2\*\*31\), got -1"),
     ({"text": "a", "input_ids": [1]}, ValueError, r"raw sample 1: .*keep one"),
     ({"image": picture(), "png": picture()}, ValueError, r"fields 'image' and 'png' both give"),
     ({"text": "a", "label": "cat"}, TypeError, r"field 'label': a label must be an int"),
@@ -367,3 +367,112 @@ def test_readme_hf_example_runs(minilm: str) -> None:
     scope: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert sorted(scope["by_sample"]) == [1, 2] and scope["hidden"].shape[:2] == (2, 7)
+
+
+# ---- what a reviewer's hands found ----
+
+def test_threads_sharing_the_default_tokenizer_keep_their_own_truncation() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    long = [{"text": "word " * 200}] * 4
+    short, wide = PaddedCollator(max_text_len=16), PaddedCollator(max_text_len=128)
+    with ThreadPoolExecutor(8) as pool:
+        widths = list(pool.map(lambda i: ((short if i % 2 else wide)(long).text.ids.shape[1], i % 2), range(80)))
+    assert {w for w, odd in widths if odd} == {16} and {w for w, odd in widths if not odd} == {128}
+
+
+def test_first_use_from_many_threads_loads_once_and_logs_once() -> None:
+    import subprocess
+    import sys
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "from mmload import PaddedCollator\n"
+            "cols = [PaddedCollator() for _ in range(6)]\n"
+            "with ThreadPoolExecutor(6) as ex:\n"
+            "    got = list(ex.map(lambda c: c([{'text': 'hi'}]).text.ids.tolist(), cols))\n"
+            "assert got == [[[101, 7632, 102]]] * 6, got\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("bundled bert-base-uncased") == 1, proc.stderr
+
+
+def test_image_only_shards_never_load_the_default_tokenizer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mmload import ShardDataset
+
+    shard = tmp_path / "img.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            data = png(picture(seed=i))
+            info = tarfile.TarInfo(f"k{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level("WARNING", logger="mmload"):
+        ds = ShardDataset(str(shard), image_size=SIZE)
+        assert len(list(ds)) == 3 and isinstance(ds.decoder.tokenizer, LazyDefault)
+    assert not caplog.records
+    assert ds.tokenizer is default_tokenizer()  # asking for it loads it
+
+
+def test_the_sampler_reads_lengths_without_decoding_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmload.decode
+
+    calls = []
+    real = mmload.decode.decode_image
+    monkeypatch.setattr(mmload.decode, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = [{"image": picture(seed=i)} for i in range(5)] + [(picture(), "a caption"), {"text": "words"}]
+    sampler = ModalityBucketBatchSampler.from_dataset(data, 2, shuffle=False)
+    assert calls == [] and len(sampler) == 5  # images 2+2+1, the pair, the text
+    r = {"image": picture(), "text": "hi", "json": {"modality": "text"}}
+    raw = RawInput(image_size=SIZE)
+    assert raw.describe(r)[0] == raw.to_sample(r).modality == "text"  # a declared modality, both ways
+
+
+def test_fields_set_after_construction_take_effect() -> None:
+    collate = PaddedCollator(image_size=SIZE)
+    collate([{"text": "load the default"}])
+    collate.image_size, collate.max_text_len = 16, 3
+    batch = collate([{"image": picture()}, {"text": "three tokens at most"}])
+    assert batch.image.pixels.shape[-1] == 16 and batch.text.ids.shape[1] == 3
+    tok = default_tokenizer()
+    collate.tokenizer = RawTok(tok)
+    assert collate([{"text": "anything"}]).text.ids.tolist() == [[101, 7, 102]]
+
+
+class RawTok:
+    """A tokenizer that gives the same ids for every text."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+
+    def __call__(self, text: str, **kwargs: Any) -> dict[str, list[int]]:
+        return {"input_ids": [101, 7, 102]}
+
+
+def test_none_values_are_absent_fields_as_hugging_face_datasets_give_them() -> None:
+    raw = RawInput(image_size=SIZE)
+    assert raw.to_sample({"image": None, "text": "hi", "label": None}).modality == "text"
+    assert raw.to_sample({"image": picture(), "text": None, "key": None}).key.startswith("raw-")
+    with pytest.raises(ValueError, match="no image, text or input_ids field"):
+        raw.to_sample({"image": None, "text": None})
+
+
+def test_more_errors_that_say_what_to_do() -> None:
+    raw = RawInput(image_size=SIZE)
+    with pytest.raises(TypeError, match=r"a list of ints is not a sample; give token ids as \{'input_ids'"):
+        raw.to_sample([101, 102])
+    with pytest.raises(ValueError, match="fields 'image' and 'jpg' both give the image"):
+        raw.to_sample({"image": picture(), "jpg": picture()})
+    with pytest.raises(ValueError, match="fields 'label' and 'cls' both give the label"):
+        raw.to_sample({"image": picture(), "label": 1, "cls": 2})
+    with pytest.raises(ValueError, match=r"it looks HWC: use \.permute\(2, 0, 1\)"):
+        raw.to_sample({"image": torch.zeros(8, 8, 3, dtype=torch.uint8)})
+    assert raw.to_sample((picture(), torch.tensor(3))).label == 3
+    with pytest.raises(ValueError, match=r"field 'input_ids': token ids must be in \[0, 2\*\*31\), got 99999999999"):
+        PaddedCollator()([{"input_ids": [101, 99999999999, 102]}])  # int32 ids would wrap it silently
+
+
+def test_an_eight_bit_image_in_mode_i_keeps_its_values() -> None:
+    grey = Image.new("L", (8, 8), 200)
+    assert int(RawInput(image_size=8).to_sample({"image": grey.convert("I")}).pixels.float().mean()) == 200
+    wide = Image.fromarray(np.full((8, 8), 51200, dtype=np.int32), "I")  # 16-bit data: 51200 >> 8 == 200
+    assert int(RawInput(image_size=8).to_sample({"image": wide}).pixels.float().mean()) == 200

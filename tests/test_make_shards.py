@@ -353,11 +353,13 @@ def test_cli_rejects_at_parse_time(argv: tuple[str, ...], capsys: pytest.Capture
     (("--source", "text", "missing.txt"), "does not exist"),
     (("--samples", "0"), "samples must be >= 1"),
 ])
-def test_cli_reports_bad_arguments(tmp_path: Path, argv: tuple[str, ...], match: str) -> None:
-    args = parse(str(tmp_path / "out"), *argv)
-    with pytest.raises(SystemExit, match=match) as exc:
-        args.func(args)
-    assert str(exc.value).startswith("mmload make-shards: error:")
+def test_cli_reports_bad_arguments(tmp_path: Path, argv: tuple[str, ...], match: str,
+                                   capsys: pytest.CaptureFixture) -> None:
+    from mmload.cli import main
+
+    assert main(["make-shards", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmload make-shards: error:") and match in err and len(err.splitlines()) == 1
 
 
 # -- atomic outputs ---------------------------------------------------------------------------------------------------
@@ -394,8 +396,8 @@ def test_a_full_disk_leaves_whole_shards_no_partial_one_and_no_manifest(tmp_path
     assert err == ["mmload make-shards: error: [Errno 28] No space left on device"]
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]  # whole; the one being written is gone
     assert len(read_tar(out / "shard-000000.tar")) == 20
-    with pytest.raises(SystemExit, match=r"holds a partial earlier run \(shards but no manifest.json\)"):
-        main(["-q", *argv])  # the rerun names what it found
+    assert main(["-q", *argv]) == 2  # the rerun names what it found
+    assert "holds a partial earlier run (shards but no manifest.json)" in capsys.readouterr().err
     assert main(["-q", *argv, "--overwrite"]) == 0
     assert read_manifest(out)["samples"]["total"] == 50 and not list(out.glob("*.partial"))
 

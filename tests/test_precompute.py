@@ -155,3 +155,89 @@ def test_manifest_counts_the_inputs_errors(tmp_path: Path, builtin_shards: list[
                text_encoder=MMLoadFeatures(model, tok), num_workers=2, progress=False)
     manifest = read_manifest(tmp_path / "out")
     assert manifest["errors"] == {"image_decode": 2} and manifest["samples"]["total"] == 40
+
+
+@pytest.fixture(scope="module")
+def bert_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny mmload encoder over the bundled bert-base-uncased vocabulary (what img2dataset shards get)."""
+    from mmload.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    model = ViTBERT(ModelConfig.preset("tiny", vocab_size=len(tok)), seed=1).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("bert-enc") / "encoder.pt", model_state(model, tok))
+
+
+@torch.no_grad()
+def test_image_text_pairs_get_both_sides_and_train(tmp_path: Path, img2dataset_shards: list[str],
+                                                   bert_encoder: Path, capsys: pytest.CaptureFixture) -> None:
+    """img2dataset shards (every sample a pair, no tokenizer beside them): both sides embedded, both rows in the
+    batch under one index, a round trip, MLM on the text side, and the trainer's embeddings strategy on them."""
+    from mmload.masking import MLMMasking
+    from models.checkpoint import load_model
+
+    out = tmp_path / "emb"
+    assert main(["-q", "precompute", *img2dataset_shards, str(out), "--encoder", str(bert_encoder), "--tokens"]) == 0
+    model, tok = load_model(bert_encoder)
+    model.eval()
+    src = {s.key: s for s in ShardDataset(img2dataset_shards, image_size=32, max_text_len=model.config.max_text_len)}
+    got = list(ShardDataset(str(out)))
+    assert_exactly_once([s.key for s in got], src)
+    for s in got[:4]:
+        assert s.modality == "image_text" and torch.equal(s.ids, src[s.key].ids)
+        pixels, ids = src[s.key].pixels[None], src[s.key].ids[None]
+        torch.testing.assert_close(s.emb.float(), model.encode_images(pixels)[0], atol=2e-3, rtol=2e-3)
+        want = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))[0]
+        torch.testing.assert_close(s.text_emb.float(), want, atol=2e-3, rtol=2e-3)
+    masking = MLMMasking.from_tokenizer(tok, seed=0, prob=0.3)
+    masked = [masking(s) for s in got[:6]]
+    batch = EmbeddingCollator()(masked)
+    assert len(batch) == 12 and batch.index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert batch.is_text.tolist() == [False, True] * 6 and batch.stats().samples == 6
+    back = batch.unbatch()
+    for a, b in zip(back, masked):
+        assert (a.key, a.modality) == (b.key, b.modality) and torch.equal(a.emb, b.emb)
+        assert torch.equal(a.text_emb, b.text_emb) and torch.equal(a.mlm_labels, b.mlm_labels)
+    student = ViTBERT(ModelConfig.preset("tiny", vocab_size=len(tok), emb_dim=model.config.d_model))
+    output = student(batch)
+    assert output.mlm_labels.numel() == sum(int((s.mlm_labels != -100).sum()) for s in masked) > 0
+    assert torch.isfinite(output.mlm_loss_sum()) and output.image_labels.numel() == 6  # an image row per pair
+    capsys.readouterr()
+    from models.config import TrainConfig
+    from models.train import train
+
+    result = train(TrainConfig(data=[str(out)], strategy="embeddings", preset="tiny", steps=2, batch_size=8,
+                               num_workers=0, progress=False, device="cpu", out=str(tmp_path / "run")))
+    assert result["mlm_tokens"] > 0 and result["loss"] > 0
+
+
+def _precompute_rank(rank: int, port: int, argv: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_precompute_under_torchrun_splits_shards_by_rank(tmp_path: Path, img2dataset_shards: list[str],
+                                                         bert_encoder: Path) -> None:
+    """Two gloo ranks, as ``torchrun --nproc_per_node 2`` starts them: each writes its own shards, rank 0 the one
+    manifest, and together they hold every sample once, with the embeddings one process writes."""
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+
+    out, alone = tmp_path / "ranks", tmp_path / "alone"
+    argv = ["-q", "precompute", *img2dataset_shards, str(out), "--encoder", str(bert_encoder), "--device", "cpu",
+            "--batch-size", "5"]
+    mp.spawn(_precompute_rank, args=(free_port(), argv), nprocs=2, join=True)
+    assert main(["-q", "precompute", *img2dataset_shards, str(alone), "--encoder", str(bert_encoder)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = sorted(s["name"] for s in manifest["shards"])
+    assert names == sorted(p.name for p in out.glob("*.tar"))
+    assert {n[:10] for n in names} == {"shard-r000", "shard-r001"}
+    assert manifest["samples"]["total"] == manifest["samples"]["image_text"] == 24 and manifest["errors"] == {}
+    want = {s.key: s for s in ShardDataset(str(alone))}
+    got = list(ShardDataset(str(out)))
+    assert_exactly_once([s.key for s in got], want)
+    for s in got:
+        torch.testing.assert_close(s.emb, want[s.key].emb, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(s.text_emb, want[s.key].text_emb, atol=2e-3, rtol=2e-3)

@@ -30,7 +30,7 @@ def check_samples(samples: Sequence[Sample]) -> None:
 
 def cast_ids(ids: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     """Narrow token ids (or MLM labels) for the transfer; refuse ids that do not fit rather than wrap them."""
-    # only int16 can be too narrow: no vocabulary comes near 2**31 word pieces
+    # only int16 can be too narrow: no vocabulary comes near 2**31 word pieces (mmload.raw refuses ids past it)
     if dtype == torch.int16 and ids.numel() and int(ids.max()) > torch.iinfo(dtype).max:
         raise ValueError(f"sample {key!r}: token id {int(ids.max())} does not fit {dtype}; use ids_dtype=torch.int32")
     return ids.to(dtype)

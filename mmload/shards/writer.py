@@ -93,9 +93,12 @@ def write_shards(
     maxsize: int = 256 * 2**20,
     info: Mapping[str, Any] | None = None,
     write_manifest: bool = True,
+    pattern: str = SHARD_PATTERN,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
-    """Write ``records`` to ``out/shard-%06d.tar`` and (``write_manifest``) ``out/manifest.json``; return the
-    manifest.
+    """Write ``records`` to ``out/shard-%06d.tar`` (or another ``pattern``: one ``%06d``) and (``write_manifest``)
+    ``out/manifest.json``; return the manifest. No records is an error unless ``allow_empty`` (one rank's share
+    of a small input, say): then no shard is written.
 
     The manifest holds ``info`` (source, seed, creation args: whatever the caller passes), the mmload version,
     the sample counts (``total`` and per modality) and the shard list ``[{"name", "samples", "bytes"}]`` with
@@ -115,8 +118,10 @@ def write_shards(
     counts = {m.value: 0 for m in Modality}
     per_shard: dict[str, int] = {}
     seen: set[str] = set()
-    pattern = str(out).replace("%", "%%") + os.sep + SHARD_PATTERN + PARTIAL  # '%' in the folder must not format
-    sink = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False, mtime=0,
+    if not pattern.startswith("shard-") or not pattern.endswith(".tar"):
+        raise ValueError(f"pattern must be shard-*.tar (what overwrite replaces), got {pattern!r}")
+    path = str(out).replace("%", "%%") + os.sep + pattern + PARTIAL  # '%' in the folder must not format
+    sink = wds.ShardWriter(path, maxcount=maxcount, maxsize=maxsize, verbose=0, encoder=False, mtime=0,
                            post=_finish_shard)
     try:
         for record in records:
@@ -127,9 +132,11 @@ def write_shards(
             sink.write(sample)
             per_shard[sink.fname] = per_shard.get(sink.fname, 0) + 1
             counts[Modality(record["json"]["modality"]).value] += 1
-        if not per_shard:
+        if not per_shard and not allow_empty:
             raise ValueError(f"no records to write to {out}")
         sink.close()  # renames the last shard
+        if not per_shard:
+            Path(sink.fname.removesuffix(PARTIAL)).unlink(missing_ok=True)  # the empty shard the writer opened
     except BaseException:
         with contextlib.suppress(Exception):  # a full disk may fail this close too
             if getattr(sink, "tarstream", None) is not None:
