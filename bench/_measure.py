@@ -28,7 +28,8 @@ from mmload.tensors import can_pin_memory
 from models.step import PhaseTimer, StepOptions, summarize, train_step
 
 PHASES = ("data_wait", "transfer", "forward", "backward", "optimizer")
-STAT_FIELDS = ("samples", "images", "texts", "real_tokens", "padded_tokens", "bytes", "tensors")
+STAT_FIELDS = ("samples", "images", "texts", "real_tokens", "padded_tokens", "bytes", "tensors", "image_tokens",
+               "padded_image_tokens")
 REFERENCE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
 
 
@@ -254,7 +255,7 @@ def train_steps(stream: Iterator[Any], trainee: Trainee, device: torch.device, *
         phases = trainee.step(batch)
         copies, nbytes = copies_issued(host) if i >= warmup else (0, 0)
         if i >= warmup:
-            s = host.stats()
+            s = host.stats(trainee.model.config.patch_size)
             rows.append({"data_wait_s": t1 - t0, "transfer_s": t2 - t1,
                          **{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
                          **{f: getattr(s, f) for f in STAT_FIELDS}, "moved_bytes": nbytes, "moved_copies": copies,
@@ -269,6 +270,21 @@ def train_steps(stream: Iterator[Any], trainee: Trainee, device: torch.device, *
                      "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     out["per_step"] = rows
     return out
+
+
+def fill(rows: Sequence[dict[str, Any]], *, batch_size: int | None, max_tokens: int | None) -> dict[str, Any]:
+    """How full the measured batches were: samples and tokens (text, padded text, image) per batch, mean, min and
+    max, and ``fill``: the mean against what was asked (``batch_size`` samples, or ``max_tokens`` tokens)."""
+    samples = [r["samples"] for r in rows]
+    tokens = [r["real_tokens"] + r["padded_tokens"] + r["image_tokens"] + r["padded_image_tokens"] for r in rows]
+
+    def spread(values: Sequence[int]) -> dict[str, float]:
+        return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+    asked = {"batch_size": batch_size, "max_tokens": max_tokens}
+    value = statistics.mean(samples) / batch_size if batch_size else statistics.mean(tokens) / max_tokens
+    return {"asked": asked, "by": "samples" if batch_size else "tokens", "fill": value,
+            "samples": spread(samples), "tokens": spread(tokens)}
 
 
 def summarize_steps(rows: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:

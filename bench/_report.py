@@ -66,7 +66,15 @@ METRICS: dict[str, Any] = {
     "copies_per_batch": _copies,
     "transfer_fraction": _transfer_fraction,
     "data_wait_share": lambda r, res: (r["e2e"]["data_wait_share"], f"{r['e2e']['data_wait_share']:.1%}"),
+    "fill": lambda r, res: (r["fill"]["fill"], _fill_text(r["fill"])),
 }
+
+
+def _fill_text(fill: dict[str, Any]) -> str:
+    """``98.4% of 32 samples (min 30, max 32)``, or the same in tokens of a budget."""
+    by, asked = fill["by"], fill["asked"]["batch_size" if fill["by"] == "samples" else "max_tokens"]
+    got = fill[by]
+    return f"{fill['fill']:.1%} of {asked} {by} (min {got['min']:g}, max {got['max']:g})"
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, str]]:
@@ -192,7 +200,8 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "strategy": s, "status": "ok", "steps": e["steps"], "samples_per_s": e["samples_per_s"],
             "vs_padded": vs.get(s), "real_tokens_per_s": e["real_tokens_per_s"], "ms_per_batch": e["ms_per_batch"],
             "ms_per_sample": e["ms_per_sample"], **{f"{p}_ms": v for p, v in r["step_ms"].items()},
-            "data_wait_share": e["data_wait_share"], **r["padding"],
+            "data_wait_share": e["data_wait_share"], **r["padding"], "fill": r["fill"]["fill"],
+            "samples_per_batch": r["fill"]["samples"]["mean"], "tokens_per_batch": r["fill"]["tokens"]["mean"],
             "bytes_per_batch": tr["as_loaded"]["bytes_per_batch"],
             "copies_per_batch": tr["as_loaded"]["copies_per_batch"],
             "unpacked_bytes_per_batch": tr["unpacked"]["bytes_per_batch"],
@@ -332,15 +341,20 @@ def table_text(result: dict[str, Any]) -> str:
                  f" | - | {syn['real_tokens_per_s']:.0f} | {syn['ms_per_batch']:.0f} | - | - | "
                  f"{sms['forward']:.0f} | {sms['backward']:.0f} | {sms['optimizer']:.0f} | - | - |")
     copy_kind = "h2d" if cuda else "host memcpy"
-    lines += ["", "| strategy | loader alone samples/s | loader text tokens/s | collate ms/batch | real tokens | "
+    lines += ["", "| strategy | loader alone samples/s | loader text tokens/s | collate ms/batch | fill (asked) | "
+                  "samples/batch (min-max) | tokens/batch (min-max) | real tokens | "
                   "padded tokens | padding | bytes/batch (as loaded) | copies/batch (as loaded) | copies unpacked -> "
                   f"packed | {copy_kind} ms/batch | {copy_kind} GB/s | RSS start -> end |",
-              "|" + " --- |" * 13]
+              "|" + " --- |" * 16]
     for s, r in ok.items():
-        tr, p, m = r["transfer"], r["padding"], r["memory"]
+        tr, p, m, f = r["transfer"], r["padding"], r["memory"], r["fill"]
+        asked = f"{f['asked']['batch_size']} samples" if f["by"] == "samples" else f"{f['asked']['max_tokens']} tokens"
         lines.append(
             f"| {s} | {r['loader']['samples_per_s']:.0f} | {r['loader']['real_tokens_per_s']:.0f} | "
-            f"{r['collate']['ms_per_batch']:.2f} | {p['real_tokens']} | {p['padded_tokens']} | "
+            f"{r['collate']['ms_per_batch']:.2f} | {f['fill']:.1%} ({asked}) | "
+            f"{f['samples']['mean']:.1f} ({f['samples']['min']:g}-{f['samples']['max']:g}) | "
+            f"{f['tokens']['mean']:.0f} ({f['tokens']['min']:g}-{f['tokens']['max']:g}) | "
+            f"{p['real_tokens']} | {p['padded_tokens']} | "
             f"{p['padding_fraction']:.1%} | {_kb(tr['as_loaded']['bytes_per_batch'])} | "
             f"{tr['as_loaded']['copies_per_batch']:.1f}{' (packed)' if tr['as_loaded']['packed'] else ''} | "
             f"{tr['unpacked']['copies_per_batch']:.1f} -> {tr['packed']['copies_per_batch']:.0f} | "

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=sorted(ModelConfig.PRESETS),
                    help="model size (default: base on CUDA, small on the CPU)")
     g.add_argument("--batch-size", type=int, help="samples per batch (default 32)")
+    g.add_argument("--max-tokens", type=int, metavar="N",
+                   help="token-budget batches instead for padded, bucketed and nested: as many samples as fit N "
+                        "tokens (text, padded where the layout pads, plus patches and class token per image); "
+                        "per-sample and embeddings keep --batch-size")
     g.add_argument("--workers", type=int, help="DataLoader workers (default: min(8, CPU count))")
     g.add_argument("--steps", type=int, help="measured steps per strategy (default 50 on the CPU, 100 on CUDA)")
     g.add_argument("--warmup", type=int, help="unmeasured steps first (default 5 on the CPU, 10 on CUDA)")
@@ -145,6 +149,7 @@ class BenchConfig:
     strategies: tuple[str, ...]
     preset: str
     batch_size: int
+    max_tokens: int | None
     workers: int
     steps: int
     warmup: int
@@ -177,6 +182,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     args.device = device
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device; give auto, cpu, cuda or cuda:N")
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
@@ -208,6 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     args.collate_batches = args.collate_batches or min(args.steps, 16)
     if args.threads is None and kind == "cpu":
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     for name in ("batch_size", "steps", "per_sample_steps", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -315,16 +326,26 @@ class Bench:
     def first_samples(self, data: list[str], n: int) -> list:
         return _data.first_samples(data, n, seed=self.args.seed, transform=self.masking, **self.dataset_kwargs)
 
+    def size_of(self, strategy: Strategy) -> dict[str, Any]:
+        """What one batch of ``strategy`` is asked to be: ``--max-tokens`` where the strategy takes a token budget,
+        else ``--batch-size``."""
+        if self.args.max_tokens and strategy.token_layout is not None:
+            return {"batch_size": None, "max_tokens": self.args.max_tokens}
+        return {"batch_size": self.args.batch_size, "max_tokens": None}
+
     def groups(self, strategy: Strategy, n: int) -> list[list]:
         """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
-        return list(strategy.group(self.samples[strategy.data], self.args.batch_size))[:n]
+        size = self.size_of(strategy)
+        image_tokens = (self.shape.image_size // self.shape.patch_size) ** 2 + 1 if size["max_tokens"] else 0
+        return list(strategy.group(self.samples[strategy.data], **size, image_tokens=image_tokens))[:n]
 
     def stream(self, strategy: Strategy) -> EpochStream:
         a = self.args
 
         def make(epoch: int) -> Any:
-            return make_loader(strategy, self.data_for(strategy), batch_size=a.batch_size, num_workers=a.workers,
-                               seed=a.seed, transform=self.masking, **self.dataset_kwargs)
+            return make_loader(strategy, self.data_for(strategy), **self.size_of(strategy),
+                               patch_size=self.shape.patch_size, num_workers=a.workers, seed=a.seed,
+                               transform=self.masking, **self.dataset_kwargs)
 
         return EpochStream(make)
 
@@ -375,6 +396,7 @@ def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]
         "loader": {**loader, "workers": a.workers},
         "collate": {**collate_fig, "packs": packs},
         "padding": {k: stats[k] for k in ("real_tokens", "padded_tokens", "padding_fraction")},
+        "fill": _measure.fill(per_step, **bench.size_of(strategy)),
         "transfer": {
             "as_loaded": {"packed": packs, "bytes_per_batch": stats["bytes_per_batch"],
                           "copies_per_batch": stats["copies_per_batch"]},

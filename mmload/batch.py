@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mmload.layouts import ImageBatch, JaggedText, ModelInput, PackedEmbeddings, TextBatch
+from mmload.layouts import PATCH_SIZE, ImageBatch, JaggedText, ModelInput, PackedEmbeddings, TextBatch
 from mmload.sample import Modality, Sample
 from mmload.tensors import BatchStats, TensorBatch, can_pin_memory, collect_tensors, map_leaves, map_tensors
 
@@ -27,7 +27,8 @@ class Batch(TensorBatch):
 
     keys: list[str]
 
-    def stats(self) -> BatchStats:
+    def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
+        """What the batch costs; image tokens are counted with ``patch_size`` (give the model's)."""
         raise NotImplementedError(f"{type(self).__name__} must define stats()")
 
     def unbatch(self) -> list[Sample]:
@@ -35,6 +36,10 @@ class Batch(TensorBatch):
 
     def model_input(self) -> ModelInput:
         raise NotImplementedError(f"{type(self).__name__} must define model_input()")
+
+
+def _image_tokens(images: ImageBatch | None, patch_size: int) -> int:
+    return 0 if images is None else images.tokens(patch_size)
 
 
 def _image_samples(images: ImageBatch | None, keys: list[str]) -> dict[int, Sample]:
@@ -63,12 +68,13 @@ class PaddedBatch(Batch):
     text: TextBatch | None
     keys: list[str]
 
-    def stats(self) -> BatchStats:
+    def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
         real = int(self.text.mask.sum()) if self.text is not None else 0
         total = self.text.mask.numel() if self.text is not None else 0
         return BatchStats(samples=len(self.keys), images=len(self.image) if self.image is not None else 0,
                           texts=len(self.text) if self.text is not None else 0, real_tokens=real,
-                          padded_tokens=total - real, bytes=self.nbytes(), tensors=len(self.tensors()))
+                          padded_tokens=total - real, bytes=self.nbytes(), tensors=len(self.tensors()),
+                          image_tokens=_image_tokens(self.image, patch_size))
 
     def unbatch(self) -> list[Sample]:
         out = _image_samples(self.image, self.keys)
@@ -90,8 +96,8 @@ class PerSampleBatch(Batch):
     items: list[PaddedBatch]
     keys: list[str]
 
-    def stats(self) -> BatchStats:
-        total = sum((item.stats() for item in self.items), BatchStats(0, 0, 0, 0, 0, 0, 0))
+    def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
+        total = sum((item.stats(patch_size) for item in self.items), BatchStats(0, 0, 0, 0, 0, 0, 0))
         return dataclasses.replace(total, samples=len(self.keys))
 
     def unbatch(self) -> list[Sample]:
@@ -123,11 +129,12 @@ class NestedBatch(Batch):
     text: JaggedText | None
     keys: list[str]
 
-    def stats(self) -> BatchStats:
+    def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
         real = self.text.values.numel() if self.text is not None else 0
         return BatchStats(samples=len(self.keys), images=len(self.image) if self.image is not None else 0,
                           texts=len(self.text) if self.text is not None else 0, real_tokens=real,
-                          padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()))
+                          padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()),
+                          image_tokens=_image_tokens(self.image, patch_size))
 
     def unbatch(self) -> list[Sample]:
         out = _image_samples(self.image, self.keys)
@@ -161,11 +168,14 @@ class EmbeddingBatch(Batch):
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
 
-    def stats(self) -> BatchStats:
+    def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
+        """Image tokens are the image rows' own lengths (a pooled vector is one): ``patch_size`` does not apply."""
         texts = int(self.is_text.sum())
-        text_tokens = int(self.offsets.diff()[self.is_text].sum())
+        lengths = self.offsets.diff()  # (R,)
+        text_tokens = int(lengths[self.is_text].sum())
         return BatchStats(samples=len(self.keys), images=len(self) - texts, texts=texts, real_tokens=text_tokens,
-                          padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()))
+                          padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()),
+                          image_tokens=int(lengths[~self.is_text].sum()))
 
     def unbatch(self) -> list[Sample]:
         bounds = self.offsets.tolist()

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precompute(sub)
     for command in sub.choices.values():
         command.formatter_class = HelpFormatter
+        add_verbose(command, sub=True)
     return parser
 
 

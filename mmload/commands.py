@@ -41,8 +41,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_verbose(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true",
+def add_verbose(parser: argparse.ArgumentParser, sub: bool = False) -> None:
+    """``-v``; on a subcommand (``sub``) too, where it must not reset what the main parser read."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if sub else False,
                         help="show the full traceback of an error instead of its one line")
 
 

@@ -521,7 +521,8 @@ def open_data(specs: str | Sequence[str], *, seed: int = 0,
         return ShardDataset(parsed[0][0], seed=seed, batcher=batcher, **kwargs)
     tokenizer = kwargs.pop("tokenizer", None)
     first = ShardDataset(parsed[0][0], seed=seed, tokenizer=tokenizer, **kwargs)
-    rest = [ShardDataset(u, seed=seed, tokenizer=first.tokenizer, **kwargs) for u, _ in parsed[1:]]
+    shared = first.decoder.tokenizer  # not first.tokenizer: a lazy default stays lazy
+    rest = [ShardDataset(u, seed=seed, tokenizer=shared, **kwargs) for u, _ in parsed[1:]]
     return BlendedDataset([first, *rest], [w for _, w in parsed], seed=seed, batcher=batcher)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mmload.sample import IGNORE_INDEX
 from mmload.tensors import TensorBatch
 
+PATCH_SIZE = 16  # ViT-B/16's, the base preset's: what stats() counts image tokens with unless told the model's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,6 +42,13 @@ class ImageBatch(TensorBatch):
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
+
+    def tokens(self, patch_size: int = PATCH_SIZE) -> int:
+        """Encoder positions of these images: ``(H / p) x (W / p)`` patches and a class token each."""
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        h, w = self.pixels.shape[-2:]
+        return len(self) * ((h // patch_size) * (w // patch_size) + 1)
 
     def hf_inputs(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -234,5 +242,6 @@ def row_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torc
     return row, pos
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageBatch", "JaggedText", "ModelInput", "PackedEmbeddings", "TextBatch",
-           "TextLayout", "model_input", "normalize_pixels", "packed_token_types", "row_positions", "token_types"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PATCH_SIZE", "ImageBatch", "JaggedText", "ModelInput", "PackedEmbeddings",
+           "TextBatch", "TextLayout", "model_input", "normalize_pixels", "packed_token_types", "row_positions",
+           "token_types"]

@@ -15,6 +15,7 @@ from mmload.dataset import ShardDataset, StreamDataset, open_data
 from mmload.elastic import decode_plan, encode_plan, saved_rank
 from mmload.elastic import plan as elastic_plan
 from mmload.errors import WorkerDied, new_trace, read_trace
+from mmload.layouts import PATCH_SIZE
 from mmload.sample import Sample
 from mmload.stages import Split
 from mmload.strategy import STRATEGIES, Strategy, get_strategy
@@ -31,11 +32,16 @@ LOADER_KEYWORDS = ("timeout", "persistent_workers", "multiprocessing_context", "
                    "pin_memory_device", "snapshot_every_n_steps")
 
 
-def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_size: int = 32, num_workers: int = 2,
+def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_size: int | None = None,
+                max_tokens: int | None = None, patch_size: int = PATCH_SIZE, num_workers: int = 2,
                 pin_memory: bool | None = None, pack: bool | None = None, stateful: bool = False,
                 transform: Callable[[Sample], Sample] | None = None, seed: int = 0,
                 prefetch_factor: int | None = None, **kwargs: Any) -> DataLoader:
     """A DataLoader that yields batches of ``strategy`` from ``data`` (``--data`` specs, see ``open_data``).
+
+    A batch is ``batch_size`` samples (32 when neither is given) or, with ``max_tokens`` instead (padded, bucketed
+    and nested), as many samples as fit that many tokens: text tokens (the padded size, for padded layouts) plus
+    each image's patches and class token at ``patch_size`` (give the model's; 16 is ViT-B/16's).
 
     ``strategy`` is a name or a :class:`~mmload.strategy.Strategy` of the registry; ``embeddings`` (a strategy whose
     ``data`` is precomputed) expects shards written by ``mmload precompute``. ``stateful=True`` returns a
@@ -46,7 +52,13 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
     """
     strategy = get_strategy(strategy)
     collate = strategy.collator(pack=pack)
-    batcher = strategy.batcher(batch_size)
+    if batch_size is None and max_tokens is None:
+        batch_size = 32
+    image_size = kwargs.get("image_size", 224)
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    batcher = strategy.batcher(batch_size, max_tokens=max_tokens,
+                               image_tokens=(image_size // patch_size) ** 2 + 1 if max_tokens else 0)
     loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}
     if "snapshot_every_n_steps" in loader_kwargs and not stateful:
         raise ValueError("snapshot_every_n_steps is a StatefulDataLoader keyword; pass stateful=True with it")
@@ -89,8 +101,8 @@ class _ReportsDeadWorkers:
         if not isinstance(dataset, StreamDataset):
             return super().__len__()
         if self.batch_size is None:
-            raise TypeError("len() of a bucketed loader is not known in advance (its batches vary in size); "
-                            "len(loader.dataset) gives the samples of this rank")
+            raise TypeError("len() of a bucketed or token-budget loader is not known in advance (its batches vary in "
+                            "size); len(loader.dataset) gives the samples of this rank")
         rank, world, workers = dataset.rank, dataset.world_size, max(self.num_workers, 1)
         per_worker = [dataset.samples_of(Split(rank, world, w, workers)) for w in range(workers)]
         return sum(-(-n // self.batch_size) if not self.drop_last else n // self.batch_size for n in per_worker)

@@ -16,6 +16,7 @@ ViT-BERT); turning a path on the command line into one is the command line's wor
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -40,7 +41,7 @@ from mmload.manifest import local_folder
 from mmload.reader import expand_urls
 from mmload.sample import IGNORE_INDEX
 from mmload.shards.writer import SHARD_PATTERN
-from mmload.tokenizer import save_tokenizer
+from mmload.tokenizer import LazyDefault, save_tokenizer
 
 
 class FeatureEncoder(Protocol):
@@ -205,31 +206,35 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     _on_rank0(check_and_prepare, rank, world)  # one rank cleans the folder; all raise what it raised
     if device is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    image_size = image_encoder.image_size if image_encoder is not None else 32
-    max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
-    ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len, shuffle=False,
-                      rank=rank, world_size=world, **read)
-    loader = StatefulLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
-                            num_workers=num_workers)  # stateful: its state carries the workers' error counts
     bar = tqdm(desc="precompute" if world == 1 else f"precompute rank {rank}", unit=" samples",
                disable=not progress)
+    written: list[int] = []  # each written key's hash, for the check across ranks
+    try:  # NOTE: every failure of this rank reaches the others (at the gather), so none waits for it for ever
+        device = torch.device(device)
+        image_size = image_encoder.image_size if image_encoder is not None else 32
+        max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
+        ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len,
+                          shuffle=False, rank=rank, world_size=world, **read)
+        loader = StatefulLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
+                                num_workers=num_workers)  # stateful: its state carries the workers' error counts
 
-    def records() -> Iterator[dict[str, Any]]:
-        for batch in loader:
-            yield from _records(batch, image_encoder, text_encoder, tokens, device, teacher)
-            bar.update(len(batch.keys))
+        def records() -> Iterator[dict[str, Any]]:
+            for batch in loader:
+                for record in _records(batch, image_encoder, text_encoder, tokens, device, teacher):
+                    written.append(_key_hash(record["__key__"]))
+                    yield record
+                bar.update(len(batch.keys))
 
-    names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None),
-             "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
-    info = {"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens}
-    try:
+        names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None),
+                 "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
+        info = {"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens}
         part = write_shards(records(), out, maxcount=maxcount, write_manifest=False, info=info,
                             pattern=SHARD_PATTERN if world == 1 else f"shard-r{rank:03d}-%06d.tar",
                             allow_empty=world > 1)
         part["errors"] = loader_errors(loader.state_dict())  # known once every input is read
+        part["keys"] = np.array(written, dtype=np.uint64) if world > 1 else None
         failure = None
-    except Exception as e:  # the other ranks must hear of it, not wait for this one's manifest for ever
+    except Exception as e:
         part, failure = None, e
     finally:
         bar.close()
@@ -238,13 +243,19 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
     if failed is not None:
         raise failure if failure is not None else failed
     manifest = _merge(parts)
-    if rank == 0:
-        if ds.tokenizer is not None:
-            save_tokenizer(ds.tokenizer, out)  # beside the embeddings: it made their ids.npy
+
+    def finish() -> None:
+        tokenizer = ds.decoder.tokenizer  # not ds.tokenizer: image-only inputs never load a default one
+        if tokenizer is not None and not isinstance(tokenizer, LazyDefault):
+            save_tokenizer(tokenizer, out)  # beside the embeddings: it made their ids.npy
         write_json(out / MANIFEST, manifest)  # last: its presence means done (NOTE [atomic outputs] in shards.writer)
-    if world > 1:
-        torch.distributed.barrier()  # every rank returns once the manifest is written
+
+    _on_rank0(finish, rank, world)  # every rank returns once the manifest is written, or raises what rank 0 did
     return manifest
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -279,8 +290,14 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 
 def _merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One manifest from every rank's: their shards in rank order, their counts and errors summed."""
-    manifest = dict(parts[0])
+    """One manifest from every rank's: their shards in rank order, their counts and errors summed; a key two ranks
+    wrote is an error, as it is within one rank's shards."""
+    if len(parts) > 1:
+        every = np.concatenate([part["keys"] for part in parts])
+        if len(np.unique(every)) < len(every):
+            raise ValueError("record keys are not unique across ranks: the input holds a key twice (in two shards "
+                             "that different ranks read); `mmload inspect` counts them as duplicate_key_across_shards")
+    manifest = {k: v for k, v in parts[0].items() if k != "keys"}
     manifest["shards"] = [shard for part in parts for shard in part["shards"]]
     manifest["samples"] = {k: sum(part["samples"][k] for part in parts) for k in parts[0]["samples"]}
     errors: dict[str, int] = {}

@@ -397,7 +397,8 @@ class BucketStage:
         if self.held is None:
             return None
         return {"held": [[list(pos), arrival] for pos, arrival in self.held.held()],
-                "due": [[list(pos) for _, pos in batch] for batch in self.due], "arrivals": self.held.arrivals}
+                "due": [[list(pos) for _, pos in batch] for batch in self.due], "arrivals": self.held.arrivals,
+                "flushes": dict(getattr(self.held, "flushes", {}))}
 
     def restore(self, state: Mapping[str, Any] | None,
                 reread: Callable[[list[Position]], Mapping[Position, Sample]]) -> None:
@@ -411,6 +412,8 @@ class BucketStage:
             self.held.put(samples[tuple(pos)], tuple(pos), arrival=arrival)
         self.due.extend([(samples[tuple(pos)], tuple(pos)) for pos in batch] for batch in state["due"])
         self.held.arrivals = int(state["arrivals"])
+        if hasattr(self.held, "flushes"):
+            self.held.flushes.update(state.get("flushes", {}))
 
 
 __all__ = ["STATE_FORMAT", "BucketStage", "Decode", "KeySet", "Piece", "Position", "ShardSource", "Split", "Transform",

@@ -9,13 +9,14 @@ Offsets are aligned so that each view can be reinterpreted as its dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mmload.batch import Batch
-from mmload.layouts import ModelInput
+from mmload.layouts import PATCH_SIZE, ModelInput
 from mmload.tensors import BatchStats, can_pin_memory, collect_tensors, map_leaves, map_tensors, to_arguments
 
 ALIGN = 64  # bytes; a multiple of every dtype's size and of a cache line
@@ -41,12 +42,11 @@ class PackedBatch(Batch):
 
     buffer: torch.Tensor  # uint8 (nbytes,)
     template: Any  # the original batch with every tensor replaced by its Slot
-    source_stats: BatchStats  # stats of the unpacked batch (tokens, padding); bytes and tensors describe the packing
 
     def pin_memory(self) -> PackedBatch:
         if not can_pin_memory():
             return self
-        return PackedBatch(self.buffer.pin_memory(), self.template, self.source_stats)
+        return PackedBatch(self.buffer.pin_memory(), self.template)
 
     def to(self, *args: Any, non_blocking: bool = False, **kwargs: Any) -> Any:
         """The batch on ``device`` in one copy of the buffer; a dtype then casts its floating-point tensors."""
@@ -62,10 +62,10 @@ class PackedBatch(Batch):
         """The batch with host views on the buffer (no copy)."""
         return unpack(self.buffer, self.template)
 
-    def stats(self) -> BatchStats:
-        s = self.source_stats
-        return BatchStats(s.samples, s.images, s.texts, s.real_tokens, s.padded_tokens,
-                          bytes=self.buffer.numel(), tensors=1)
+    def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
+        """The unpacked batch's tokens and padding (read off host views, no copy); bytes and tensors are the
+        packing's: one buffer."""
+        return dataclasses.replace(self.unpack().stats(patch_size), bytes=self.buffer.numel(), tensors=1)
 
     def unbatch(self) -> list:
         return self.unpack().unbatch()
@@ -100,7 +100,7 @@ def pack(batch: Any) -> PackedBatch:
             buffer[slot.offset:slot.offset + nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
     it = iter(slots)
     template = map_tensors(batch, lambda _t: next(it))
-    return PackedBatch(buffer, template, batch.stats())
+    return PackedBatch(buffer, template)
 
 
 def _view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:

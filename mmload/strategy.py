@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmload.bucketing import BucketBatcher
+from mmload.bucketing import BucketBatcher, TokenBatcher
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
 from mmload.sample import Sample
 
@@ -89,21 +89,40 @@ class Strategy:
     data: DataKind = DataKind.RAW
     one_call_per_sample: bool = False  # slow by design: the benchmark runs fewer steps of it
     targets: tuple[Target, ...] = ()
+    # how a token budget (max_tokens) counts text: "padded" (the batch's longest, per text), "packed" (each its
+    # own), or None: the strategy takes no token budget
+    token_layout: str | None = None
 
     def collator(self, *, pack: bool | None = None, ids_dtype: torch.dtype = torch.int32) -> Callable:
         """The collate_fn; ``pack=None`` keeps the collator's default (only nested packs)."""
         return self.collator_factory(pack, ids_dtype)
 
-    def batcher(self, batch_size: int) -> Callable[[Iterable[Sample]], Iterator[list[Sample]]] | None:
+    def batcher(self, batch_size: int | None = None, *, max_tokens: int | None = None,
+                image_tokens: int = 0) -> Callable[[Iterable[Sample]], Iterator[list[Sample]]] | None:
         """The stream stage that groups samples into batches (in the loader's workers), or None: the DataLoader
-        batches ``batch_size`` consecutive samples."""
+        batches ``batch_size`` consecutive samples. With ``max_tokens`` instead of ``batch_size``, a batch holds as
+        many samples as fit that many tokens (text tokens as ``token_layout`` counts them, plus ``image_tokens`` per
+        image: its patches and class token)."""
+        if (batch_size is None) == (max_tokens is None):
+            raise ValueError(f"give batch_size or max_tokens, not both nor neither (got batch_size={batch_size}, "
+                             f"max_tokens={max_tokens})")
+        if max_tokens is not None:
+            if self.token_layout is None:
+                raise ValueError(f"the {self.name} strategy takes no token budget (max_tokens): its batches are "
+                                 f"{'one encoder call per sample' if self.one_call_per_sample else 'precomputed'}"
+                                 "; give batch_size")
+            if self.batcher_factory is BucketBatcher:
+                return BucketBatcher(max_tokens=max_tokens, image_tokens=image_tokens)
+            return TokenBatcher(max_tokens=max_tokens, image_tokens=image_tokens,
+                                padded=self.token_layout == "padded")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return None if self.batcher_factory is None else self.batcher_factory(batch_size)
 
-    def group(self, samples: Iterable[Sample], batch_size: int) -> Iterator[list[Sample]]:
+    def group(self, samples: Iterable[Sample], batch_size: int | None = None, *, max_tokens: int | None = None,
+              image_tokens: int = 0) -> Iterator[list[Sample]]:
         """Lists of samples as this strategy's loader groups them, in this process (evaluation, benchmarks)."""
-        batcher = self.batcher(batch_size)
+        batcher = self.batcher(batch_size, max_tokens=max_tokens, image_tokens=image_tokens)
         return batcher(samples) if batcher is not None else _chunks(iter(samples), batch_size)
 
     @property
@@ -116,14 +135,15 @@ REGISTRY: dict[str, Strategy] = {s.name: s for s in (
     Strategy("per-sample", "a list of one-sample batches, one encoder call each; pays launch overhead and no "
              "parallelism", _per_sample, one_call_per_sample=True),
     Strategy("padded", "one dense sub-batch per modality, texts padded to the longest; pays padding FLOPs and bytes",
-             _padded),
+             _padded, token_layout="padded"),
     Strategy("bucketed", "one modality (and one text length bucket) per batch; pays batch-to-batch variance and "
-             "bounded buffers", _padded, batcher_factory=BucketBatcher,
-             targets=(Target("bucketed padding <= 15% of text tokens", "padding_fraction", "<=", 0.15),)),
+             "bounded buffers", _padded, batcher_factory=BucketBatcher, token_layout="padded",
+             targets=(Target("bucketed padding <= 15% of text tokens", "padding_fraction", "<=", 0.15),
+                      Target("bucketed batches >= 95% full", "fill", ">=", 0.95))),
     Strategy("embeddings", "fixed-size vectors (or per-token embeddings) made offline by a frozen encoder, jagged; "
              "pays an offline pass and a frozen encoder", _embeddings, data=DataKind.PRECOMPUTED),
     Strategy("nested", "texts packed as one jagged tensor (values + offsets = cu_seqlens), images dense, joined into "
-             "one packed encoder call; needs varlen-aware model code", _nested,
+             "one packed encoder call; needs varlen-aware model code", _nested, token_layout="packed",
              targets=(
                  Target("nested has zero padded tokens", "padded_tokens", "<=", 0),
                  Target("nested: one host-to-device copy per batch", "copies_per_batch", "==", 1),

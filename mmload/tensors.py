@@ -80,8 +80,9 @@ def _short(value: Any) -> str:
 class BatchStats:
     """What one batch costs to move and to compute.
 
-    ``real_tokens`` and ``padded_tokens`` count text tokens; images are counted by ``images`` (every decoded image
-    of a square batch has the same number of patch tokens).
+    ``real_tokens`` and ``padded_tokens`` count text tokens; ``image_tokens`` and ``padded_image_tokens`` count the
+    encoder positions of images (patches plus the class token, at the ``patch_size`` given to ``stats()``; a batch
+    of square images pads none).
     """
 
     samples: int
@@ -91,6 +92,8 @@ class BatchStats:
     padded_tokens: int  # text tokens that are padding
     bytes: int  # bytes to move host -> device
     tensors: int  # tensors to move, i.e. host -> device copies
+    image_tokens: int = 0  # image positions that carry data: patches + class token, every image
+    padded_image_tokens: int = 0  # image positions that are padding
 
     @property
     def padding_fraction(self) -> float:

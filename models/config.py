@@ -120,6 +120,7 @@ class TrainConfig:
     data: tuple[str, ...] | None = None  # shard specs (SHARDS[@WEIGHT]); None: the cached builtin shards
     strategy: str = "padded"
     batch_size: int = 32
+    max_tokens: int | None = None  # token-budget micro-batches instead of batch_size (padded, bucketed, nested)
     num_workers: int = 2
     tokenizer: str | None = None
     shuffle: bool = True
@@ -194,6 +195,10 @@ class TrainConfig:
                      "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens is not None:
+            if self.max_tokens < 1:
+                raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+            strategy.batcher(max_tokens=self.max_tokens)  # says so when the strategy takes no token budget
         self.read_limits  # noqa: B018 -- checks --read-timeout, --max-sample-bytes, --shuffle-buffer-bytes
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ValueError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")

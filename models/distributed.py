@@ -28,6 +28,12 @@ def init_distributed(device_arg: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group that ``torchrun`` describes (nccl on CUDA, gloo on the CPU), or run alone."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device_arg).type
+    except RuntimeError:
+        raise ValueError(f"--device {device_arg!r} is not a device; give auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_arg}: CUDA is not available here; use --device cpu (or auto)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo()
     if dist.is_available() and dist.is_initialized():

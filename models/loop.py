@@ -165,7 +165,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     transform = text_transform(config, tokenizer, seed=cfg.seed, mask_prob=cfg.mask_prob)
 
     def make_epoch_loader(epoch: int) -> Any:
-        return make_loader(cfg.strategy, data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, stateful=True,
+        size = {"max_tokens": cfg.max_tokens, "patch_size": config.patch_size} if cfg.max_tokens else {
+            "batch_size": cfg.batch_size}
+        return make_loader(cfg.strategy, data, **size, num_workers=cfg.num_workers, stateful=True,
                            transform=transform.for_epoch(epoch), seed=cfg.seed, tokenizer=tokenizer,
                            shuffle=cfg.shuffle, image_size=config.image_size, max_text_len=read_text_len(config),
                            **cfg.read_limits.kwargs())
@@ -188,11 +190,13 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         else:  # another cluster shape: continue every old rank's epoch here (NOTE [elastic resume])
             stream.load_elastic(resume["loader"])
             seed_rng(cfg.seed, info.rank, step)
+            size, unit = (cfg.max_tokens, "tokens") if cfg.max_tokens else (cfg.batch_size, "samples")
+            per = f"{size} {unit}" if cfg.max_tokens else str(size)
             if info.is_main:
                 print(f"python -m models.train: elastic resume at step {step} from {was[0]} ranks x {was[1]} workers "
                       f"onto {info.world} x {cfg.num_workers}: the global batch is now {info.world} x "
-                      f"{cfg.batch_size} x {cfg.grad_accum} = {info.world * cfg.batch_size * cfg.grad_accum} samples "
-                      f"(was {was[0] * cfg.batch_size * cfg.grad_accum}); random state re-derived from (seed, rank, "
+                      f"{per} x {cfg.grad_accum} = {info.world * size * cfg.grad_accum} {unit} "
+                      f"(was {was[0] * size * cfg.grad_accum}); random state re-derived from (seed, rank, "
                       "step)", file=sys.stderr, flush=True)
 
     out = Path(cfg.out) if cfg.out else None

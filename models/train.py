@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards: a path, brace pattern (a/{000..009}.tar) or folder of *.tar; repeat to blend "
                         "several sources by WEIGHT. Default: the cached builtin shards (made on first use)")
     g.add_argument("--strategy", default=D.strategy, choices=STRATEGIES, help="how a list of samples becomes a batch")
-    g.add_argument("--batch-size", type=int, default=D.batch_size, help="samples per micro-batch and process")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per micro-batch and process (default {D.batch_size})")
+    g.add_argument("--max-tokens", type=int, metavar="N",
+                   help="token-budget micro-batches instead of --batch-size (padded, bucketed, nested): as many "
+                        "samples as fit N tokens, text (padded where the layout pads) plus patches and class token "
+                        "per image")
     g.add_argument("--num-workers", type=int, default=D.num_workers, help="DataLoader worker processes per process")
     g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                    help="HF tokenizer for the texts (default: the one saved beside the first shard, else the "
@@ -137,6 +142,10 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     values = vars(args)
+    if values["batch_size"] is not None and values["max_tokens"] is not None:
+        raise ValueError(f"--batch-size {values['batch_size']} and --max-tokens {values['max_tokens']}: give one, "
+                         "samples or tokens per micro-batch")
+    values = {**values, "batch_size": D.batch_size if values["batch_size"] is None else values["batch_size"]}
     return TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
 
 

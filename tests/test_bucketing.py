@@ -1,4 +1,5 @@
-"""Same-modality bucketing: one modality per batch, bounded buffers, nothing lost, exact sampler length."""
+"""Same-modality bucketing: one modality per batch, full batches, bounded buffers, nothing lost, exact sampler
+length, token budgets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from conftest import assert_exactly_once, make_samples
 
 from mmload import BucketBatcher, ModalityBucketBatchSampler, PaddedCollator, Sample
-from mmload.bucketing import DEFAULT_BOUNDARIES, bucket_key
+from mmload.bucketing import Budget
 from mmload.sample import Modality
 
 
@@ -19,15 +20,16 @@ def image(key: str) -> Sample:
     return Sample(key, Modality.IMAGE, pixels=torch.zeros(3, 4, 4, dtype=torch.uint8))
 
 
-def test_every_batch_holds_one_bucket_and_every_sample_comes_out_once() -> None:
-    samples = make_samples(200, seed=3, paired_every=11, max_len=120)
-    batches = list(BucketBatcher(8)(iter(samples)))
-    assert_exactly_once([s.key for b in batches for s in b], [s.key for s in samples])
-    for b in batches:
-        assert 1 <= len(b) <= 8
-        assert len({bucket_key(s.modality, s.num_text_tokens, DEFAULT_BOUNDARIES) for s in b}) == 1
-        batch = PaddedCollator()(b)
-        assert (batch.image is None) or (batch.text is None) or all(s.modality == "image_text" for s in b)
+def test_every_batch_is_full_of_one_modality_and_every_sample_comes_out_once() -> None:
+    samples = make_samples(600, seed=3, paired_every=11, max_len=120)
+    held = BucketBatcher(8).holder()
+    during = [b for s in samples for b in held.add(s)]
+    end = held.drain()
+    assert_exactly_once([s.key for b in during + end for s, _ in b], [s.key for s in samples])
+    assert all(len(b) == 8 for b in during)  # full while the stream runs
+    assert len(end) <= 3 + sum(len(b) == 8 for b in end) and held.flushes["end"] <= 3  # one partial per modality
+    for b in during + end:
+        assert len({s.modality for s, _ in b}) == 1
 
 
 def test_rare_modality_is_flushed_within_max_wait_and_buffer_is_capped() -> None:
@@ -53,15 +55,19 @@ def test_rare_modality_is_flushed_within_max_wait_and_buffer_is_capped() -> None
 
 
 def test_batcher_validates() -> None:
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         BucketBatcher(0)
-    with pytest.raises(ValueError, match="strictly increasing"):
-        BucketBatcher(4, boundaries=(8, 8, 16))
+    with pytest.raises(ValueError, match="give batch_size or max_tokens, not both"):
+        BucketBatcher(4, max_tokens=100)
+    with pytest.raises(ValueError, match="give batch_size or max_tokens"):
+        BucketBatcher()
+    with pytest.raises(ValueError, match="pool_batches"):
+        BucketBatcher(4, pool_batches=0)
     with pytest.raises(ValueError, match="max_buffered"):
         BucketBatcher(8, max_buffered=4)
 
 
-def test_batch_sampler_groups_by_bucket_with_exact_length() -> None:
+def test_batch_sampler_groups_by_modality_and_length_with_exact_length() -> None:
     samples = make_samples(150, seed=5, max_len=200)
     mods = [s.modality for s in samples]
     lens = [s.num_text_tokens for s in samples]
@@ -69,8 +75,9 @@ def test_batch_sampler_groups_by_bucket_with_exact_length() -> None:
     batches = list(sampler)
     assert len(batches) == len(sampler)
     assert sorted(i for b in batches for i in b) == list(range(150))
+    assert sum(len(b) < 8 for b in batches) <= len(set(mods))  # one partial batch per modality at most
     for b in batches:
-        assert len({bucket_key(mods[i], lens[i], DEFAULT_BOUNDARIES) for i in b}) == 1
+        assert len({mods[i] for i in b}) == 1
     assert list(sampler) == batches  # same seed and epoch, same batches
     sampler.set_epoch(1)
     assert list(sampler) != batches
@@ -83,7 +90,9 @@ def test_bucketed_padding_is_small_on_heavy_tailed_lengths() -> None:
     lengths = torch.exp(torch.randn(3000, generator=g) * 0.9 + 4.0).clamp(5, 512).long().tolist()
     stream = [text(f"t{i}", n) for i, n in enumerate(lengths)]
     collate = PaddedCollator()
-    stats = [collate(b).stats() for b in BucketBatcher(16)(iter(stream))]
+    batches = list(BucketBatcher(16)(iter(stream)))
+    assert sum(len(b) < 16 for b in batches) <= 1  # full, but for the end of the stream
+    stats = [collate(b).stats() for b in batches]
     padded = sum(s.padded_tokens for s in stats)
     real = sum(s.real_tokens for s in stats)
     naive = [collate(stream[i:i + 16]).stats() for i in range(0, len(stream), 16)]
@@ -99,3 +108,35 @@ def test_batch_sampler_splits_batches_between_ranks() -> None:
     assert [len(p) for p in parts] == [len(list(p)) for p in parts]
     got = [b for p in parts for b in p]
     assert sorted(map(tuple, got)) == sorted(map(tuple, whole))  # every batch on exactly one rank
+
+
+def test_a_token_budget_fills_batches_to_it_and_never_past_it() -> None:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.exp(torch.randn(2000, generator=g) * 0.8 + 3.5).clamp(3, 300).long().tolist()
+    stream = [text(f"t{i}", n) if i % 3 else image(f"i{i}") for i, n in enumerate(lengths)]
+    stream.append(text("huge", 900))  # larger than the budget alone: a batch of one, counted
+    budget = Budget(max_tokens=512, image_tokens=17)
+    held = BucketBatcher(max_tokens=512, image_tokens=17).holder()
+    during = [[s for s, _ in b] for x in stream for b in held.add(x)]
+    end = [[s for s, _ in b] for b in held.drain()]
+    assert_exactly_once([s.key for b in during + end for s in b], [s.key for s in stream])
+    assert held.flushes["oversized"] == 1 and [s.key for b in during + end for s in b if len(b) == 1].count("huge") == 1
+    costs = [budget.cost(b) for b in during]
+    assert all(c <= 512 for b, c in zip(during, costs) if [s.key for s in b] != ["huge"])
+    assert sum(costs) / len(costs) >= 0.9 * 512  # full: the next sample would not have fit
+    padded = [PaddedCollator()(b).stats() for b in during if b[0].ids is not None]
+    assert sum(s.padded_tokens for s in padded) / sum(s.padded_tokens + s.real_tokens for s in padded) <= 0.15
+
+
+def test_pools_adapt_to_the_data_where_fixed_buckets_starved() -> None:
+    """The builtin-like mix (8 images per text, lognormal lengths): fixed length buckets left most batches part
+    full; pools fill every batch but the last of each modality, with little padding."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.exp(torch.randn(3000, generator=g) * 0.9 + 4.0).clamp(5, 512).long().tolist()
+    stream = [text(f"t{i}", lengths[i % 3000]) if i % 9 == 0 else image(f"i{i}") for i in range(20000)]
+    held = BucketBatcher(32).holder()
+    during = [[s for s, _ in b] for x in stream for b in held.add(x)]
+    end = [[s for s, _ in b] for b in held.drain()]
+    assert all(len(b) == 32 for b in during) and sum(len(b) < 32 for b in end) <= 2
+    texts = [PaddedCollator()(b).stats() for b in during + end if b[0].ids is not None]
+    assert sum(s.padded_tokens for s in texts) / sum(s.padded_tokens + s.real_tokens for s in texts) <= 0.15

@@ -88,8 +88,10 @@ TABLE = [
     ("bench", ["--strategies", "fastest"], 2, "--strategies: unknown ['fastest']"),
     ("bench", ["--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),
     ("bench", ["--text-len", "long"], 2, "--text-len takes MEDIAN,SIGMA"),
-    ("bench", ["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], 2,
-     "--device"),
+    ("bench", ["--device", "tpu"], 2, "--device"),
+    ("train", ["--device", "tpu"], 2, "--device 'tpu' is not a device"),
+    ("mmload", ["precompute", "{SHARD}", "{TMP}/p6", "--encoder", "{FILE}", "--device", "tpu"], 2,
+     "--device 'tpu' is not a device"),
     ("bench", ["--data", "{SHARDS}", "--tokenizer", "./no-such-tokenizer", "--quick"], 2,
      "'./no-such-tokenizer': no such file"),
 ]
@@ -121,6 +123,8 @@ def test_a_bad_invocation_is_one_line_and_an_exit_status(command: str, argv: lis
 def test_verbose_shows_the_traceback(places: dict[str, str]) -> None:
     with pytest.raises(FileNotFoundError):
         mmload_main(["-v", "inspect", _fill(["{TMP}/missing.tar"], places)[0]])
+    with pytest.raises(FileNotFoundError):  # after the subcommand too
+        mmload_main(["inspect", _fill(["{TMP}/missing.tar"], places)[0], "-v"])
     with pytest.raises(FileNotFoundError):
         train_main(["-v", "--data", _fill(["{TMP}/missing.tar"], places)[0]])
 

@@ -241,3 +241,66 @@ def test_precompute_under_torchrun_splits_shards_by_rank(tmp_path: Path, img2dat
     for s in got:
         torch.testing.assert_close(s.emb, want[s.key].emb, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(s.text_emb, want[s.key].text_emb, atol=2e-3, rtol=2e-3)
+
+
+def _rank_rc(rank: int, port: int, argv: list[str], out: str, fail_rank: int | None) -> None:
+    """One rank of a 2-rank precompute; writes its exit status to ``out``.rank; rank ``fail_rank`` cannot read."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if rank == fail_rank:
+        import mmload.precompute
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise ValueError(f"rank {rank} cannot read its shards")
+
+        mmload.precompute.ShardDataset = broken
+    Path(f"{out}.{rank}").write_text(str(main(argv)))
+
+
+def _two_ranks(argv: list[str], out: Path, fail_rank: int | None = None) -> list[int]:
+    import time
+
+    import torch.multiprocessing as mp
+    from test_ddp import free_port
+
+    ctx = mp.start_processes(_rank_rc, args=(free_port(), argv, str(out), fail_rank), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "a rank still waits for the other: the failure did not reach it"
+    return [int(Path(f"{out}.{r}").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path: Path, img2dataset_shards: list[str],
+                                                bert_encoder: Path) -> None:
+    argv = ["-q", "precompute", *img2dataset_shards, str(tmp_path / "o"), "--encoder", str(bert_encoder),
+            "--device", "cpu"]
+    assert _two_ranks(argv, tmp_path / "rc", fail_rank=1) == [2, 2]
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    twice = [img2dataset_shards[0], img2dataset_shards[0]]  # one shard given twice: each rank reads a copy
+    argv = ["-q", "precompute", *twice, str(tmp_path / "d"), "--encoder", str(bert_encoder), "--device", "cpu"]
+    assert _two_ranks(argv, tmp_path / "rd") == [2, 2]  # keys repeated across ranks, as within one: an error
+    assert main(["-q", "precompute", *twice, str(tmp_path / "d1"), "--encoder", str(bert_encoder)]) == 2
+
+
+def test_image_only_inputs_write_no_tokenizer(tmp_path: Path, bert_encoder: Path) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    shard = tmp_path / "img.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(buf, format="PNG")
+            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    from models.checkpoint import load_model
+
+    model, _ = load_model(bert_encoder)
+    precompute(str(shard), tmp_path / "out", image_encoder=MMLoadFeatures(model, None), progress=False)
+    assert (tmp_path / "out" / "manifest.json").is_file() and not (tmp_path / "out" / "tokenizer.json").exists()
