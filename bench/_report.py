@@ -67,7 +67,15 @@ METRICS: dict[str, Any] = {
     "transfer_fraction": _transfer_fraction,
     "data_wait_share": lambda r, res: (r["e2e"]["data_wait_share"], f"{r['e2e']['data_wait_share']:.1%}"),
     "fill": lambda r, res: (r["fill"]["fill"], _fill_text(r["fill"])),
+    "vs_peer": lambda r, res: (res["peer"]["ratio"], _peer_text(res["peer"])) if res.get("peer") else (
+        None, "the peer was not measured in this run"),
 }
+
+
+def _peer_text(peer: dict[str, Any]) -> str:
+    return (f"{peer['ratio']:.2f}x (median of {len(peer['rounds'])} rounds, {peer['ratio_min']:.2f}-"
+            f"{peer['ratio_max']:.2f}): {peer['mmload_samples_per_s']:.0f} vs {peer['peer_samples_per_s']:.0f} "
+            "samples/s")
 
 
 def _fill_text(fill: dict[str, Any]) -> str:
@@ -98,9 +106,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, str]]:
                 text = f"{value:.2f}x"
             else:
                 value, text = METRICS[t.metric](r, result)
-            if value is None:
-                out.append(_target(t.name, "not measured", "", f"not measurable on {device}: no host-to-device "
-                                   "copy exists"))
+            if value is None:  # the metric's text says why, else it is the host-to-device copy's
+                out.append(_target(t.name, "not measured", "", text or f"not measurable on {device}: no "
+                                   "host-to-device copy exists"))
                 continue
             setting = (("device", t.device, device), ("preset", t.preset, preset))
             wanted = [f"{what} {need}" for what, need, have in setting if need not in (None, have)]
@@ -359,6 +367,18 @@ def table_text(result: dict[str, Any]) -> str:
             f"{tr['as_loaded']['copies_per_batch']:.1f}{' (packed)' if tr['as_loaded']['packed'] else ''} | "
             f"{tr['unpacked']['copies_per_batch']:.1f} -> {tr['packed']['copies_per_batch']:.0f} | "
             f"{tr['ms_per_batch']:.3f} | {tr['GBps']:.2f} | {_mb(m['rss_start_bytes'])} -> {_mb(m['rss_end_bytes'])} |")
+    peer = result.get("peer")
+    if peer:
+        def per_round(key: str, fmt: str) -> str:
+            return ", ".join(fmt.format(r[key]) for r in peer["rounds"])
+
+        lines += ["", "| loader alone, same shards, workers and batch | samples/s (median of rounds) | per round |",
+                  "| --- | --- | --- |",
+                  f"| webdataset peer (PIL, HF tokenizer, tokenizer.pad) | {peer['peer_samples_per_s']:.0f} | "
+                  f"{per_round('peer_samples_per_s', '{:.0f}')} |",
+                  f"| mmload {peer['strategy']} | {peer['mmload_samples_per_s']:.0f} | "
+                  f"{per_round('mmload_samples_per_s', '{:.0f}')} |",
+                  f"| ratio | {peer['ratio']:.2f}x | {per_round('ratio', '{:.2f}')} |"]
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from bench import _data, _measure, _reliability, _report
+from bench import _data, _measure, _peer, _reliability, _report
 from mmload.commands import Parser, add_verbose, run_command
 from mmload.dataset import expand_urls, parse_data
 from mmload.epochs import EpochStream
@@ -417,6 +418,40 @@ def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]
     }
 
 
+PEER_ROUNDS = 3
+
+
+def measure_peer(bench: Bench) -> dict[str, Any]:
+    """The webdataset peer (``bench/_peer.py``) and mmload's padded loader, loader alone, on the first source's
+    shards with the same workers, batch size, image size and tokenizer, and no masking on either: ``PEER_ROUNDS``
+    rounds of one after the other, so that the machine's drift falls on both; the ratio is the median over rounds."""
+    a = bench.args
+    steps, urls = min(a.steps, 20), list(bench.urls)
+    size = {"image_size": bench.shape.image_size, "max_text_len": bench.shape.max_text_len}
+    rounds = []
+    for r in range(PEER_ROUNDS):
+        peer = _peer.endless(lambda: _peer.loader(urls, bench.tokenizer, batch_size=a.batch_size, workers=a.workers,
+                                                  **size))
+        theirs = _measure.time_loader(peer, a.warmup, steps, f"webdataset peer, round {r + 1}", a.progress)
+        peer.close()
+        ours_stream = EpochStream(lambda epoch: make_loader(REFERENCE, urls, batch_size=a.batch_size,
+                                                            num_workers=a.workers, seed=a.seed,
+                                                            **bench.dataset_kwargs))
+        try:
+            ours = _measure.time_loader(ours_stream, a.warmup, steps, f"mmload {REFERENCE}, round {r + 1}",
+                                        a.progress)
+        finally:
+            ours_stream.close()
+        rounds.append({"peer_samples_per_s": theirs["samples_per_s"], "mmload_samples_per_s": ours["samples_per_s"],
+                       "ratio": ours["samples_per_s"] / theirs["samples_per_s"]})
+    ratios = [r["ratio"] for r in rounds]
+    return {"rounds": rounds, "steps": steps, "warmup": a.warmup, "batch_size": a.batch_size, "workers": a.workers,
+            "strategy": REFERENCE, "data": urls,
+            "peer_samples_per_s": statistics.median(r["peer_samples_per_s"] for r in rounds),
+            "mmload_samples_per_s": statistics.median(r["mmload_samples_per_s"] for r in rounds),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: d[k] for k in keys}
 
@@ -478,6 +513,7 @@ def run(args: BenchConfig) -> dict[str, Any]:
             strategies[name] = {"status": f"skipped: {bench.skipped[name]}"}
             continue
         strategies[name] = measure_strategy(bench, get_strategy(name), reference)
+    peer = measure_peer(bench) if REFERENCE in args.strategies and REFERENCE not in bench.skipped else None
     freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
     synthetic["after"] = measure_synthetic(bench, batches, "synthetic (after)")
     reliability = None
@@ -513,7 +549,7 @@ def run(args: BenchConfig) -> dict[str, Any]:
         "run": run_name, "date": date.isoformat(timespec="seconds"), "git": git_state(), "machine": info,
         "threads": torch.get_num_threads(), "config": config, "argv": sys.argv[1:] if args.argv is None else
         list(args.argv), "reference_bandwidth": reference, "synthetic": synthetic, "strategies": strategies,
-        "freeze": freeze, "reliability": reliability, "profile_dir": profile_dir,
+        "freeze": freeze, "reliability": reliability, "profile_dir": profile_dir, "peer": peer,
         "load_average": {"start": load_start, "end": os.getloadavg(), "note": "1, 5, 15-minute load averages of "
                          "the machine; above the core count, other processes competed for the CPU"},
     }

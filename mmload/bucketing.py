@@ -178,13 +178,7 @@ class TokenBatcher(RawInput):
         super().__post_init__()
         self.budget = Budget(max_tokens=self.max_tokens, image_tokens=self.image_tokens, padded=self.padded)
 
-    def __call__(self, samples: Iterable[Any]) -> Iterator[list[Sample]]:
-        held = self.holder()
-        for sample in as_samples(self, samples):
-            for batch in held.add(sample):
-                yield [s for s, _ in batch]
-        for batch in held.drain():
-            yield [s for s, _ in batch]
+    __call__ = BucketBatcher.__call__  # the same stage over its own holder
 
     def holder(self, arrivals: int = 0) -> Run:
         return Run(self, arrivals)
@@ -207,7 +201,8 @@ class Run:
         if arrival is None:
             arrival, self.arrivals = self.arrivals, self.arrivals + 1
         self.run.append((sample, tag, arrival))
-        self.run.sort(key=lambda item: item[2])
+        if len(self.run) > 1 and self.run[-2][2] > arrival:  # restored out of order: keep arrival order
+            self.run.sort(key=lambda item: item[2])
 
     def add(self, sample: Sample, tag: Any = None) -> list[list[tuple[Sample, Any]]]:
         self.put(sample, tag)

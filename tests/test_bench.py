@@ -176,3 +176,14 @@ def test_img2dataset_shards_with_data_alone_run_all_five(tmp_path: Path, img2dat
         entry = result["strategies"][name]
         assert entry["status"] == "ok" and entry["e2e"]["samples_per_s"] > 0, (name, entry["status"])
     assert result["config"]["tokenizer_vocab"] == 30522
+
+
+def test_the_webdataset_peer_is_measured_beside_mmload(run: tuple[dict, Path]) -> None:
+    result, out = run
+    peer = result["peer"]
+    assert len(peer["rounds"]) == 3 and all(r["peer_samples_per_s"] > 0 for r in peer["rounds"])
+    assert peer["ratio_min"] <= peer["ratio"] <= peer["ratio_max"]
+    assert peer["ratio"] == pytest.approx(sorted(r["ratio"] for r in peer["rounds"])[1])
+    target = next(t for t in result["targets"] if "webdataset peer" in t["target"])
+    assert target["status"] in ("met", "missed") and "median of 3 rounds" in target["value"]
+    assert "| webdataset peer (PIL, HF tokenizer, tokenizer.pad) |" in (out / "README.md").read_text()
