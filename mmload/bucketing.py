@@ -6,18 +6,20 @@ for map-style datasets (cf. LLaVA's modality-grouped sampler). Both feed :class:
 
 NOTE [pooled buckets]: fixed length buckets (8 tokens apart, then wider) cut a stream into some thirty buckets,
 most of them rare, and a stream stage cannot wait for each to fill: it flushed them half empty (on the builtin
-data 55 of 123 batches were full, mean 16.3 of 32). Instead each modality has one pool. Whenever a pool holds
-``pool_batches`` batches' worth, it gives one full batch: of its samples sorted by text length, the run of
-consecutive ones that pads least (a megabatch sorted and cut, as LLaVA's length-grouped sampler and fairseq's
-``batch_by_size`` do, but one batch at a time, so the long tail waits for its like instead of padding the middle).
-The length groups adapt to the data, padding stays small and every batch is full. A batch is
-``batch_size`` samples, or (``max_tokens``) as many as fit that many tokens (:class:`Budget`). The bounds: a pool
-whose oldest sample has waited half of ``max_wait`` arrivals gives a full batch if it can (a modality too rare to
-fill its pool), one whose oldest waited ``max_wait`` gives the batch that holds that sample, and when more than
-``max_buffered`` is held the largest pool gives one. A cut that cannot make a full batch for the sample that must go
-makes a partial one, counted in ``flushes`` (``age``, ``memory``), as are the partial batches of the end of the
-stream (``end``: at most one per modality) and samples larger than ``max_tokens`` alone (``oversized``, each a
-batch of one). Every sample comes out exactly once.
+data 55 of 123 batches were full, mean 16.3 of 32). Instead each modality has one pool, and a pool gives a batch
+when, of its samples sorted by text length, a run of consecutive ones makes a full batch that pads at most
+``max_padding`` (15%): the run that wastes least (a megabatch sorted and cut, as LLaVA's length-grouped sampler and
+fairseq's ``batch_by_size`` do, one batch at a time, so the long tail waits for its like instead of padding the
+middle). The length groups adapt to the data. A pool looks for such a batch when it holds ``pool_batches``
+batches' worth, and when its oldest sample has waited half of ``max_wait`` arrivals (then the batch must hold that
+sample). At ``max_wait`` the oldest sample must leave: with the samples nearest its length, as many as keep the
+padding within bounds, a partial batch counted in ``flushes["age"]`` (``"memory"`` when more than
+``max_buffered`` is held). The end of the stream cuts each pool in length order (``"end"``: at most one partial
+batch per modality), and a sample larger than ``max_tokens`` alone is a batch of one (``"oversized"``). So:
+padding stays within ``max_padding``; batches are full where the data has enough samples of like length within
+``max_wait``; what is not full is counted. A rare modality with spread-out lengths (texts 1 in 9, lognormal) fills
+a share of its batches that grows with ``max_wait``; a token budget (``max_tokens``) fills them whatever the
+lengths, since a batch of long texts holds fewer of them. Every sample comes out exactly once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.utils.data import Sampler
 from mmload.raw import RawInput, as_samples
 from mmload.sample import Modality, Sample
 
-POOL_BATCHES = 16  # batches' worth a pool holds before it gives one (NOTE [pooled buckets])
+POOL_BATCHES = 8  # batches' worth a pool holds before it gives one (NOTE [pooled buckets])
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ class Budget:
 
     @property
     def batch_samples(self) -> int:
-        """About how many samples a batch holds (``max_tokens`` taken as 64 tokens a sample), for default bounds."""
-        return self.batch_size if self.batch_size is not None else max(1, self.max_tokens // 64)
+        """About how many samples a batch holds, for default bounds (a token budget taken as 16 tokens a sample: a
+        short caption, or an image at a small patch grid)."""
+        return self.batch_size if self.batch_size is not None else max(1, self.max_tokens // 16)
 
 
 @dataclass
@@ -118,11 +121,15 @@ class BucketBatcher(RawInput):
         batch_size: samples per batch; or give ``max_tokens`` instead: as many samples as fit that many tokens
             (text tokens padded to the batch's longest, plus ``image_tokens`` per image).
         pool_batches: batches' worth a text (or pair) pool holds before it gives a batch: more pads less and
-            holds more (16 pools of 32 224-px pairs are 77 MB a worker).
+            holds more (8 batches of 32 224-px pairs are 38 MB a worker).
         max_buffered: the most held, in samples (with ``max_tokens``: in tokens); default: the pools of every
             modality full, ``(2 * pool_batches + 1)`` batches' worth.
-        max_wait: arrivals (of every modality) the oldest held sample may wait; default ``64 * pool_batches``
-            batches' worth, long enough for a modality of 1 sample in 64 to fill its pool first.
+        max_wait: arrivals (of every modality) the oldest held sample may wait; default 16 batches' worth. Longer
+            waits fill more batches (a rare modality gathers more of its like), shorter ones mix modalities more
+            evenly along the stream.
+        max_padding: the most padding (as a share of a batch's text tokens) a batch may carry; a sample that must
+            leave by age goes with the samples nearest its length, as many as keep within it (a partial batch,
+            counted).
     """
 
     batch_size: int | None = None
@@ -131,6 +138,7 @@ class BucketBatcher(RawInput):
     pool_batches: int = POOL_BATCHES
     max_buffered: int | None = None
     max_wait: int | None = None
+    max_padding: float = 0.15
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,7 +149,9 @@ class BucketBatcher(RawInput):
         if self.max_buffered is None:
             self.max_buffered = (2 * self.pool_batches + 1) * per_batch
         if self.max_wait is None:
-            self.max_wait = 64 * self.pool_batches * self.budget.batch_samples
+            self.max_wait = 16 * self.budget.batch_samples
+        if not 0 <= self.max_padding <= 1:
+            raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding!r}")
         if self.max_buffered < per_batch:
             raise ValueError(f"max_buffered must be >= one batch ({per_batch}), got {self.max_buffered}")
         if self.max_wait < 1:
@@ -281,8 +291,10 @@ class Held:
         for k in sorted(self.pools):
             pool = self.pools[k]
             waited = now - pool[0][2] if pool else 0
-            if waited >= b.max_wait // 2:  # half way: the batch that holds it, while one can be full; then any
-                out += self._cut(k, reason="age" if waited >= b.max_wait else "soon")
+            if waited >= b.max_wait:
+                out += self._cut(k, reason="age")
+            elif waited >= b.max_wait // 2 and k == key:  # half way: a full batch holding it, if one is there now
+                out += self._cut(k, reason="soon")  # (only a pool that just grew can have one it had not)
         while self.size > b.max_buffered:
             out += self._cut(max(self.pools, key=lambda k: len(self.pools[k])), reason="memory")
         return out
@@ -309,10 +321,12 @@ class Held:
         return self._pool_size[key] >= k * budget.max_tokens
 
     def _cut(self, key: str, reason: str | None, everything: bool = False) -> list[list[tuple[Sample, Any]]]:
-        """One batch from the pool: the full batch of similar lengths that pads least (with ``reason``: the best
-        one holding the oldest sample, or, when none is full, a partial batch of the oldest samples, counted); with
+        """One batch from the pool: the full run of similar lengths that wastes least, if it wastes no more than
+        ``max_padding`` (with ``reason``, one holding the oldest sample; when no such full one exists, the oldest
+        sample leaves with the samples nearest its length in a partial batch, counted under ``reason``); with
         ``everything``, the whole pool cut in length order (the end of the stream)."""
-        budget, pool = self.batcher.budget, self.pools[key]
+        b = self.batcher
+        budget, pool = b.budget, self.pools[key]
         by_length = sorted(pool, key=lambda item: (item[0].num_text_tokens, item[2]))
         if everything:
             batches, rest = _in_order(budget, by_length)
@@ -320,16 +334,16 @@ class Held:
                 self.flushes["end"] += 1
                 batches.append(rest)
         else:
-            oldest = pool[0][2] if reason is not None else None
-            window = _best_window(budget, by_length, must_hold=oldest)
-            if window is not None:
+            at = None if reason is None else next(i for i, item in enumerate(by_length) if item[2] == pool[0][2])
+            window, waste = _best_window(budget, by_length, must_hold=at)
+            if window is not None and waste <= b.max_padding:
                 batches = [by_length[window[0]:window[1]]]
-            elif reason in (None, "soon"):  # no full batch yet: wait for more
+            elif reason in (None, "soon"):  # no full batch that pads little yet: wait for more
                 return []
-            else:  # no full batch holds the oldest: the pool's oldest samples leave as a partial batch
+            else:  # the oldest must go: with its nearest lengths, as many as pad little, counted
                 self.flushes[reason] += 1
-                n, _ = budget.take(pool)
-                batches = [pool[:n]]
+                lo, hi = _around(budget, by_length, at, b.max_padding)
+                batches = [by_length[lo:hi]]
         leaving = {id(item) for batch in batches for item in batch}
         self.pools[key] = [item for item in pool if id(item) not in leaving]
         for batch in batches:
@@ -339,6 +353,34 @@ class Held:
         self.size -= gone
         self._pool_size[key] -= gone
         return [[(s, tag) for s, tag, _ in batch] for batch in batches]
+
+
+def _around(budget: Budget, by_length: list[HeldItem], at: int, max_padding: float) -> tuple[int, int]:
+    """The run of length-sorted samples around ``at``, grown one neighbour at a time (the nearer length first)
+    while it is not full and pads at most ``max_padding`` of its tokens."""
+    lo, hi = at, at + 1
+    lengths = [s.num_text_tokens for s, _, _ in by_length]
+
+    def fits(a: int, b: int) -> bool:
+        n, full = budget.take(by_length[a:b])
+        if n < b - a:
+            return False
+        longest, real = lengths[b - 1], sum(lengths[a:b])
+        return (b - a) * longest == 0 or 1 - real / ((b - a) * longest) <= max_padding
+
+    while not budget.take(by_length[lo:hi])[1]:
+        left = lo > 0 and fits(lo - 1, hi)
+        right = hi < len(by_length) and fits(lo, hi + 1)
+        if left and right:
+            left = lengths[at] - lengths[lo - 1] <= lengths[hi] - lengths[at]
+            right = not left
+        if left:
+            lo -= 1
+        elif right:
+            hi += 1
+        else:
+            break
+    return lo, hi
 
 
 def _in_order(budget: Budget, items: list[HeldItem]) -> tuple[list[list[HeldItem]], list[HeldItem]]:
@@ -353,18 +395,19 @@ def _in_order(budget: Budget, items: list[HeldItem]) -> tuple[list[list[HeldItem
     return batches, items[i:]
 
 
-def _best_window(budget: Budget, by_length: list[HeldItem], must_hold: int | None = None) -> tuple[int, int] | None:
+def _best_window(budget: Budget, by_length: list[HeldItem],
+                 must_hold: int | None = None) -> tuple[tuple[int, int] | None, float]:
     """``(start, stop)`` of the full batch of consecutive (length-sorted) samples that wastes the least, among those
-    that hold the sample of arrival ``must_hold`` (when given); None if none is full. Waste is padding's share of a
-    ``batch_size`` batch, or the share of ``max_tokens`` not spent on real tokens (padding, or room left over)."""
+    that hold position ``must_hold`` (when given), and its waste; ``(None, 1.0)`` if none is full. Waste is padding's
+    share of a ``batch_size`` batch, or the share of ``max_tokens`` not spent on real tokens (padding, or room left
+    over)."""
     lengths = [s.num_text_tokens for s, _, _ in by_length]
-    at = None if must_hold is None else next(i for i, (_, _, n) in enumerate(by_length) if n == must_hold)
     prefix, images = [0], [0]
     for (s, _, _), n in zip(by_length, lengths):
         prefix.append(prefix[-1] + n)
         images.append(images[-1] + (s.pixels is not None))
-    best, least = None, 2.0
-    for start in range(len(by_length) if at is None else at + 1):
+    best, least = None, 1.0
+    for start in range(len(by_length) if must_hold is None else must_hold + 1):
         if budget.batch_size is not None:
             n, full = min(budget.batch_size, len(by_length) - start), start + budget.batch_size <= len(by_length)
         else:
@@ -372,7 +415,7 @@ def _best_window(budget: Budget, by_length: list[HeldItem], must_hold: int | Non
         if not full:
             break  # later starts have fewer samples left: none of them is full either
         stop = start + n
-        if at is not None and not start <= at < stop:
+        if must_hold is not None and not start <= must_hold < stop:
             continue
         real = prefix[stop] - prefix[start]
         if budget.batch_size is not None:
@@ -380,9 +423,9 @@ def _best_window(budget: Budget, by_length: list[HeldItem], must_hold: int | Non
             waste = (padded - real) / padded if padded else 0.0
         else:
             waste = 1 - (real + (images[stop] - images[start]) * budget.image_tokens) / budget.max_tokens
-        if waste < least:
+        if best is None or waste < least:
             best, least = (start, stop), waste
-    return best
+    return best, least
 
 
 class ModalityBucketBatchSampler(Sampler[list[int]]):
