@@ -372,7 +372,7 @@ def table_text(result: dict[str, Any]) -> str:
         def per_round(key: str, fmt: str) -> str:
             return ", ".join(fmt.format(r[key]) for r in peer["rounds"])
 
-        lines += ["", "| loader alone, same shards, workers and batch | samples/s (median of rounds) | per round |",
+        lines += ["", "| loader alone, same shards, workers and batch | samples/s (the median round) | per round |",
                   "| --- | --- | --- |",
                   f"| webdataset peer (PIL, HF tokenizer, tokenizer.pad) | {peer['peer_samples_per_s']:.0f} | "
                   f"{per_round('peer_samples_per_s', '{:.0f}')} |",

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -337,7 +336,7 @@ class Bench:
     def groups(self, strategy: Strategy, n: int) -> list[list]:
         """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
         size = self.size_of(strategy)
-        image_tokens = (self.shape.image_size // self.shape.patch_size) ** 2 + 1 if size["max_tokens"] else 0
+        image_tokens = (self.shape.image_size // self.shape.patch_size) ** 2 + 1 if size["max_tokens"] else None
         return list(strategy.group(self.samples[strategy.data], **size, image_tokens=image_tokens))[:n]
 
     def stream(self, strategy: Strategy) -> EpochStream:
@@ -432,8 +431,10 @@ def measure_peer(bench: Bench) -> dict[str, Any]:
     for r in range(PEER_ROUNDS):
         peer = _peer.endless(lambda: _peer.loader(urls, bench.tokenizer, batch_size=a.batch_size, workers=a.workers,
                                                   **size))
-        theirs = _measure.time_loader(peer, a.warmup, steps, f"webdataset peer, round {r + 1}", a.progress)
-        peer.close()
+        try:
+            theirs = _measure.time_loader(peer, a.warmup, steps, f"webdataset peer, round {r + 1}", a.progress)
+        finally:
+            peer.close()
         ours_stream = EpochStream(lambda epoch: make_loader(REFERENCE, urls, batch_size=a.batch_size,
                                                             num_workers=a.workers, seed=a.seed,
                                                             **bench.dataset_kwargs))
@@ -445,11 +446,11 @@ def measure_peer(bench: Bench) -> dict[str, Any]:
         rounds.append({"peer_samples_per_s": theirs["samples_per_s"], "mmload_samples_per_s": ours["samples_per_s"],
                        "ratio": ours["samples_per_s"] / theirs["samples_per_s"]})
     ratios = [r["ratio"] for r in rounds]
+    median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the round whose ratio is the median
     return {"rounds": rounds, "steps": steps, "warmup": a.warmup, "batch_size": a.batch_size, "workers": a.workers,
-            "strategy": REFERENCE, "data": urls,
-            "peer_samples_per_s": statistics.median(r["peer_samples_per_s"] for r in rounds),
-            "mmload_samples_per_s": statistics.median(r["mmload_samples_per_s"] for r in rounds),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            "strategy": REFERENCE, "data": urls, "peer_samples_per_s": median["peer_samples_per_s"],
+            "mmload_samples_per_s": median["mmload_samples_per_s"], "ratio": median["ratio"],
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -14,8 +14,9 @@ middle). The length groups adapt to the data. A pool looks for such a batch when
 batches' worth, and when its oldest sample has waited half of ``max_wait`` arrivals (then the batch must hold that
 sample). At ``max_wait`` the oldest sample must leave: with the samples nearest its length, as many as keep the
 padding within bounds, a partial batch counted in ``flushes["age"]`` (``"memory"`` when more than
-``max_buffered`` is held). The end of the stream cuts each pool in length order (``"end"``: at most one partial
-batch per modality), and a sample larger than ``max_tokens`` alone is a batch of one (``"oversized"``). So:
+``max_buffered`` is held). The end of the stream cuts each pool in length order, each batch as big as the padding
+bound allows (its partial batches counted as ``"end"``), and a sample larger than ``max_tokens`` alone is a batch of
+one (``"oversized"``). So:
 padding stays within ``max_padding``; batches are full where the data has enough samples of like length within
 ``max_wait``; what is not full is counted. A rare modality with spread-out lengths (texts 1 in 9, lognormal) fills
 a share of its batches that grows with ``max_wait``; a token budget (``max_tokens``) fills them whatever the
@@ -48,7 +49,7 @@ class Budget:
 
     batch_size: int | None = None
     max_tokens: int | None = None
-    image_tokens: int = 0
+    image_tokens: int | None = None
     padded: bool = True
 
     def __post_init__(self) -> None:
@@ -59,6 +60,11 @@ class Budget:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.max_tokens is not None and self.image_tokens is None:
+            raise ValueError("give image_tokens (the tokens an image costs: patches + class token, e.g. "
+                             "(image_size // patch_size) ** 2 + 1) with max_tokens")
+        if self.image_tokens is None:
+            object.__setattr__(self, "image_tokens", 0)  # a batch_size budget counts no tokens
         if self.image_tokens < 0:
             raise ValueError(f"image_tokens must be >= 0, got {self.image_tokens}")
 
@@ -134,7 +140,7 @@ class BucketBatcher(RawInput):
 
     batch_size: int | None = None
     max_tokens: int | None = None
-    image_tokens: int = 0
+    image_tokens: int | None = None  # with max_tokens: what an image costs (patches + class token)
     pool_batches: int = POOL_BATCHES
     max_buffered: int | None = None
     max_wait: int | None = None
@@ -181,7 +187,7 @@ class TokenBatcher(RawInput):
     Resumable as :class:`BucketBatcher` is (its ``holder()``)."""
 
     max_tokens: int = 0
-    image_tokens: int = 0
+    image_tokens: int | None = None  # what an image costs (patches + class token)
     padded: bool = True
 
     def __post_init__(self) -> None:
@@ -290,7 +296,9 @@ class Held:
             out += self._cut(key, reason=None)
         for k in sorted(self.pools):
             pool = self.pools[k]
-            waited = now - pool[0][2] if pool else 0
+            if not pool:
+                continue
+            waited = now - pool[0][2]
             if waited >= b.max_wait:
                 out += self._cut(k, reason="age")
             elif waited >= b.max_wait // 2 and k == key:  # half way: a full batch holding it, if one is there now
@@ -329,14 +337,14 @@ class Held:
         budget, pool = b.budget, self.pools[key]
         by_length = sorted(pool, key=lambda item: (item[0].num_text_tokens, item[2]))
         if everything:
-            batches, rest = _in_order(budget, by_length)
-            if rest:
-                self.flushes["end"] += 1
-                batches.append(rest)
+            batches = []
+            for batch, full in _in_order(budget, by_length, b.max_padding):
+                batches.append(batch)
+                self.flushes["end"] += not full
         else:
             at = None if reason is None else next(i for i, item in enumerate(by_length) if item[2] == pool[0][2])
-            window, waste = _best_window(budget, by_length, must_hold=at)
-            if window is not None and waste <= b.max_padding:
+            window = _best_window(budget, by_length, must_hold=at, max_padding=b.max_padding)
+            if window is not None:
                 batches = [by_length[window[0]:window[1]]]
             elif reason in (None, "soon"):  # no full batch that pads little yet: wait for more
                 return []
@@ -383,30 +391,32 @@ def _around(budget: Budget, by_length: list[HeldItem], at: int, max_padding: flo
     return lo, hi
 
 
-def _in_order(budget: Budget, items: list[HeldItem]) -> tuple[list[list[HeldItem]], list[HeldItem]]:
-    """``items`` cut, in order, into full batches, and the rest that makes no full batch."""
-    batches, i = [], 0
+def _in_order(budget: Budget, items: list[HeldItem], max_padding: float) -> Iterator[tuple[list[HeldItem], bool]]:
+    """``items`` (length-sorted) cut in order into batches, each as big as the budget allows while its texts pad at
+    most ``max_padding``, with whether each is full."""
+    lengths = [s.num_text_tokens for s, _, _ in items]
+    i = 0
     while i < len(items):
         n, full = budget.take(items, i)
-        if not full:
-            break
-        batches.append(items[i:i + n])
-        i += n
-    return batches, items[i:]
+        m = n
+        while m > 1 and lengths[i + m - 1] and 1 - sum(lengths[i:i + m]) / (m * lengths[i + m - 1]) > max_padding:
+            m -= 1  # sorted: the longest is last, and dropping it lowers the padding
+        yield items[i:i + m], full and m == n
+        i += m
 
 
-def _best_window(budget: Budget, by_length: list[HeldItem],
-                 must_hold: int | None = None) -> tuple[tuple[int, int] | None, float]:
-    """``(start, stop)`` of the full batch of consecutive (length-sorted) samples that wastes the least, among those
-    that hold position ``must_hold`` (when given), and its waste; ``(None, 1.0)`` if none is full. Waste is padding's
-    share of a ``batch_size`` batch, or the share of ``max_tokens`` not spent on real tokens (padding, or room left
-    over)."""
+def _best_window(budget: Budget, by_length: list[HeldItem], must_hold: int | None = None,
+                 max_padding: float = 1.0) -> tuple[int, int] | None:
+    """``(start, stop)`` of the full batch of consecutive (length-sorted) samples whose texts pad at most
+    ``max_padding`` of their tokens and that wastes the least, among those that hold position ``must_hold`` (when
+    given); None if there is none. Waste is the padding's share (``batch_size``), or the share of ``max_tokens`` not
+    spent on real tokens (padding, or room left over)."""
     lengths = [s.num_text_tokens for s, _, _ in by_length]
     prefix, images = [0], [0]
     for (s, _, _), n in zip(by_length, lengths):
         prefix.append(prefix[-1] + n)
         images.append(images[-1] + (s.pixels is not None))
-    best, least = None, 1.0
+    best, least = None, 2.0
     for start in range(len(by_length) if must_hold is None else must_hold + 1):
         if budget.batch_size is not None:
             n, full = min(budget.batch_size, len(by_length) - start), start + budget.batch_size <= len(by_length)
@@ -417,15 +427,17 @@ def _best_window(budget: Budget, by_length: list[HeldItem],
         stop = start + n
         if must_hold is not None and not start <= must_hold < stop:
             continue
-        real = prefix[stop] - prefix[start]
-        if budget.batch_size is not None:
-            padded = n * lengths[stop - 1]
-            waste = (padded - real) / padded if padded else 0.0
-        else:
+        real, padded = prefix[stop] - prefix[start], n * lengths[stop - 1]
+        padding = (padded - real) / padded if padded else 0.0
+        if padding > max_padding:
+            continue
+        if budget.batch_size is None:
             waste = 1 - (real + (images[stop] - images[start]) * budget.image_tokens) / budget.max_tokens
-        if best is None or waste < least:
+        else:
+            waste = padding
+        if waste < least:
             best, least = (start, stop), waste
-    return best, least
+    return best
 
 
 class ModalityBucketBatchSampler(Sampler[list[int]]):

@@ -58,7 +58,7 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     batcher = strategy.batcher(batch_size, max_tokens=max_tokens,
-                               image_tokens=(image_size // patch_size) ** 2 + 1 if max_tokens else 0)
+                               image_tokens=(image_size // patch_size) ** 2 + 1 if max_tokens else None)
     loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}
     if "snapshot_every_n_steps" in loader_kwargs and not stateful:
         raise ValueError("snapshot_every_n_steps is a StatefulDataLoader keyword; pass stateful=True with it")

@@ -98,7 +98,7 @@ class Strategy:
         return self.collator_factory(pack, ids_dtype)
 
     def batcher(self, batch_size: int | None = None, *, max_tokens: int | None = None,
-                image_tokens: int = 0) -> Callable[[Iterable[Sample]], Iterator[list[Sample]]] | None:
+                image_tokens: int | None = None) -> Callable[[Iterable[Sample]], Iterator[list[Sample]]] | None:
         """The stream stage that groups samples into batches (in the loader's workers), or None: the DataLoader
         batches ``batch_size`` consecutive samples. With ``max_tokens`` instead of ``batch_size``, a batch holds as
         many samples as fit that many tokens (text tokens as ``token_layout`` counts them, plus ``image_tokens`` per
@@ -120,7 +120,7 @@ class Strategy:
         return None if self.batcher_factory is None else self.batcher_factory(batch_size)
 
     def group(self, samples: Iterable[Sample], batch_size: int | None = None, *, max_tokens: int | None = None,
-              image_tokens: int = 0) -> Iterator[list[Sample]]:
+              image_tokens: int | None = None) -> Iterator[list[Sample]]:
         """Lists of samples as this strategy's loader groups them, in this process (evaluation, benchmarks)."""
         batcher = self.batcher(batch_size, max_tokens=max_tokens, image_tokens=image_tokens)
         return batcher(samples) if batcher is not None else _chunks(iter(samples), batch_size)

@@ -198,7 +198,7 @@ class TrainConfig:
         if self.max_tokens is not None:
             if self.max_tokens < 1:
                 raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
-            strategy.batcher(max_tokens=self.max_tokens)  # says so when the strategy takes no token budget
+            strategy.batcher(max_tokens=self.max_tokens, image_tokens=1)  # says so if the strategy takes none
         self.read_limits  # noqa: B018 -- checks --read-timeout, --max-sample-bytes, --shuffle-buffer-bytes
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ValueError(f"--mask-prob must be in [0, 1], got {self.mask_prob}")

@@ -28,7 +28,7 @@ def test_every_batch_is_full_or_counted_of_one_modality_and_every_sample_comes_o
     assert_exactly_once([s.key for b in during + end for s, _ in b], [s.key for s in samples])
     partial = sum(len(b) < 8 for b in during)
     assert partial == held.flushes["age"] + held.flushes["memory"]  # nothing partial goes uncounted
-    assert sum(len(b) < 8 for b in end) <= 3 and held.flushes["end"] <= 3  # one partial per modality at the end
+    assert sum(len(b) < 8 for b in end) == held.flushes["end"]  # the end's partial batches: counted too
     for b in during + end:
         assert len({s.modality for s, _ in b}) == 1
     texts = [PaddedCollator()([s for s, _ in b]).stats() for b in during if b[0][0].ids is not None]
@@ -152,3 +152,38 @@ def test_pools_fill_more_batches_than_fixed_buckets_did_within_the_padding_bound
     assert 0.6 <= short[0] < long[0]
     by_tokens = run(max_tokens=2048, image_tokens=65)
     assert by_tokens[0] >= 0.9 and by_tokens[1] <= 0.15
+
+
+def pair(key: str, n: int) -> Sample:
+    return Sample(key, Modality.IMAGE_TEXT, pixels=torch.zeros(3, 4, 4, dtype=torch.uint8), ids=torch.arange(n) + 5)
+
+
+def test_the_padding_bound_holds_for_pairs_under_a_token_budget_and_at_the_end() -> None:
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.exp(torch.randn(3000, generator=g) * 0.9 + 3.5).clamp(2, 200).long().tolist()
+    stream = [pair(f"p{i}", n) for i, n in enumerate(lengths)]
+    for batcher in (BucketBatcher(max_tokens=2048, image_tokens=197), BucketBatcher(16)):
+        held = batcher.holder()
+        out = [[s for s, _ in b] for x in stream for b in held.add(x)] + [[s for s, _ in b] for b in held.drain()]
+        assert_exactly_once([s.key for b in out for s in b], [s.key for s in stream])
+        worst = max(PaddedCollator()(b).stats().padding_fraction for b in out)
+        assert worst <= 0.15, (batcher, worst)
+
+
+def test_full_token_batches_are_not_counted_as_flushes_and_tiny_waits_work() -> None:
+    held = BucketBatcher(max_tokens=256, image_tokens=17).holder()
+    out = [b for i in range(400) for b in held.add(text(f"t{i}", 100))] + held.drain()
+    assert all(len(b) == 2 for b in out) and held.flushes["memory"] == 0 and held.flushes["age"] == 0
+    for kw in ({"batch_size": 2, "max_wait": 1}, {"batch_size": 2, "max_wait": 1, "pool_batches": 1}):
+        stream = [image(f"i{i}") if i % 2 else text(f"t{i}", 5 + i % 7) for i in range(40)]
+        got = [s.key for b in BucketBatcher(**kw)(iter(stream)) for s in b]
+        assert_exactly_once(got, [s.key for s in stream])
+
+
+def test_a_token_budget_needs_the_tokens_of_an_image() -> None:
+    with pytest.raises(ValueError, match="give image_tokens"):
+        BucketBatcher(max_tokens=512)
+    from mmload.strategy import get_strategy
+
+    with pytest.raises(ValueError, match="give image_tokens"):
+        get_strategy("padded").group([image("a")], max_tokens=64)

@@ -45,7 +45,9 @@ def test_max_tokens_through_the_loader_never_past_the_budget(builtin_shards: lis
         assert text + s.image_tokens == cost  # stats() counts what the budget counts
         costs.append(cost)
     full = sorted(costs)[4:]  # all but the smallest few: each worker's last, each modality's last when bucketed
-    assert sum(full) / len(full) >= 0.85 * 300, costs
+    # bucketing also keeps every batch within 15% padding: samples that wait too long leave in counted, part-full
+    # batches (NOTE [pooled buckets])
+    assert sum(full) / len(full) >= (0.7 if strategy == "bucketed" else 0.85) * 300, costs
 
 
 def test_max_tokens_is_refused_where_it_does_not_apply() -> None:
@@ -65,7 +67,7 @@ def test_a_sample_larger_than_the_budget_is_a_batch_of_one_counted() -> None:
     big = make_samples(1, image_size=SIZE, max_len=300, seed=9, kinds=("text",), key="big{}")[0]
     big.ids = torch.arange(200) + 5
     stream = [*samples[:10], big, *samples[10:]]
-    held = TokenBatcher(max_tokens=100).holder()
+    held = TokenBatcher(max_tokens=100, image_tokens=IMAGE_TOKENS).holder()
     out = [[s for s, _ in b] for x in stream for b in held.add(x)] + [[s for s, _ in b] for b in held.drain()]
     assert_exactly_once([s.key for b in out for s in b], [s.key for s in stream])
     assert [b for b in out if big in b] == [[big]] and held.flushes["oversized"] == 1
