@@ -182,14 +182,14 @@ class EmbeddingBatch(Batch):
         sides: dict[int, dict[bool, int]] = {}  # sample position -> {is_text: row}
         for row, (i, text) in enumerate(zip(self.index.tolist(), self.is_text.tolist())):
             sides.setdefault(i, {})[text] = row
+
+        def emb(row: int) -> torch.Tensor:  # (L, D), or (D,) for a pooled vector
+            lo, hi = bounds[row], bounds[row + 1]
+            return self.values[lo:hi] if hi - lo > 1 else self.values[lo]
+
         out = []
         for i, key in enumerate(self.keys):
             rows = sides[i]
-
-            def emb(row: int) -> torch.Tensor:
-                lo, hi = bounds[row], bounds[row + 1]
-                return self.values[lo:hi] if hi - lo > 1 else self.values[lo]
-
             image, text = rows.get(False), rows.get(True)
             first = image if image is not None else text
             logits = None if self.teacher_logits is None or image is None else self.teacher_logits[image]

@@ -209,10 +209,6 @@ class Run:
         self.run: list[HeldItem] = []
         self.flushes: Counter[str] = Counter()
 
-    @property
-    def count(self) -> int:
-        return len(self.run)
-
     def put(self, sample: Sample, tag: Any = None, arrival: int | None = None) -> None:
         if arrival is None:
             arrival, self.arrivals = self.arrivals, self.arrivals + 1
@@ -263,12 +259,7 @@ class Held:
         self.arrivals = arrivals  # arrival number of the next sample
         self.pools: dict[str, list[HeldItem]] = {}  # modality -> held, in arrival order
         self.flushes: Counter[str] = Counter()
-        self.size = 0  # what max_buffered counts
-        self._pool_size: Counter[str] = Counter()  # the same, per pool
-
-    @property
-    def count(self) -> int:
-        return sum(len(pool) for pool in self.pools.values())
+        self.sizes: Counter[str] = Counter()  # what max_buffered counts (samples or tokens), per pool
 
     def put(self, sample: Sample, tag: Any = None, arrival: int | None = None) -> str:
         """Hold ``sample`` (arrival: its number when restoring what was held, else the next one)."""
@@ -279,9 +270,7 @@ class Held:
         pool.append((sample, tag, arrival))
         if len(pool) > 1 and pool[-2][2] > arrival:  # restored out of order: keep arrival order
             pool.sort(key=lambda item: item[2])
-        added = self.batcher.budget.size([sample])
-        self.size += added
-        self._pool_size[key] += added
+        self.sizes[key] += self.batcher.budget.size([sample])
         return key
 
     def add(self, sample: Sample, tag: Any = None) -> list[list[tuple[Sample, Any]]]:
@@ -303,7 +292,7 @@ class Held:
                 out += self._cut(k, reason="age")
             elif waited >= b.max_wait // 2 and k == key:  # half way: a full batch holding it, if one is there now
                 out += self._cut(k, reason="soon")  # (only a pool that just grew can have one it had not)
-        while self.size > b.max_buffered:
+        while self.sizes.total() > b.max_buffered:
             out += self._cut(max(self.pools, key=lambda k: len(self.pools[k])), reason="memory")
         return out
 
@@ -311,7 +300,7 @@ class Held:
         """Every pool cut to the end, the one with the oldest sample first: the end of the stream."""
         out = []
         for k in sorted((k for k in self.pools if self.pools[k]), key=lambda k: self.pools[k][0][2]):
-            out += self._cut(k, reason="end", everything=True)
+            out += self._cut(k, reason="end")
         return out
 
     def held(self) -> list[tuple[Any, int]]:
@@ -320,23 +309,21 @@ class Held:
 
     def _ready(self, key: str) -> bool:
         """A pool gives a batch when it holds ``pool_batches`` batches' worth (images, all of one length: one)."""
-        budget, pool = self.batcher.budget, self.pools[key]
-        if budget.oversized(pool[-1][0]):
+        budget = self.batcher.budget
+        if budget.oversized(self.pools[key][-1][0]):
             return True
         k = 1 if key == Modality.IMAGE.value else self.batcher.pool_batches
-        if budget.batch_size is not None:
-            return len(pool) >= k * budget.batch_size
-        return self._pool_size[key] >= k * budget.max_tokens
+        return self.sizes[key] >= k * (budget.batch_size or budget.max_tokens)
 
-    def _cut(self, key: str, reason: str | None, everything: bool = False) -> list[list[tuple[Sample, Any]]]:
+    def _cut(self, key: str, reason: str | None) -> list[list[tuple[Sample, Any]]]:
         """One batch from the pool: the full run of similar lengths that wastes least, if it wastes no more than
         ``max_padding`` (with ``reason``, one holding the oldest sample; when no such full one exists, the oldest
-        sample leaves with the samples nearest its length in a partial batch, counted under ``reason``); with
-        ``everything``, the whole pool cut in length order (the end of the stream)."""
+        sample leaves with the samples nearest its length in a partial batch, counted under ``reason``); at the
+        ``"end"`` of the stream, the whole pool cut in length order."""
         b = self.batcher
         budget, pool = b.budget, self.pools[key]
         by_length = sorted(pool, key=lambda item: (item[0].num_text_tokens, item[2]))
-        if everything:
+        if reason == "end":
             batches = []
             for batch, full in _in_order(budget, by_length, b.max_padding):
                 batches.append(batch)
@@ -357,9 +344,7 @@ class Held:
         for batch in batches:
             if len(batch) == 1 and budget.oversized(batch[0][0]):
                 self.flushes["oversized"] += 1
-        gone = budget.size(s for batch in batches for s, _, _ in batch)
-        self.size -= gone
-        self._pool_size[key] -= gone
+        self.sizes[key] -= budget.size(s for batch in batches for s, _, _ in batch)
         return [[(s, tag) for s, tag, _ in batch] for batch in batches]
 
 

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from mmload.batch import PaddedBatch
 from mmload.collate import PaddedCollator
 from mmload.coverage import loader_errors
-from mmload.dataset import ShardDataset
+from mmload.dataset import ShardDataset, _dist_rank_world
 from mmload.decode import TEXT_EMB_EXT
 from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 from mmload.loader import StatefulLoader
@@ -192,7 +193,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
             raise ValueError(f"the text encoder {text_encoder.name!r} brings its own tokenizer (its vocabulary): "
                              "give no tokenizer (--tokenizer) with it")
         tokenizer = text_encoder.tokenizer
-    rank, world = _rank_world()
+    rank, world = _dist_rank_world() or (0, 1)
     out = Path(out)
 
     def check_and_prepare() -> None:
@@ -208,7 +209,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     bar = tqdm(desc="precompute" if world == 1 else f"precompute rank {rank}", unit=" samples",
                disable=not progress)
-    written: list[int] = []  # each written key's hash, for the check across ranks
+    written: list[int] = []  # with ranks: each written key's hash, for the check across them
     try:  # NOTE: every failure of this rank reaches the others (at the gather), so none waits for it for ever
         device = torch.device(device)
         image_size = image_encoder.image_size if image_encoder is not None else 32
@@ -221,7 +222,8 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
         def records() -> Iterator[dict[str, Any]]:
             for batch in loader:
                 for record in _records(batch, image_encoder, text_encoder, tokens, device, teacher):
-                    written.append(_key_hash(record["__key__"]))
+                    if world > 1:
+                        written.append(_key_hash(record["__key__"]))
                     yield record
                 bar.update(len(batch.keys))
 
@@ -256,13 +258,6 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
 
 def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _on_rank0(fn: Callable[[], None], rank: int, world: int) -> None:
@@ -300,11 +295,7 @@ def _merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     manifest = {k: v for k, v in parts[0].items() if k != "keys"}
     manifest["shards"] = [shard for part in parts for shard in part["shards"]]
     manifest["samples"] = {k: sum(part["samples"][k] for part in parts) for k in parts[0]["samples"]}
-    errors: dict[str, int] = {}
-    for part in parts:
-        for kind, n in part["errors"].items():
-            errors[kind] = errors.get(kind, 0) + n
-    manifest["errors"] = dict(sorted(errors.items()))
+    manifest["errors"] = dict(sorted(sum((Counter(part["errors"]) for part in parts), Counter()).items()))
     if not manifest["shards"]:
         raise ValueError(f"no samples to embed in {manifest['inputs'][:3]}")
     return manifest

@@ -169,8 +169,6 @@ def _members(raw: Any, index: int) -> tuple[dict[str, Any], dict[str, str]]:
         elif field in TEXT_FIELDS:
             put("txt", field, _text(value, index, field))
         elif field == "input_ids":
-            put("txt", field, None)
-            members.pop("txt")
             put(IDS_KEY, field, _ids(value, index, field))
         elif field in LABEL_FIELDS:
             put("cls", field, _label(value, index, field))
@@ -179,7 +177,8 @@ def _members(raw: Any, index: int) -> tuple[dict[str, Any], dict[str, str]]:
         elif field in ("json", "__url__"):
             put(field, field, value)
     if "txt" in members and IDS_KEY in members:
-        raise ValueError(f"raw sample {index}: give text or input_ids, not both")
+        raise ValueError(f"raw sample {index}: fields {fields['txt']!r} and {fields[IDS_KEY]!r} both give the text; "
+                         "keep one")
     if not any(m in members for m in ("jpg", "txt", IDS_KEY)):
         raise ValueError(f"raw sample {index}: no image, text or input_ids field (has {sorted(map(str, raw))}); "
                          f"mmload reads {sorted(f for f in READ_FIELDS if not f.startswith('__'))} and __key__")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import glob
 import lzma
 import os
@@ -204,13 +205,11 @@ def _stop(stream: Any) -> None:
     always exec): one that went silent, or one this reader no longer reads (an error, a stop, Ctrl-C)."""
     if not isinstance(stream, Pipe):
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # it ended on its own
         if os.getpgid(stream.proc.pid) == stream.proc.pid:  # the leader of its own session (see _open)
             os.killpg(stream.proc.pid, signal.SIGKILL)
         else:
             stream.proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass  # it ended on its own
 
 
 def _finish(stream: Any, complete: bool, read_timeout: float) -> None:

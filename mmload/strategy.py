@@ -85,7 +85,9 @@ class Strategy:
     name: str
     summary: str  # what a batch is, and what the strategy pays
     collator_factory: Callable[[bool | None, torch.dtype], Callable[[list[Sample]], Any]]
-    batcher_factory: Callable[[int], Callable[[Iterable[Sample]], Iterator[list[Sample]]]] | None = None
+    # the stream stage that groups samples (called with batch_size, or with max_tokens= and image_tokens=), or None:
+    # consecutive samples
+    batcher_factory: Callable[..., Callable[[Iterable[Sample]], Iterator[list[Sample]]]] | None = None
     data: DataKind = DataKind.RAW
     one_call_per_sample: bool = False  # slow by design: the benchmark runs fewer steps of it
     targets: tuple[Target, ...] = ()
@@ -111,8 +113,8 @@ class Strategy:
                 raise ValueError(f"the {self.name} strategy takes no token budget (max_tokens): its batches are "
                                  f"{'one encoder call per sample' if self.one_call_per_sample else 'precomputed'}"
                                  "; give batch_size")
-            if self.batcher_factory is BucketBatcher:
-                return BucketBatcher(max_tokens=max_tokens, image_tokens=image_tokens)
+            if self.batcher_factory is not None:  # a grouping stage of its own takes the budget
+                return self.batcher_factory(max_tokens=max_tokens, image_tokens=image_tokens)
             return TokenBatcher(max_tokens=max_tokens, image_tokens=image_tokens,
                                 padded=self.token_layout == "padded")
         if batch_size < 1:
