@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image, ImageOps
 
 from mmload.errors import ErrorKind, SampleError
 from mmload.sample import IGNORE_INDEX, Modality, Sample
-from mmload.tokenizer import LazyDefault
+from mmload.tokenizer import LazyDefault, TextEncoder
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt",)
@@ -90,6 +89,7 @@ class Decoder:
     image_size: int = 224
     max_text_len: int = 512
     max_pixels: int = MAX_PIXELS
+    _encoder: TextEncoder | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -206,12 +206,10 @@ class Decoder:
             raise fail(ErrorKind.EMPTY_TEXT, "empty text")
         # A bound on tokenizer work for huge captions: no word piece is shorter than one character.
         text = text[: self.max_text_len * 32]
-        with _TOKENIZE:  # a fast tokenizer keeps the truncation of its last call: threads must not interleave
-            ids = self.tokenizer(text, truncation=True, max_length=self.max_text_len)["input_ids"]
-        return torch.tensor(ids, dtype=torch.int64)
-
-
-_TOKENIZE = threading.Lock()
+        encoder = self._encoder
+        if encoder is None or encoder.tokenizer is not self.tokenizer or encoder.max_length != self.max_text_len:
+            encoder = self._encoder = TextEncoder(self.tokenizer, self.max_text_len)  # NOTE [text encoder]
+        return torch.tensor(encoder(text), dtype=torch.int64)
 
 
 def _class_label(value: Any, fail: Any) -> int:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
 from mmload.shards import pydoc_corpus
-from mmload.tokenizer import SPECIAL_TOKENS, default_tokenizer, load_tokenizer, save_tokenizer, train_wordpiece
+from mmload.tokenizer import (
+    SPECIAL_TOKENS,
+    TextEncoder,
+    default_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    train_wordpiece,
+)
 
 TEXTS = list(pydoc_corpus())[:20]
 
@@ -105,3 +113,68 @@ def test_the_default_tokenizer_is_bert_base_uncased(minilm: str) -> None:
 def test_a_tokenizer_path_that_does_not_exist_says_so(path: str) -> None:
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_tokenizer(path)
+
+
+# ---- the text encoder (NOTE [text encoder]) ----
+
+def _texts() -> list[str]:
+    words = " ".join(pydoc_corpus()).split()
+    texts = [" ".join(words[i * 7:i * 7 + n]) for i, n in enumerate([1, 3, 15, 40, 200, 700] * 10)]
+    return texts + ["Café naïve résumé", "日本語のテキスト", "emoji 🙂 ok", "[CLS] [SEP] [MASK] literal", "a\u0000b\tc"]
+
+
+@pytest.mark.parametrize("max_length", [2, 5, 128])
+@pytest.mark.parametrize("which", ["default", "trained", "minilm", "left"])
+def test_the_text_encoder_gives_the_tokenizers_own_ids(which: str, max_length: int, request: pytest.FixtureRequest,
+                                                       saved: Path) -> None:
+    if which == "minilm":
+        tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("minilm"))
+    elif which == "trained":
+        tokenizer = load_tokenizer(str(saved))
+    else:
+        tokenizer = default_tokenizer() if which == "default" else AutoTokenizer.from_pretrained(
+            request.getfixturevalue("minilm"), truncation_side="left")
+    encoder = TextEncoder(tokenizer, max_length)
+    want = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in _texts()]
+    assert [encoder(t) for t in _texts()] == want
+    assert encoder.backend is not None and encoder.checked == TextEncoder.CHECK  # the backend carried the rest
+    tokenizer.backend_tokenizer.no_truncation()
+    again = pickle.loads(pickle.dumps(encoder))  # a DataLoader worker's copy
+    assert [again(t) for t in _texts()] == want and again.backend is not None
+    assert tokenizer.backend_tokenizer.truncation is None  # past its check, the shared tokenizer is left alone
+
+
+class _PrefixingTokenizer:
+    """A tokenizer class that does work in Python before its backend: its backend alone gives other ids."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.backend_tokenizer, self.truncation_side = inner, inner.backend_tokenizer, "right"
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        return self.inner("prefix " + text, **kwargs)
+
+
+def test_a_tokenizer_whose_backend_differs_from_its_call_is_called() -> None:
+    tokenizer = _PrefixingTokenizer(default_tokenizer())
+    encoder = TextEncoder(tokenizer, 64)
+    texts = _texts()
+    assert [encoder(t) for t in texts] == [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    assert encoder.backend is None
+
+
+class _PythonTokenizer:
+    """A tokenizer with no Rust backend (a slow tokenizer, a user's own class with the HF call)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        return self.inner(text, **kwargs)
+
+
+def test_a_tokenizer_without_a_backend_is_called() -> None:
+    tokenizer = _PythonTokenizer(default_tokenizer())
+    encoder = TextEncoder(tokenizer, 32)
+    assert encoder.backend is None
+    assert [encoder(t) for t in _texts()] == [tokenizer(t, truncation=True, max_length=32)["input_ids"]
+                                              for t in _texts()]
