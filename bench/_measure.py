@@ -15,7 +15,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from mmload.staging import pack
-from mmload.tensors import can_pin_memory
+from mmload.tensors import BatchStats, can_pin_memory
 from models.step import PhaseTimer, StepOptions, summarize, train_step
 
 PHASES = ("data_wait", "transfer", "forward", "backward", "optimizer")
@@ -196,6 +196,37 @@ def time_copies(batches: Sequence[Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
+# ---- the transfer sweep ----
+
+SWEEP_SIZES = (8, 16, 32, 64, 128, 256, 512)
+
+
+def transfer_sweep(strategy: Any, samples: Sequence[Any], sizes: Sequence[int], device: torch.device,
+                   repeats: int = 3) -> list[dict[str, Any]]:
+    """Moving one batch of ``strategy`` per batch size: bytes, copies and time, in the form its loader hands it
+    (packed where it packs; pinned where the device can pin), as :func:`time_copies` times it. A size past the
+    samples given is left out; a batch is the strategy's own grouping (bucketed: one modality), so it may hold
+    fewer samples than asked, and per-sample figures divide by what it holds."""
+    packs = bool(getattr(strategy.collator(), "pack", False))
+    out = []
+    for size in sizes:
+        if size > len(samples):
+            break
+        groups = list(strategy.group(samples, batch_size=size))
+        groups = sorted(groups, key=len, reverse=True)[:repeats]  # the fullest batches the grouping makes
+        batches = [strategy.collator(pack=False)(g) for g in groups]
+        timed = time_copies(batches, device)
+        form = "packed" if packs else "unpacked"
+        variant = f"{form}_pinned" if f"{form}_pinned" in timed else f"{form}_pageable"
+        held = statistics.mean(len(g) for g in groups)
+        figure = timed[variant]
+        out.append({"batch_size": size, "samples_per_batch": held, "variant": variant,
+                    "bytes_per_batch": figure["bytes_per_batch"], "copies_per_batch": figure["copies_per_batch"],
+                    "ms_per_batch": figure["ms_per_batch"], "us_per_sample": 1e3 * figure["ms_per_batch"] / held,
+                    "GBps": figure["GBps"]})
+    return out
+
+
 # ---- collation ----
 
 def time_collate(collate: Callable[[list], Any], groups: Sequence[list]) -> dict[str, Any]:
@@ -222,54 +253,206 @@ def batch_stats(batches: Sequence[Any]) -> dict[str, Any]:
 
 # ---- loops ----
 
-def time_loader(stream: Iterator[Any], warmup: int, steps: int, desc: str, progress: bool) -> dict[str, Any]:
-    """Batches per second of the loader alone (no model, no copy), after ``warmup`` batches."""
-    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False, disable=not progress):
-        next(stream)
-    samples = tokens = 0
-    t0 = time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
-        s = next(stream).stats()
-        samples, tokens = samples + s.samples, tokens + s.real_tokens
-    seconds = time.perf_counter() - t0
-    return {"batches": steps, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-            "real_tokens_per_s": tokens / seconds, "batches_per_s": steps / seconds}
+# NOTE [rounds]: strategies run in rounds, each a few steps of every strategy in an order rotated by one per round,
+# so that the machine's drift falls on all of them; a ratio is the median of its per-round ratios, with their
+# spread. Every loader of a run stays open between its turns: an idle DataLoader's workers stop once its prefetch
+# queue holds ``prefetch_factor`` (2) batches per worker, so it takes no core from the one being measured, and a
+# turn starts by discarding those ready batches (``Run.skip``) so that no turn is timed on another's idle time.
+
+PREFETCH = 2  # DataLoader's default prefetch_factor: the batches per worker an idle loader holds ready
+SPREAD_LIMIT = 0.10  # a ratio whose rounds spread wider than this (max - min, over the median) is flagged
 
 
-def train_steps(stream: Iterator[Any], trainee: Trainee, device: torch.device, *, warmup: int, steps: int,
-                desc: str, progress: bool) -> dict[str, Any]:
-    """Loader -> copy -> trainer step, ``warmup + steps`` times; per-phase times of the last ``steps``."""
-    clock = Clock(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rows: list[dict[str, Any]] = []
-    start = rss_start = None
-    for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
-        t0 = clock()
-        if i == warmup:
-            start, rss_start = t0, rss_bytes()
-        host = next(stream)
-        t1 = clock()
-        batch = to_device(host, device)
-        t2 = clock()
-        phases = trainee.step(batch)
-        copies, nbytes = copies_issued(host) if i >= warmup else (0, 0)
-        if i >= warmup:
-            s = host.stats(trainee.model.config.patch_size)
-            rows.append({"data_wait_s": t1 - t0, "transfer_s": t2 - t1,
-                         **{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
-                         **{f: getattr(s, f) for f in STAT_FIELDS}, "moved_bytes": nbytes, "moved_copies": copies,
-                         "loss": phases["loss"], "rss_bytes": rss_bytes(), "load1": os.getloadavg()[0]})
-    seconds = clock() - start
-    out = summarize_steps(rows, seconds)
-    out["load1_mean"] = statistics.mean(r["load1"] for r in rows)
-    out["memory"] = {"rss_start_bytes": rss_start, "rss_end_bytes": rows[-1]["rss_bytes"],
-                     "rss_peak_sampled_bytes": max(r["rss_bytes"] for r in rows),
-                     "peak_rss_bytes": peak_rss_bytes(), "peak_rss_children_bytes": peak_rss_bytes(
-                         resource.RUSAGE_CHILDREN),
-                     "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    out["per_step"] = rows
-    return out
+def idle_batches(workers: int) -> int:
+    """Batches an idle loader of ``workers`` workers has ready: the ones a turn discards first."""
+    return PREFETCH * workers
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and the relative spread ``(max - min) / median`` of per-round values; ``flagged`` when the
+    spread exceeds ``SPREAD_LIMIT``."""
+    median = statistics.median(values)
+    width = (max(values) - min(values)) / median if median else float("inf")
+    return {"median": median, "min": min(values), "max": max(values), "spread": width, "rounds": list(values),
+            "flagged": width > SPREAD_LIMIT}
+
+
+def per_round_ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """``spread`` of ``a[r] / b[r]``: two runs measured in the same rounds."""
+    return spread([x / y for x, y in zip(a, b, strict=True)])
+
+
+def interleave(runs: dict[str, Any], rounds: int, steps: dict[str, int], desc: str, progress: bool) -> None:
+    """``rounds`` rounds of ``runs[name].turn(steps[name])`` for every name, the order rotated by one per round
+    (NOTE [rounds])."""
+    names = list(runs)
+    with tqdm(total=rounds * len(names), desc=desc, leave=False, disable=not progress) as bar:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                bar.set_postfix_str(f"round {r + 1}: {name}")
+                runs[name].turn(steps[name])
+                bar.update()
+
+
+@dataclass
+class Chunk:
+    """``batch_size`` decoded samples, uncollated: what the ceiling hands on, with the ``stats()`` a timing reads."""
+
+    samples: list[Any]
+
+    def stats(self) -> BatchStats:
+        texts = [s.ids for s in self.samples if s.ids is not None]
+        return BatchStats(samples=len(self.samples), images=sum(s.pixels is not None for s in self.samples),
+                          texts=len(texts), real_tokens=sum(len(t) for t in texts), padded_tokens=0, bytes=0,
+                          tensors=0)
+
+
+def ceiling_stream(make: Callable[[], Iterable[Any]], batch_size: int) -> Iterator[Chunk]:
+    """The one-core ceiling: ``make()``'s samples (a dataset, read and decoded in this process, no DataLoader) in
+    chunks of ``batch_size``, epoch after epoch."""
+    while True:
+        chunk: list[Any] = []
+        for sample in make():
+            chunk.append(sample)
+            if len(chunk) == batch_size:
+                yield Chunk(chunk)
+                chunk = []
+
+
+def time_pinning(batches: Sequence[Any]) -> float | None:
+    """Median ms to pin one of ``batches`` (what a loader's pin thread does per batch); None where nothing pins."""
+    if not can_pin_memory():
+        return None
+    batches[0].pin_memory()
+    return statistics.median(host_ms(lambda b=b: b.pin_memory()) for b in batches)
+
+
+class LoaderRun:
+    """The loader alone (no model, no copy): batches, samples and text tokens per second, per turn."""
+
+    def __init__(self, stream: Iterator[Any], skip: int = 0) -> None:
+        self.stream, self.skip = stream, skip
+        self.turns: list[dict[str, float]] = []
+
+    def warm(self, n: int) -> None:
+        for _ in range(n):
+            next(self.stream)
+
+    def turn(self, steps: int) -> None:
+        self.warm(self.skip)
+        samples = tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            s = next(self.stream).stats()
+            samples, tokens = samples + s.samples, tokens + s.real_tokens
+        self.turns.append({"batches": steps, "samples": samples, "tokens": tokens, "seconds": time.perf_counter() - t0})
+
+    def close(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()
+
+    def result(self) -> dict[str, Any]:
+        t = {k: sum(x[k] for x in self.turns) for k in ("batches", "samples", "tokens", "seconds")}
+        return {"batches": t["batches"], "samples": t["samples"], "seconds": t["seconds"],
+                "samples_per_s": t["samples"] / t["seconds"], "real_tokens_per_s": t["tokens"] / t["seconds"],
+                "batches_per_s": t["batches"] / t["seconds"], "skipped_per_turn": self.skip,
+                "rounds_samples_per_s": [x["samples"] / x["seconds"] for x in self.turns]}
+
+
+class TrainRun:
+    """Loader -> copy -> trainer step, per turn: per-phase times and ``stats()`` of every timed step.
+
+    A turn discards the batches its idle loader had ready (``skip``) and takes one untimed step while the loader
+    refills, then times ``steps`` steps: the steady state a run of this strategy alone would be in.
+    """
+
+    def __init__(self, stream: Iterator[Any], trainee: Trainee, device: torch.device, skip: int = 0) -> None:
+        self.stream, self.trainee, self.device, self.skip = stream, trainee, device, skip
+        self.clock = Clock(device)
+        self.rows: list[dict[str, Any]] = []
+        self.turns: list[dict[str, float]] = []
+        self.rss_start: int | None = None
+
+    def warm(self, n: int) -> None:
+        for _ in range(n):
+            self.trainee.step(to_device(next(self.stream), self.device))
+
+    def turn(self, steps: int) -> None:
+        for _ in range(self.skip):
+            next(self.stream)
+        if self.skip:
+            self.warm(1)
+        if self.rss_start is None:
+            self.rss_start = rss_bytes()
+        start, first = self.clock(), len(self.rows)
+        for _ in range(steps):
+            t0 = self.clock()
+            host = next(self.stream)
+            t1 = self.clock()
+            batch = to_device(host, self.device)
+            t2 = self.clock()
+            phases = self.trainee.step(batch)
+            copies, nbytes = copies_issued(host)
+            s = host.stats(self.trainee.model.config.patch_size)
+            self.rows.append({"data_wait_s": t1 - t0, "transfer_s": t2 - t1,
+                              **{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
+                              **{f: getattr(s, f) for f in STAT_FIELDS}, "moved_bytes": nbytes, "moved_copies": copies,
+                              "loss": phases["loss"], "rss_bytes": rss_bytes(), "load1": os.getloadavg()[0]})
+        seconds = self.clock() - start
+        self.turns.append({"seconds": seconds, "samples": sum(r["samples"] for r in self.rows[first:])})
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def result(self) -> dict[str, Any]:
+        rows = self.rows
+        out = summarize_steps(rows, sum(t["seconds"] for t in self.turns))
+        out["load1_mean"] = statistics.mean(r["load1"] for r in rows)
+        out["rounds_samples_per_s"] = [t["samples"] / t["seconds"] for t in self.turns]
+        out["memory"] = {"rss_start_bytes": self.rss_start, "rss_end_bytes": rows[-1]["rss_bytes"],
+                         "rss_peak_sampled_bytes": max(r["rss_bytes"] for r in rows),
+                         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_children_bytes": peak_rss_bytes(
+                             resource.RUSAGE_CHILDREN),
+                         "peak_device_bytes": torch.cuda.max_memory_allocated(self.device)
+                         if self.device.type == "cuda" else None}
+        out["per_step"] = rows
+        return out
+
+
+class SyntheticRun:
+    """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound)."""
+
+    def __init__(self, trainee: Trainee, batches: Sequence[Any], device: torch.device) -> None:
+        self.trainee, self.batches, self.clock = trainee, batches, Clock(device)
+        self.stats = [b.stats() for b in batches]
+        self.i = 0
+        self.rows: list[dict[str, Any]] = []
+        self.turns: list[dict[str, float]] = []
+
+    def warm(self, n: int) -> None:
+        for _ in range(n):
+            self.trainee.step(self.batches[self.i % len(self.batches)])
+            self.i += 1
+
+    def turn(self, steps: int) -> None:
+        start, first = self.clock(), len(self.rows)
+        for _ in range(steps):
+            k = self.i % len(self.batches)
+            phases = self.trainee.step(self.batches[k])
+            self.i += 1
+            self.rows.append({**{p: phases[p] for p in ("forward_s", "backward_s", "optimizer_s")},
+                              **{f: getattr(self.stats[k], f) for f in STAT_FIELDS}})
+        self.turns.append({"seconds": self.clock() - start, "samples": sum(r["samples"] for r in self.rows[first:])})
+
+    def close(self) -> None:
+        """Nothing to stop: the batches are already on the device."""
+
+    def result(self) -> dict[str, Any]:
+        out = summarize_steps(self.rows, sum(t["seconds"] for t in self.turns))
+        del out["moved"]
+        out["rounds_samples_per_s"] = [t["samples"] / t["seconds"] for t in self.turns]
+        return out
 
 
 def fill(rows: Sequence[dict[str, Any]], *, batch_size: int | None, max_tokens: int | None) -> dict[str, Any]:
@@ -307,25 +490,6 @@ def summarize_steps(rows: Sequence[dict[str, Any]], seconds: float) -> dict[str,
         "moved": {"bytes_per_batch": sum(r.get("moved_bytes", 0) for r in rows) / n,
                   "copies_per_batch": sum(r.get("moved_copies", 0) for r in rows) / n},
     }
-
-
-def synthetic_steps(trainee: Trainee, batches: Sequence[Any], device: torch.device, *, warmup: int, steps: int,
-                    desc: str, progress: bool) -> dict[str, Any]:
-    """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound)."""
-    clock = Clock(device)
-    stats = [b.stats() for b in batches]
-    rows = []
-    start = None
-    for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
-        if i == warmup:
-            start = clock()
-        phases = trainee.step(batches[i % len(batches)])
-        if i >= warmup:
-            rows.append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
-                         **{f: getattr(stats[i % len(batches)], f) for f in STAT_FIELDS}})
-    out = summarize_steps(rows, clock() - start)
-    del out["moved"]
-    return out
 
 
 def interleaved_steps(runs: dict[str, Trainee], batches: Sequence[Any], device: torch.device, *, warmup: int,

@@ -5,7 +5,7 @@ shardshuffle=False)``, a ``.map`` that opens each image with PIL, converts it to
 size (no ``draft``), and tokenizes each text with the same Hugging Face tokenizer (``truncation=True``), then
 ``.batched(B, collation_fn=...)`` stacking the images and padding the texts with ``tokenizer.pad``, under
 ``DataLoader(batch_size=None, num_workers=W)``. The benchmark times it as it times mmload's loader alone
-(``_measure.time_loader``) and reports mmload's padded loader as a ratio to it.
+(``_measure.LoaderRun``, in the same rounds) and reports mmload's padded loader as a ratio to it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench._measure import SPREAD_LIMIT, per_round_ratio
 from mmload.strategy import BASELINES, REFERENCE, REGISTRY
 
 
@@ -21,16 +22,42 @@ def ok_strategies(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
     """Samples/s of each strategy relative to each baseline strategy (``mmload.strategy.BASELINES``) and to the
-    synthetic baseline."""
-    sps = {s: r["e2e"]["samples_per_s"] for s, r in ok_strategies(result).items()}
-    synthetic = result["synthetic"]["samples_per_s"]
-    out: dict[str, Any] = {}
+    synthetic baseline: medians of per-round ratios (NOTE [rounds] in ``bench/_measure.py``). ``per_round`` holds
+    each one's median, min, max and spread; ``spreads`` the ones the run reports as results (end to end and loader
+    alone against padded, the peer, the ceiling), each flagged when its rounds spread over ``SPREAD_LIMIT``."""
+    ok = ok_strategies(result)
+    rounds = {s: r["e2e"]["rounds_samples_per_s"] for s, r in ok.items()}
+    loader = {s: r["loader"]["rounds_samples_per_s"] for s, r in ok.items()}
+    per_round: dict[str, dict[str, Any]] = {}
     for ref in BASELINES:
-        if ref in sps:
-            out[f"vs_{ref.replace('-', '_')}"] = {s: v / sps[ref] for s, v in sps.items()}
-    out["vs_synthetic"] = {s: v / synthetic for s, v in sps.items()}
-    out[f"synthetic_vs_{REFERENCE}"] = synthetic / sps[REFERENCE] if REFERENCE in sps else None
+        if ref in rounds:
+            per_round[f"end to end, x {ref}"] = {s: per_round_ratio(v, rounds[ref]) for s, v in rounds.items()
+                                                 if s != ref}
+    synthetic = result["synthetic"]["rounds_samples_per_s"]
+    per_round["end to end, x synthetic"] = {s: per_round_ratio(v, synthetic) for s, v in rounds.items()}
+    if REFERENCE in loader:
+        per_round[f"loader alone, x {REFERENCE}"] = {s: per_round_ratio(v, loader[REFERENCE]) for s, v in
+                                                     loader.items() if s != REFERENCE}
+    for key, name, value in (("peer", "mmload x the webdataset peer (loader alone)", "ratio"),
+                             ("ceiling", "1-worker loader / one-core ceiling", "share")):
+        fig = result.get(key)
+        if fig:
+            per_round[name] = {"": {"median": fig[value], "min": fig[f"{value}_min"], "max": fig[f"{value}_max"],
+                                    "spread": fig["spread"], "flagged": fig["flagged"]}}
+    out: dict[str, Any] = {
+        f"vs_{ref.replace('-', '_')}": {s: 1.0 if s == ref else per_round[f"end to end, x {ref}"][s]["median"]
+                                        for s in rounds} for ref in BASELINES if ref in rounds}
+    out["vs_synthetic"] = {s: v["median"] for s, v in per_round["end to end, x synthetic"].items()}
+    out[f"synthetic_vs_{REFERENCE}"] = 1 / out["vs_synthetic"][REFERENCE] if REFERENCE in rounds else None
+    out["per_round"] = per_round
+    out["spreads"] = {k: v for k, v in per_round.items() if "x per-sample" not in k and "x synthetic" not in k}
     return out
+
+
+def flagged_ratios(result: dict[str, Any]) -> tuple[int, list[str]]:
+    """How many ratios the run reports, and the names of those whose rounds spread over ``SPREAD_LIMIT``."""
+    every = [(group, s, v) for group, by in result["ratios"].get("spreads", {}).items() for s, v in by.items()]
+    return len(every), [f"{group}: {s}".rstrip(": ") for group, s, v in every if v["flagged"]]
 
 
 # ---- targets ----
@@ -69,7 +96,14 @@ METRICS: dict[str, Any] = {
     "fill": lambda r, res: (r["fill"]["fill"], _fill_text(r["fill"])),
     "vs_peer": lambda r, res: (res["peer"]["ratio"], _peer_text(res["peer"])) if res.get("peer") else (
         None, "the peer was not measured in this run"),
+    "ceiling_share": lambda r, res: (res["ceiling"]["share"], _ceiling_text(res["ceiling"])) if res.get("ceiling")
+    else (None, "the ceiling was not measured in this run"),
 }
+
+
+def _ceiling_text(c: dict[str, Any]) -> str:
+    return (f"{c['share']:.0%} (rounds {c['share_min']:.0%}-{c['share_max']:.0%}): "
+            f"{c['one_worker_samples_per_s']:.0f} of {c['ceiling_samples_per_s']:.0f} samples/s")
 
 
 def _peer_text(peer: dict[str, Any]) -> str:
@@ -102,36 +136,48 @@ def targets(result: dict[str, Any]) -> list[dict[str, str]]:
                 continue
             r = ok[strategy.name]
             if t.metric == "speedup":
-                value = r["e2e"]["samples_per_s"] / ok[t.versus]["e2e"]["samples_per_s"]
-                text = f"{value:.2f}x"
+                fig = result["ratios"]["per_round"][f"end to end, x {t.versus}"][strategy.name]
+                value = fig["median"]
+                text = f"{value:.2f}x (rounds {fig['min']:.2f}-{fig['max']:.2f})"
             else:
                 value, text = METRICS[t.metric](r, result)
             if value is None:  # the metric's text says why, else it is the host-to-device copy's
                 out.append(_target(t.name, "not measured", "", text or f"not measurable on {device}: no "
                                    "host-to-device copy exists"))
                 continue
-            setting = (("device", t.device, device), ("preset", t.preset, preset))
+            batching = "tokens" if result["config"].get("max_tokens") else "samples"
+            setting = (("device", t.device, device), ("preset", t.preset, preset),
+                       ("batching by", t.batching, batching))
             wanted = [f"{what} {need}" for what, need, have in setting if need not in (None, have)]
             if wanted:
                 out.append(_target(t.name, "not measured", f"{text} on this run (not the target setting)",
-                                   f"needs {', '.join(wanted)}; this run: {device}, {preset}"))
+                                   f"needs {', '.join(wanted)}; this run: {device}, {preset}, by {batching}"))
                 continue
             reason = "" if device == "cuda" or t.metric != "copies_per_batch" else \
                 "counted on the CPU, where the copy itself is a no-op"
             out.append(_target(t.name, "met" if t.met(value) else "missed", text, reason))
+    total, flagged = flagged_ratios(result)
+    out.append(_target(f"every ratio's spread over rounds <= {SPREAD_LIMIT:.0%}", "missed" if flagged else "met",
+                       f"{total - len(flagged)} of {total} within", "flagged (not results): " + "; ".join(flagged)
+                       if flagged else ""))
     return out
 
 
 # ---- files ----
 
 def write(result: dict[str, Any], out: Path) -> dict[str, str]:
-    """Write ``<run>.json``, ``<run>.csv``, ``<run>.png`` into ``out`` and regenerate ``out/README.md``."""
+    """Write ``<run>.json``, ``<run>.csv``, ``<run>.png`` (and ``<run>-transfer.png`` with a sweep) into ``out`` and
+    regenerate ``out/README.md``."""
     out.mkdir(parents=True, exist_ok=True)
     files = {ext: f"{result['run']}.{ext}" for ext in ("json", "csv", "png")}  # names, relative to ``out``
+    if result.get("sweep"):
+        files["transfer_png"] = f"{result['run']}-transfer.png"
     result["files"] = {**files, "readme": "README.md"}
     (out / files["json"]).write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
     write_csv(result, out / files["csv"])
     chart(result, out / files["png"])
+    if result.get("sweep"):
+        sweep_chart(result, out / files["transfer_png"])
     if result.get("reliability"):
         append_reliability_line(result, out / RELIABILITY)
     write_readme(out)
@@ -224,7 +270,7 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "peak_rss_bytes": m["peak_rss_bytes"], "rss_start_bytes": m["rss_start_bytes"],
             "rss_end_bytes": m["rss_end_bytes"]})
     syn = result["synthetic"]
-    rows.append({"strategy": "synthetic", "status": "ok", "steps": syn["before"]["steps"],
+    rows.append({"strategy": "synthetic", "status": "ok", "steps": syn["steps"],
                  "samples_per_s": syn["samples_per_s"], "vs_padded": result["ratios"]["synthetic_vs_padded"],
                  "real_tokens_per_s": syn["real_tokens_per_s"], "ms_per_batch": syn["ms_per_batch"],
                  **{f"{p}_ms": v for p, v in syn["phases_ms"].items()}})
@@ -251,7 +297,7 @@ def _bars(result: dict[str, Any]) -> tuple[list[str], dict[str, list[float]], li
     rows = [(s, r["step_ms"], r["e2e"]["samples_per_s"], r["e2e"]["samples"] / r["e2e"]["steps"])
             for s, r in ok_strategies(result).items()]
     rows.append(("synthetic", {"data_wait": 0.0, "transfer": 0.0, **syn["phases_ms"]}, syn["samples_per_s"],
-                 syn["before"]["samples"] / syn["before"]["steps"]))
+                 syn["samples"] / syn["steps"]))
     labels = [f"{name}\n{per_batch:.0f}/batch" for name, _, _, per_batch in rows]
     parts = {"data wait": [ms["data_wait"] for _, ms, _, _ in rows],
              "transfer": [ms["transfer"] for _, ms, _, _ in rows],
@@ -294,6 +340,96 @@ def chart(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_chart(result: dict[str, Any], path: Path) -> None:
+    """The transfer-only sweep (the paper's Fig. 1, measured): time to move one sample's share of a batch, and
+    copies per batch, against batch size, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cuda = result["machine"]["device"].startswith("cuda")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
+    for name, points in result["sweep"].items():
+        if not points:
+            continue
+        sizes = [p["batch_size"] for p in points]
+        ax1.plot(sizes, [p["us_per_sample"] for p in points], marker="o", label=name)
+        ax2.plot(sizes, [p["copies_per_batch"] for p in points], marker="o", label=name)
+        ax3.plot(sizes, [p["bytes_per_batch"] / max(p["samples_per_batch"], 1) / 1024 for p in points], marker="o",
+                 label=name)
+    how = "host-to-device from pinned memory, CUDA events" if cuda else \
+        "CPU: a host memcpy stand-in (no host-to-device copy exists)"
+    for ax, ylabel, title in ((ax1, "us per sample moved", f"time to move a batch, per sample\n({how})"),
+                              (ax2, "copies per batch", "host-to-device copies per batch"),
+                              (ax3, "KiB per sample", "bytes moved per sample")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (samples asked)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    ax1.legend(frameon=False, fontsize=9)
+    fig.suptitle("Moving mixed image/text batches: " + _headline(result), fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_table(result: dict[str, Any]) -> list[str]:
+    sweep = result.get("sweep")
+    if not sweep:
+        return []
+    sizes = sorted({p["batch_size"] for points in sweep.values() for p in points})
+    cuda = result["machine"]["device"].startswith("cuda")
+    lines = ["", "### Transfer only, by batch size (the paper's Fig. 1, measured)", "",
+             ("Time to move one batch from pinned host memory to the device (CUDA events), per sample, with copies "
+              "per batch, in the form each strategy's loader hands it (nested: one packed buffer)." if cuda else
+              "CPU: no host-to-device copy exists, so each batch's tensors are cloned in host memory (a stand-in "
+              "for per-copy overhead, labelled as such), in the form each strategy's loader hands it (nested: one "
+              "packed buffer).") + f" Chart: `{result['files'].get('transfer_png', '-')}`.", "",
+             "| strategy | " + " | ".join(f"{n}: us/sample (copies)" for n in sizes) + " |",
+             "|" + " --- |" * (len(sizes) + 1)]
+    for name, points in sweep.items():
+        by = {p["batch_size"]: p for p in points}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by[n]['us_per_sample']:.2f} ({by[n]['copies_per_batch']:g})" if n in by else "-" for n in sizes) + " |")
+    if result["files"].get("transfer_png"):
+        lines += ["", f"![transfer time per sample by batch size]({result['files']['transfer_png']})"]
+    return lines
+
+
+def spreads_table(result: dict[str, Any]) -> list[str]:
+    """Every ratio of the run with its rounds' min-max and spread; a flagged one is not a result."""
+    groups = result["ratios"].get("spreads", {})
+    if not groups:
+        return []
+    lines = ["", f"### Ratios over {result['rounds']['rounds']} rounds", "",
+             f"Each ratio is the median of its per-round ratios; one whose rounds spread more than "
+             f"{SPREAD_LIMIT:.0%} (max - min over the median) is flagged: read it as noise, not as a result. The "
+             f"synthetic baseline, the same compute on the same batches in every round, spread "
+             f"{result['synthetic']['drift']:.0%}: the machine's own noise from one turn to the next.", "",
+             "| ratio | strategy | median | min-max | spread | |", "| --- | --- | --- | --- | --- | --- |"]
+    for group, by in groups.items():
+        for name, v in by.items():
+            lines.append(f"| {group} | {name or '-'} | {v['median']:.2f} | {v['min']:.2f}-{v['max']:.2f} | "
+                         f"{v['spread']:.0%} | {'flagged' if v['flagged'] else ''} |")
+    return lines
+
+
+def ceiling_section(result: dict[str, Any]) -> list[str]:
+    c = result.get("ceiling")
+    if not c:
+        return []
+    us = c["us_per_sample"]
+    return ["", "### The one-core ceiling", "",
+            f"How: {c['how']}.", "",
+            f"mmload's decode path alone on one core ran at {c['ceiling_samples_per_s']:.0f} samples/s; the 1-worker "
+            f"loader at {c['one_worker_samples_per_s']:.0f}, {c['share']:.0%} of it (rounds {c['share_min']:.0%}-"
+            f"{c['share_max']:.0%}).", "",
+            "| per sample | " + " | ".join(us) + " |", "|" + " --- |" * (len(us) + 1),
+            "| us | " + " | ".join(f"{v:.0f}" for v in us.values()) + " |"]
+
+
 def _headline(result: dict[str, Any]) -> str:
     c, m = result["config"], result["machine"]
     return (f"{m['label']} ({m['name']}), {c['preset']} preset, batch {c['batch_size']}, "
@@ -327,8 +463,6 @@ def _f(v: float | None, fmt: str = "{:.0f}") -> str:
 def table_text(result: dict[str, Any]) -> str:
     """The two markdown tables of one run: end to end, and the data path."""
     ok = ok_strategies(result)
-    vs_pad = result["ratios"].get("vs_padded", {})
-    vs_ps = result["ratios"].get("vs_per_sample", {})
     cuda = result["machine"]["device"].startswith("cuda")
     mem_col = "peak device memory" if cuda else "peak RSS in run"
     lines = ["| strategy | samples/s | x padded | x per-sample | text tokens/s | ms/batch | data wait ms | "
@@ -340,7 +474,7 @@ def table_text(result: dict[str, Any]) -> str:
             continue
         e, ms, m = r["e2e"], r["step_ms"], r["memory"]
         lines.append(
-            f"| {s} | {e['samples_per_s']:.1f} | {_f(vs_pad.get(s), '{:.2f}')} | {_f(vs_ps.get(s), '{:.1f}')} | "
+            f"| {s} | {e['samples_per_s']:.1f} | {_ratio(result, 'padded', s)} | {_ratio(result, 'per-sample', s)} | "
             f"{e['real_tokens_per_s']:.0f} | {e['ms_per_batch']:.0f} | {ms['data_wait']:.1f} | {ms['transfer']:.2f} | "
             f"{ms['forward']:.0f} | {ms['backward']:.0f} | {ms['optimizer']:.0f} | {e['data_wait_share']:.1%} | "
             f"{_mb(m['peak_device_bytes'] if cuda else m['rss_peak_sampled_bytes'])} |")
@@ -380,6 +514,16 @@ def table_text(result: dict[str, Any]) -> str:
                   f"{per_round('mmload_samples_per_s', '{:.0f}')} |",
                   f"| ratio | {peer['ratio']:.2f}x | {per_round('ratio', '{:.2f}')} |"]
     return "\n".join(lines)
+
+
+def _ratio(result: dict[str, Any], versus: str, strategy: str) -> str:
+    """``1.32 (1.25-1.40)`` from the run's per-round ratios; ``flagged`` when they spread over the limit."""
+    if strategy == versus:
+        return "1"
+    v = result["ratios"].get("per_round", {}).get(f"end to end, x {versus}", {}).get(strategy)
+    if v is None:
+        return "-"
+    return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}){' flagged' if v['flagged'] else ''}"
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -465,7 +609,7 @@ def reading(result: dict[str, Any]) -> str:
                f"{_n(m['cpu_count'], 'core')}, this benchmark accounting for at most {own}"
                + (", so other processes competed for the CPU throughout and the rates here are lower and noisier "
                   "than on an idle machine" if min(loads) > own else "")
-               + f"; the synthetic baseline drifted {syn['drift']:.0%} between the start and the end of the run.")
+               + f"; the synthetic baseline's rounds spread {syn['drift']:.0%}.")
     return " ".join(out)
 
 
@@ -477,9 +621,10 @@ def section(result: dict[str, Any]) -> str:
         "",
         f"Run `{result['run']}` on {result['date']}: commit {_commit(result)}, torch {m['torch']}, "
         f"{m['cpu_count']} CPUs, {_n(result['threads'], 'compute thread')}; {c['preset']} preset, batch "
-        f"{c['batch_size']}, {_n(c['workers'], 'loader worker')}, {c['steps']} measured steps after {c['warmup']} "
-        f"warm-up (per-sample: "
-        f"{c['per_sample_steps']}), data {', '.join(c['data'])}{' (--quick)' if c['quick'] else ''}; "
+        f"{c['batch_size']}" + (f" (padded, bucketed, nested: --max-tokens {c['max_tokens']})" if c.get("max_tokens")
+                                else "") + f", {_n(c['workers'], 'loader worker')}, {c['steps']} measured steps "
+        f"after {c['warmup']} warm-up (per-sample: {c['per_sample_steps']}) in {c.get('rounds', 1)} rounds, "
+        f"data {', '.join(c['data'])}{' (--quick)' if c['quick'] else ''}; "
         f"took {result['duration_s']:.0f} s. Figures: `{result['files']['json']}`.",
         "",
         table_text(result),
@@ -504,6 +649,7 @@ def section(result: dict[str, Any]) -> str:
                          f"({f['epoch_samples'] or '?'} samples) | {f['trainable_params']:,} |")
         lines.append(f"| frozen / full | {fz['ratio']:.2f} | paper: {fz['paper']['frozen_s_per_epoch']} / "
                      f"{fz['paper']['full_s_per_epoch']} s = {fz['paper']['ratio']} | |")
+    lines += spreads_table(result) + ceiling_section(result) + sweep_table(result)
     if result.get("reliability"):
         lines += reliability_section(result)
     ref = result["reference_bandwidth"]
@@ -528,11 +674,12 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 
 def newest_per_device(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    newest: dict[str, dict[str, Any]] = {}
+    """The newest run per device and batching (``--batch-size`` or ``--max-tokens``)."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
-        label = r["machine"]["label"]
-        if label not in newest or r["date"] > newest[label]["date"]:
-            newest[label] = r
+        key = (r["machine"]["label"], "tokens" if r.get("config", {}).get("max_tokens") else "samples")
+        if key not in newest or r["date"] > newest[key]["date"]:
+            newest[key] = r
     return [newest[k] for k in sorted(newest)]
 
 

@@ -1,19 +1,25 @@
 """``python bench/throughput.py``: the five batching strategies through one joint ViT-BERT training step.
 
-For each strategy, in one run (so ratios hold on a noisy machine), in a fixed order, same data, same seed:
+For each strategy, in one run, same data, same seed, measured in rounds (a few steps of every strategy per round,
+in a rotating order, so that ratios hold on a noisy machine: each is the median of its per-round ratios, with its
+spread, and flagged when the rounds spread over 10%):
 
 * loader alone: samples/s and text tokens/s with N workers; collate time per batch on pre-decoded samples;
-* padding: real and padded text tokens (``batch.stats()``);
+* padding and fill: real and padded text tokens (``batch.stats()``), samples and tokens per batch against what
+  was asked (``--batch-size`` or ``--max-tokens``);
 * transfer: bytes and host-to-device copies per batch, packed vs unpacked, pinned vs pageable, timed with CUDA
-  events beside the machine's own pinned memcpy bandwidth (on the CPU: host memcpy, said so);
+  events beside the machine's own pinned memcpy bandwidth (on the CPU: host memcpy, said so); and a transfer-only
+  sweep over batch sizes 8 to 512 (the paper's Fig. 1, measured);
 * the training step (the trainer's ``models.step.train_step``, timed per phase by its ``PhaseTimer``): data wait,
   transfer, forward, backward, optimizer;
 * end to end: samples/s, real tokens/s, data-wait share, peak device memory (CPU: peak RSS), RSS over the run;
 
-plus a synthetic baseline (the same step on fixed batches already on the device, measured before and after
-the strategies: the upper bound, and its drift a measure of machine noise) and ``frozen`` vs ``full`` training
-time with the padded strategy. Writes ``OUT/<device>-<preset>-<date>.{json,csv,png}`` and refreshes
-``OUT/README.md``. ``--quick`` runs in seconds (tiny preset, tiny data) for tests.
+plus a synthetic baseline in the same rounds (the same step on fixed batches already on the device: the upper
+bound, and its spread over rounds a measure of machine noise), the loader a user writes with webdataset alone
+(the peer) against mmload's, the one-core ceiling of mmload's decode path with the 1-worker loader's share of it,
+and ``frozen`` vs ``full`` training time with the padded strategy. Writes
+``OUT/<device>-<preset>-<date>.{json,csv,png}`` and ``...-transfer.png``, and refreshes ``OUT/README.md``.
+``--quick`` runs in seconds (tiny preset, tiny data) for tests.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +47,7 @@ import torch
 
 from bench import _data, _measure, _peer, _reliability, _report
 from mmload.commands import Parser, add_verbose, run_command
-from mmload.dataset import expand_urls, parse_data
+from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.masking import MLMMasking
@@ -58,10 +65,11 @@ PAPER_FREEZE = {"source": "Cross Modality Pre-training and the Intrinsic Values 
 # (steps, warmup) when not given: a default CPU run takes about 5 minutes on a 2-core machine
 DEFAULT_STEPS = {"cpu": (50, 5), "cuda": (100, 10)}
 DEFAULTS = {"maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32,
-            "reliability_epochs": 2}
+            "reliability_epochs": 2, "rounds": 5, "sweep_sizes": ",".join(map(str, _measure.SWEEP_SIZES))}
 # --quick: options not given on the command line take these values
 QUICK = {"preset": "tiny", "samples": 96, "maxcount": 24, "image_text_ratio": 2.0, "batch_size": 8, "steps": 3,
-         "warmup": 1, "per_sample_steps": 2, "freeze_steps": 2, "workers": 1, "collate_batches": 3}
+         "warmup": 1, "per_sample_steps": 2, "freeze_steps": 2, "workers": 1, "collate_batches": 3, "rounds": 2,
+         "sweep_sizes": "4,8"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "per sample and per batch, so it compares")
     g.add_argument("--freeze-steps", type=int,
                    help="measured steps of each of frozen and full training (padded); 0 skips (default: --steps)")
+    g.add_argument("--rounds", type=int,
+                   help="strategies are measured in this many rounds of a few steps each, in a rotating order, so "
+                        "that the machine's drift falls on all of them; a ratio is the median over rounds, and one "
+                        "whose rounds spread over 10%% is flagged (default 5; --quick: 2)")
+    g.add_argument("--sweep-sizes", metavar="N,N,...",
+                   help="batch sizes of the transfer-only sweep (bytes, copies and time to move one batch per "
+                        "strategy); 'none' skips it (default 8,16,32,64,128,256,512; --quick: 4,8)")
     g.add_argument("--reliability-epochs", type=int, default=None,
                    help="epochs of the loader-only reliability pass (coverage, errors, repeats, lost samples, "
                         "memory per epoch, a mid-epoch resume); 0 skips (default 2; --quick: 2)")
@@ -156,6 +171,8 @@ class BenchConfig:
     per_sample_steps: int
     freeze_steps: int
     reliability_epochs: int
+    rounds: int
+    sweep_sizes: tuple[int, ...]
     device: str
     precision: str
     threads: int | None
@@ -209,11 +226,23 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     args.preset = args.preset or ("base" if kind == "cuda" else "small")
     args.steps = steps if args.steps is None else args.steps
     args.warmup = warmup if args.warmup is None else args.warmup
-    if args.samples is None:  # enough for warm-up and measured steps in one epoch: no worker restart mid-timing
-        args.samples = max(2000, -(-(args.warmup + args.steps) * args.batch_size // 1000) * 1000)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    try:
+        sizes = () if args.sweep_sizes.strip().lower() == "none" else tuple(
+            int(x) for x in args.sweep_sizes.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"--sweep-sizes takes batch sizes like 8,16,32 (or none), got {args.sweep_sizes!r}")
+    if any(n < 1 for n in sizes):
+        parser.error(f"--sweep-sizes must be >= 1, got {args.sweep_sizes!r}")
+    args.sweep_sizes = sizes
+    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    if args.samples is None:  # one epoch covers what a loader-alone stream takes: no worker restart mid-timing
+        turn = -(-args.steps // args.rounds)
+        batches = args.warmup + args.rounds * (2 * turn + 2 * args.workers)  # NOTE [rounds]: turns + skipped
+        args.samples = max(2000, -(-batches * args.batch_size // 1000) * 1000)
     args.per_sample_steps = args.per_sample_steps or max(3, args.steps // 3)
     args.freeze_steps = args.steps if args.freeze_steps is None else args.freeze_steps
-    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     args.collate_batches = args.collate_batches or min(args.steps, 16)
     if args.threads is None and kind == "cpu":
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
@@ -309,7 +338,7 @@ class Bench:
                 self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
                                      if not get_strategy(s).has_raw_inputs})
         self.data_of = {DataKind.RAW: self.data, DataKind.PRECOMPUTED: self.emb_data}
-        n = args.collate_batches * args.batch_size
+        n = max(args.collate_batches * args.batch_size, *args.sweep_sizes)
         # pre-decoded samples of each kind of data, for the collate and copy timings
         self.samples = {kind: self.first_samples(data, n) for kind, data in self.data_of.items() if data is not None}
         self.num_classes = _data.num_classes(self.urls, self.samples[DataKind.RAW])
@@ -364,47 +393,44 @@ class Bench:
         return {"desc": desc, "progress": self.args.progress}
 
 
-def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]) -> dict[str, Any]:
+def measure_static(bench: Bench, strategy: Strategy, reference: dict[str, Any]) -> dict[str, Any]:
+    """What needs no loader: collate time on pre-decoded samples, and bytes, copies and copy times per batch."""
     a, device = bench.args, bench.device
-    steps = a.per_sample_steps if strategy.one_call_per_sample else a.steps
     collate = strategy.collator()
     packs = bool(getattr(collate, "pack", False))
-    groups = bench.groups(strategy, min(steps, a.collate_batches))
+    groups = bench.groups(strategy, a.collate_batches)
     collate_fig = _measure.time_collate(collate, groups)
     unpacked = [strategy.collator(pack=False)(g) for g in groups]
     copies = _measure.time_copies(unpacked, device)
     form = "packed" if packs else "unpacked"
     loaded_variant = f"{form}_pinned" if f"{form}_pinned" in copies else f"{form}_pageable"  # what the loader hands
+    packed = [pack(b) for b in unpacked]
+    return {"collate": {**collate_fig, "packs": packs}, "copies": copies, "loaded_variant": loaded_variant,
+            "unpacked": _pick(_measure.batch_stats(unpacked), "bytes_per_batch", "copies_per_batch"),
+            "packed": _pick(_measure.batch_stats(packed), "bytes_per_batch", "copies_per_batch"),
+            "pin_ms_per_batch": _measure.time_pinning(packed if packs else unpacked)}
 
-    stream = bench.stream(strategy)
-    try:
-        loader = _measure.time_loader(stream, a.warmup, steps, f"{strategy.name} loader", a.progress)
-    finally:
-        stream.close()
-    trainee = bench.model(strategy)
-    stream = bench.stream(strategy)
-    try:
-        e2e = _measure.train_steps(stream, trainee, device, warmup=a.warmup, steps=steps,
-                                   **bench.step_kwargs(f"{strategy.name} train"))
-    finally:
-        stream.close()
+
+def assemble(bench: Bench, strategy: Strategy, static: dict[str, Any], loader: dict[str, Any],
+             e2e: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """One strategy's entry of the result: its static figures, its loader alone and its training steps."""
+    a, device = bench.args, bench.device
     per_step, memory = e2e.pop("per_step"), e2e.pop("memory")
     stats, moved = e2e.pop("stats"), e2e.pop("moved")
-    copy_loaded = copies[loaded_variant]
+    copies, variant = static["copies"], static["loaded_variant"]
+    copy_loaded = copies[variant]
     return {
-        "status": "ok", "data": bench.data_for(strategy), "steps": steps, "warmup": a.warmup,
-        "loader": {**loader, "workers": a.workers},
-        "collate": {**collate_fig, "packs": packs},
+        "status": "ok", "data": bench.data_for(strategy), "steps": len(per_step), "warmup": a.warmup,
+        "rounds": a.rounds, "loader": {**loader, "workers": a.workers},
+        "collate": static["collate"],
         "padding": {k: stats[k] for k in ("real_tokens", "padded_tokens", "padding_fraction")},
         "fill": _measure.fill(per_step, **bench.size_of(strategy)),
         "transfer": {
-            "as_loaded": {"packed": packs, "bytes_per_batch": stats["bytes_per_batch"],
+            "as_loaded": {"packed": static["collate"]["packs"], "bytes_per_batch": stats["bytes_per_batch"],
                           "copies_per_batch": stats["copies_per_batch"]},
             "moved": moved,  # counted by the copy itself, to check stats() against
-            "unpacked": _pick(_measure.batch_stats(unpacked), "bytes_per_batch", "copies_per_batch"),
-            "packed": _pick(_measure.batch_stats([pack(b) for b in unpacked]), "bytes_per_batch",
-                            "copies_per_batch"),
-            "copy_time": copies, "loaded_variant": loaded_variant,
+            "unpacked": static["unpacked"], "packed": static["packed"],
+            "copy_time": copies, "loaded_variant": variant,
             "ms_per_batch": copy_loaded["ms_per_batch"], "GBps": copy_loaded["GBps"],
             "fraction_of_reference": copy_loaded["GBps"] / copies["same_size_reference"]["GBps"]
             if "same_size_reference" in copies else None,
@@ -412,45 +438,119 @@ def measure_strategy(bench: Bench, strategy: Strategy, reference: dict[str, Any]
         },
         "step_ms": e2e["phases_ms"], "step_ms_median": e2e["phases_ms_median"],
         "e2e": {k: e2e[k] for k in ("samples_per_s", "real_tokens_per_s", "batches_per_s", "ms_per_batch",
-                                    "ms_per_sample", "data_wait_share", "seconds", "samples", "steps", "load1_mean")},
+                                    "ms_per_sample", "data_wait_share", "seconds", "samples", "steps", "load1_mean",
+                                    "rounds_samples_per_s")},
         "stats": stats, "memory": memory, "per_step": per_step,
     }
 
 
-PEER_ROUNDS = 3
+# the loader-alone runs beside the strategies' (NOTE [rounds] in bench/_measure.py): the peer and mmload's padded
+# loader on the peer's terms (first source, no masking), the one-core ceiling and the 1-worker loader
+PEER, PEER_MMLOAD, CEILING, ONE_WORKER = "webdataset peer", "mmload padded (as the peer)", "ceiling", "1-worker"
+SYNTHETIC = "synthetic"
+SYNTHETIC_BATCHES = 64  # device batches the synthetic baseline cycles through
 
 
-def measure_peer(bench: Bench) -> dict[str, Any]:
-    """The webdataset peer (``bench/_peer.py``) and mmload's padded loader, loader alone, on the first source's
-    shards with the same workers, batch size, image size and tokenizer, and no masking on either: ``PEER_ROUNDS``
-    rounds of one after the other, so that the machine's drift falls on both; the ratio is the median over rounds."""
+def turn_steps(bench: Bench, strategy: str | None = None) -> int:
+    """Timed training steps per turn: ``--steps`` (``--per-sample-steps`` for per-sample) over ``--rounds``."""
     a = bench.args
-    steps, urls = min(a.steps, 20), list(bench.urls)
-    size = {"image_size": bench.shape.image_size, "max_text_len": bench.shape.max_text_len}
-    rounds = []
-    for r in range(PEER_ROUNDS):
-        peer = _peer.endless(lambda: _peer.loader(urls, bench.tokenizer, batch_size=a.batch_size, workers=a.workers,
-                                                  **size))
-        try:
-            theirs = _measure.time_loader(peer, a.warmup, steps, f"webdataset peer, round {r + 1}", a.progress)
-        finally:
-            peer.close()
-        ours_stream = EpochStream(lambda epoch: make_loader(REFERENCE, urls, batch_size=a.batch_size,
-                                                            num_workers=a.workers, seed=a.seed,
-                                                            **bench.dataset_kwargs))
-        try:
-            ours = _measure.time_loader(ours_stream, a.warmup, steps, f"mmload {REFERENCE}, round {r + 1}",
-                                        a.progress)
-        finally:
-            ours_stream.close()
-        rounds.append({"peer_samples_per_s": theirs["samples_per_s"], "mmload_samples_per_s": ours["samples_per_s"],
-                       "ratio": ours["samples_per_s"] / theirs["samples_per_s"]})
-    ratios = [r["ratio"] for r in rounds]
-    median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the round whose ratio is the median
-    return {"rounds": rounds, "steps": steps, "warmup": a.warmup, "batch_size": a.batch_size, "workers": a.workers,
-            "strategy": REFERENCE, "data": urls, "peer_samples_per_s": median["peer_samples_per_s"],
-            "mmload_samples_per_s": median["mmload_samples_per_s"], "ratio": median["ratio"],
-            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    total = a.per_sample_steps if strategy and get_strategy(strategy).one_call_per_sample else a.steps
+    return max(1, -(-total // a.rounds))
+
+
+def loader_runs(bench: Bench, names: Sequence[str]) -> dict[str, _measure.LoaderRun]:
+    """Every loader timed alone: each strategy's (as it trains: masking on), and, with padded among them, the peer
+    and mmload's padded loader on the peer's terms, and the ceiling and the 1-worker loader."""
+    a = bench.args
+    skip = _measure.idle_batches(a.workers)
+    runs = {n: _measure.LoaderRun(bench.stream(get_strategy(n)), skip) for n in names}
+    if REFERENCE in names:
+        urls = list(bench.urls)
+        size = {"image_size": bench.shape.image_size, "max_text_len": bench.shape.max_text_len}
+
+        def ours(workers: int) -> EpochStream:
+            return EpochStream(lambda epoch: make_loader(REFERENCE, urls, batch_size=a.batch_size, num_workers=workers,
+                                                         seed=a.seed, **bench.dataset_kwargs))
+
+        runs[PEER] = _measure.LoaderRun(_peer.endless(lambda: _peer.loader(
+            urls, bench.tokenizer, batch_size=a.batch_size, workers=a.workers, **size)), skip)
+        runs[PEER_MMLOAD] = _measure.LoaderRun(ours(a.workers), skip)
+        runs[CEILING] = _measure.LoaderRun(_measure.ceiling_stream(
+            lambda: open_data(urls, seed=a.seed, **bench.dataset_kwargs), a.batch_size))
+        runs[ONE_WORKER] = _measure.LoaderRun(ours(1), _measure.idle_batches(1))
+    return runs
+
+
+def measure_loaders(bench: Bench, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The loaders alone, in rounds (NOTE [rounds]), each turn twice a training turn's batches."""
+    a = bench.args
+    runs = loader_runs(bench, names)
+    try:
+        for r in runs.values():
+            r.warm(a.warmup)
+        _measure.interleave(runs, a.rounds, dict.fromkeys(runs, 2 * turn_steps(bench)), "loaders alone", a.progress)
+        return {n: r.result() for n, r in runs.items()}
+    finally:
+        for r in runs.values():
+            r.close()
+
+
+def measure_training(bench: Bench, names: Sequence[str], batches: list[Any]) -> dict[str, dict[str, Any]]:
+    """Every strategy's training steps and the synthetic baseline (``SYNTHETIC``), in rounds (NOTE [rounds])."""
+    a = bench.args
+    skip = _measure.idle_batches(a.workers)
+    runs: dict[str, Any] = {}
+    try:
+        for n in names:
+            runs[n] = _measure.TrainRun(bench.stream(get_strategy(n)), bench.model(get_strategy(n)), bench.device,
+                                        skip)
+        runs[SYNTHETIC] = _measure.SyntheticRun(bench.model(get_strategy(REFERENCE)), batches, bench.device)
+        for r in runs.values():
+            r.warm(a.warmup)
+        _measure.interleave(runs, a.rounds, {n: turn_steps(bench, n if n in names else None) for n in runs},
+                            "training steps", a.progress)
+        return {n: r.result() for n, r in runs.items()}
+    finally:
+        for r in runs.values():
+            r.close()
+
+
+def peer_figures(loaders: dict[str, dict[str, Any]], bench: Bench) -> dict[str, Any] | None:
+    """The peer against mmload's padded loader on the same terms, round by round."""
+    if PEER not in loaders:
+        return None
+    a = bench.args
+    theirs, ours = loaders[PEER]["rounds_samples_per_s"], loaders[PEER_MMLOAD]["rounds_samples_per_s"]
+    ratio = _measure.per_round_ratio(ours, theirs)
+    return {"rounds": [{"peer_samples_per_s": t, "mmload_samples_per_s": o, "ratio": o / t}
+                       for t, o in zip(theirs, ours, strict=True)],
+            "batches_per_round": loaders[PEER]["batches"] // a.rounds, "warmup": a.warmup, "batch_size": a.batch_size,
+            "workers": a.workers, "strategy": REFERENCE, "data": list(bench.urls),
+            "peer_samples_per_s": statistics.median(theirs), "mmload_samples_per_s": statistics.median(ours),
+            "ratio": ratio["median"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
+            "spread": ratio["spread"], "flagged": ratio["flagged"]}
+
+
+def ceiling_figures(loaders: dict[str, dict[str, Any]], statics: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The one-core ceiling (mmload's read, decode, resize and tokenize in this process, no DataLoader), the
+    1-worker loader's share of it, and where the rest of a sample's time goes."""
+    if CEILING not in loaders:
+        return None
+    ceiling, one = loaders[CEILING]["rounds_samples_per_s"], loaders[ONE_WORKER]["rounds_samples_per_s"]
+    share = _measure.per_round_ratio(one, ceiling)
+    static = statics[REFERENCE]
+    per_batch = static["collate"]["samples"] / static["collate"]["batches"]
+    us = {"decode": 1e6 / statistics.median(ceiling), "collate": static["collate"]["us_per_sample"],
+          "pin": 1e3 * (static["pin_ms_per_batch"] or 0.0) / per_batch}
+    us["ipc and the rest"] = 1e6 / statistics.median(one) - sum(us.values())
+    return {"ceiling_samples_per_s": statistics.median(ceiling), "one_worker_samples_per_s": statistics.median(one),
+            "share": share["median"], "share_min": share["min"], "share_max": share["max"],
+            "spread": share["spread"], "flagged": share["flagged"], "us_per_sample": us,
+            "pinned": static["pin_ms_per_batch"] is not None,
+            "how": "ceiling: the padded strategy's dataset iterated in the benchmark's process (no DataLoader, no "
+                   "masking); 1-worker: make_loader(padded, num_workers=1) on the same shards, in the same rounds; "
+                   "collate and pinning are timed on pre-decoded samples, the rest (IPC: pickling the batch "
+                   "through the worker's queue) is the difference"}
 
 
 def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -458,23 +558,15 @@ def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 def synthetic_batches(bench: Bench) -> list[Any]:
-    """The exact batches the padded loader yields for warm-up and measured steps, moved to the device once."""
+    """The first batches the padded loader yields (as many as warm-up and measured steps, at most
+    ``SYNTHETIC_BATCHES``), moved to the device once."""
     a = bench.args
     stream = bench.stream(get_strategy(REFERENCE))
     try:
         return [_measure.to_device(next(stream), bench.device, non_blocking=False)
-                for _ in range(a.warmup + a.steps)]
+                for _ in range(max(1, min(a.warmup + a.steps, SYNTHETIC_BATCHES)))]
     finally:
         stream.close()
-
-
-def measure_synthetic(bench: Bench, batches: list[Any], desc: str) -> dict[str, Any]:
-    a = bench.args
-    out = _measure.synthetic_steps(bench.model(get_strategy(REFERENCE)), batches, bench.device, warmup=a.warmup,
-                                   steps=a.steps,
-                                   **bench.step_kwargs(desc))
-    return {k: out[k] for k in ("samples_per_s", "real_tokens_per_s", "ms_per_batch", "ms_per_sample", "phases_ms",
-                                "phases_ms_median", "seconds", "samples", "steps")}
 
 
 def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) -> dict[str, Any]:
@@ -504,31 +596,28 @@ def run(args: BenchConfig) -> dict[str, Any]:
     device = bench.device
     info = device_info(device)
     reference = _measure.reference_bandwidth(device)
-    strategies: dict[str, Any] = {}
+    names = [n for n in args.strategies if n not in bench.skipped]
+    statics = {n: measure_static(bench, get_strategy(n), reference) for n in names}
+    sweep = {n: _measure.transfer_sweep(get_strategy(n), bench.samples[get_strategy(n).data], args.sweep_sizes,
+                                        device) for n in names} if args.sweep_sizes else None
+    loaders = measure_loaders(bench, names)
     batches = synthetic_batches(bench)
-    synthetic = {"batches": "the padded loader's own batches for the warm-up and measured steps, moved to the "
-                            "device once before timing",
-                 "before": measure_synthetic(bench, batches, "synthetic (before)")}
+    trained = measure_training(bench, names, batches)
+    strategies: dict[str, Any] = {}
     for name in args.strategies:
-        if name in bench.skipped:
-            strategies[name] = {"status": f"skipped: {bench.skipped[name]}"}
-            continue
-        strategies[name] = measure_strategy(bench, get_strategy(name), reference)
-    peer = measure_peer(bench) if REFERENCE in args.strategies and REFERENCE not in bench.skipped else None
+        strategies[name] = ({"status": f"skipped: {bench.skipped[name]}"} if name in bench.skipped else
+                            assemble(bench, get_strategy(name), statics[name], loaders[name], trained[name], reference))
+    synthetic = {"batches": "the padded loader's own batches, moved to the device once before timing, cycled",
+                 **trained[SYNTHETIC]}
+    synthetic["drift"] = _measure.spread(synthetic["rounds_samples_per_s"])["spread"]
+    peer, ceiling = peer_figures(loaders, bench), ceiling_figures(loaders, statics)
     freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
-    synthetic["after"] = measure_synthetic(bench, batches, "synthetic (after)")
+    del batches
     reliability = None
     if args.reliability_epochs:
         reliability = _reliability.measure(
             bench.data, epochs=args.reliability_epochs, batch_size=args.batch_size, workers=args.workers,
             seed=args.seed, expected=_data.dataset_size(bench.data), progress=args.progress, **bench.dataset_kwargs)
-    del batches
-    before, after = synthetic["before"], synthetic["after"]
-    for key in ("samples_per_s", "real_tokens_per_s", "ms_per_batch"):
-        synthetic[key] = (before[key] + after[key]) / 2
-    synthetic["phases_ms"] = {p: (before["phases_ms"][p] + after["phases_ms"][p]) / 2 for p in before["phases_ms"]}
-    synthetic["drift"] = abs(after["samples_per_s"] - before["samples_per_s"]) / max(after["samples_per_s"],
-                                                                                     before["samples_per_s"])
     run_name = f"{info['label']}-{args.preset}-{date.strftime('%Y%m%d-%H%M%S')}"
     profile_dir = None
     if args.profile:
@@ -550,7 +639,10 @@ def run(args: BenchConfig) -> dict[str, Any]:
         "run": run_name, "date": date.isoformat(timespec="seconds"), "git": git_state(), "machine": info,
         "threads": torch.get_num_threads(), "config": config, "argv": sys.argv[1:] if args.argv is None else
         list(args.argv), "reference_bandwidth": reference, "synthetic": synthetic, "strategies": strategies,
-        "freeze": freeze, "reliability": reliability, "profile_dir": profile_dir, "peer": peer,
+        "freeze": freeze, "reliability": reliability, "profile_dir": profile_dir, "peer": peer, "ceiling": ceiling,
+        "sweep": sweep, "rounds": {"rounds": args.rounds, "how": "every strategy's loader alone, then every "
+                                   "strategy's training steps and the synthetic baseline, in rounds of a few steps "
+                                   "each in a rotating order; a ratio is the median of its per-round ratios"},
         "load_average": {"start": load_start, "end": os.getloadavg(), "note": "1, 5, 15-minute load averages of "
                          "the machine; above the core count, other processes competed for the CPU"},
     }
