@@ -120,6 +120,12 @@ class Trainee:
     scheduler: Any
     opts: StepOptions
 
+    def resident_bytes(self) -> int:
+        """Bytes of the model's weights and gradients and of the optimizer's state: what it holds between steps."""
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def step(self, batch: Any) -> dict[str, float]:
         """One ``train_step`` on one device batch, timed per phase: ``forward_s``, ``backward_s``, ``optimizer_s``,
         plus the step's ``loss``, ``images`` and ``mlm_tokens``."""
@@ -256,8 +262,10 @@ def batch_stats(batches: Sequence[Any]) -> dict[str, Any]:
 # NOTE [rounds]: strategies run in rounds, each a few steps of every strategy in an order rotated by one per round,
 # so that the machine's drift falls on all of them; a ratio is the median of its per-round ratios, with their
 # spread. Every loader of a run stays open between its turns: an idle DataLoader's workers stop once its prefetch
-# queue holds ``prefetch_factor`` (2) batches per worker, so it takes no core from the one being measured, and a
-# turn starts by discarding those ready batches (``Run.skip``) so that no turn is timed on another's idle time.
+# queue holds ``prefetch_factor`` (2) batches per worker, so it takes no core from the one being measured. After a
+# turn, the loader just read refills that queue; the next turn starts only once every worker process is idle
+# (``settle``: no CPU time used for a while), so that no turn is timed while another loader works, and it starts by
+# discarding the batches its own loader had ready (``skip``), so that no turn is timed on another's idle time.
 
 PREFETCH = 2  # DataLoader's default prefetch_factor: the batches per worker an idle loader holds ready
 SPREAD_LIMIT = 0.10  # a ratio whose rounds spread wider than this (max - min, over the median) is flagged
@@ -282,16 +290,57 @@ def per_round_ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return spread([x / y for x, y in zip(a, b, strict=True)])
 
 
-def interleave(runs: dict[str, Any], rounds: int, steps: dict[str, int], desc: str, progress: bool) -> None:
-    """``rounds`` rounds of ``runs[name].turn(steps[name])`` for every name, the order rotated by one per round
-    (NOTE [rounds])."""
+def interleave(runs: dict[str, Any], rounds: int, steps: dict[str, int], desc: str, progress: bool,
+               wait: Callable[[], Any] | None = None) -> None:
+    """``rounds`` rounds of ``runs[name].turn(steps[name])`` for every name, the order rotated by one per round,
+    ``wait()`` before each turn (NOTE [rounds]; default :func:`settle`)."""
     names = list(runs)
+    wait = wait or settle
     with tqdm(total=rounds * len(names), desc=desc, leave=False, disable=not progress) as bar:
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 bar.set_postfix_str(f"round {r + 1}: {name}")
+                wait()
                 runs[name].turn(steps[name])
                 bar.update()
+
+
+def _children_cpu_ticks() -> int | None:
+    """CPU clock ticks (user + system) used so far by this process's child processes that run now (DataLoader
+    workers); None where /proc cannot tell."""
+    me, total = os.getpid(), 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        if int(fields[1]) == me:  # ppid
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
+
+
+def settle(quiet_s: float = 0.06, timeout_s: float = 10.0) -> float:
+    """Wait until no child process (a loader's worker) has used CPU time for ``quiet_s`` (at most ``timeout_s``);
+    the seconds waited. Without /proc (not Linux), waits ``quiet_s``."""
+    start = time.perf_counter()
+    last = _children_cpu_ticks()
+    if last is None:
+        time.sleep(quiet_s)
+        return quiet_s
+    while time.perf_counter() - start < timeout_s:
+        time.sleep(quiet_s)
+        now = _children_cpu_ticks()
+        if now == last:
+            break
+        last = now
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -310,9 +359,9 @@ class Chunk:
 def ceiling_stream(make: Callable[[], Iterable[Any]], batch_size: int) -> Iterator[Chunk]:
     """The one-core ceiling: ``make()``'s samples (a dataset, read and decoded in this process, no DataLoader) in
     chunks of ``batch_size``, epoch after epoch."""
+    chunk: list[Any] = []
     while True:
-        chunk: list[Any] = []
-        for sample in make():
+        for sample in make():  # a chunk goes on over an epoch's end, so none is charged for two
             chunk.append(sample)
             if len(chunk) == batch_size:
                 yield Chunk(chunk)
@@ -385,6 +434,10 @@ class TrainRun:
             self.warm(1)
         if self.rss_start is None:
             self.rss_start = rss_bytes()
+        cuda = self.device.type == "cuda"
+        if cuda:  # the step's own memory: every strategy's model is resident, so count above what is there
+            torch.cuda.reset_peak_memory_stats(self.device)
+            resident = torch.cuda.memory_allocated(self.device)
         start, first = self.clock(), len(self.rows)
         for _ in range(steps):
             t0 = self.clock()
@@ -400,7 +453,10 @@ class TrainRun:
                               **{f: getattr(s, f) for f in STAT_FIELDS}, "moved_bytes": nbytes, "moved_copies": copies,
                               "loss": phases["loss"], "rss_bytes": rss_bytes(), "load1": os.getloadavg()[0]})
         seconds = self.clock() - start
-        self.turns.append({"seconds": seconds, "samples": sum(r["samples"] for r in self.rows[first:])})
+        turn = {"seconds": seconds, "samples": sum(r["samples"] for r in self.rows[first:])}
+        if cuda:
+            turn["step_device_bytes"] = torch.cuda.max_memory_allocated(self.device) - resident
+        self.turns.append(turn)
 
     def close(self) -> None:
         self.stream.close()
@@ -414,17 +470,25 @@ class TrainRun:
                          "rss_peak_sampled_bytes": max(r["rss_bytes"] for r in rows),
                          "peak_rss_bytes": peak_rss_bytes(), "peak_rss_children_bytes": peak_rss_bytes(
                              resource.RUSAGE_CHILDREN),
-                         "peak_device_bytes": torch.cuda.max_memory_allocated(self.device)
-                         if self.device.type == "cuda" else None}
+                         "peak_device_bytes": max(t["step_device_bytes"] for t in self.turns) +
+                         self.trainee.resident_bytes() if self.device.type == "cuda" else None,
+                         "how": "RSS: the whole process (every strategy's loader and model are open at once); "
+                                "device: the most a turn's steps allocated above what was resident, plus this "
+                                "strategy's own weights, gradients and optimizer state"}
         out["per_step"] = rows
         return out
 
 
 class SyntheticRun:
-    """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound)."""
+    """The trainer step on fixed batches already on the device, cycled: no loader, no copy (the upper bound).
 
-    def __init__(self, trainee: Trainee, batches: Sequence[Any], device: torch.device) -> None:
-        self.trainee, self.batches, self.clock = trainee, batches, Clock(device)
+    Given the first batches of the stream a :class:`TrainRun` of the same strategy reads and the same ``skip``, each
+    turn passes over the batches that run discards and steps untimed (``skip + 1``), so the two time the same
+    batches in every round and their per-round ratio is not one of different data.
+    """
+
+    def __init__(self, trainee: Trainee, batches: Sequence[Any], device: torch.device, skip: int = 0) -> None:
+        self.trainee, self.batches, self.clock, self.skip = trainee, batches, Clock(device), skip
         self.stats = [b.stats() for b in batches]
         self.i = 0
         self.rows: list[dict[str, Any]] = []
@@ -436,6 +500,7 @@ class SyntheticRun:
             self.i += 1
 
     def turn(self, steps: int) -> None:
+        self.i += self.skip + 1 if self.skip else 0
         start, first = self.clock(), len(self.rows)
         for _ in range(steps):
             k = self.i % len(self.batches)
@@ -452,6 +517,7 @@ class SyntheticRun:
         out = summarize_steps(self.rows, sum(t["seconds"] for t in self.turns))
         del out["moved"]
         out["rounds_samples_per_s"] = [t["samples"] / t["seconds"] for t in self.turns]
+        out["per_step"] = self.rows
         return out
 
 

@@ -28,6 +28,10 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+if [[ -n "$(ls -A "$out")" ]]; then
+  echo "bench/cuda.sh: --out $out is not empty: give a new or empty folder (at most 8 files come back)" >&2
+  exit 2
+fi
 log="$out/cuda-sh.log"
 started=$SECONDS
 say() { echo "[cuda.sh $((SECONDS - started)) s] $*" | tee -a "$log"; }
@@ -37,6 +41,7 @@ shopt -s nullglob
 found=("$wheels"/*.whl)
 if ((${#found[@]})); then
   site="$(mktemp -d)"
+  trap 'rm -rf "$site"' EXIT
   say "installing ${#found[@]} wheel(s) from $wheels into $site (--no-index)"
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
     --target "$site" "${found[@]}" 2>&1 | tee -a "$log"
@@ -67,7 +72,15 @@ else
   bench=(--quick)
 fi
 say "python bench/throughput.py ${bench[*]} $*"
+set +e
 "$python" bench/throughput.py "${bench[@]}" --no-progress --out "$out" "$@" 2>&1 | tee -a "$log"
-say "done; files in $out:"
-ls "$out" | tee -a "$log"
-exit "$tests"
+benchmark=${PIPESTATUS[0]}
+set -e
+say "the benchmark exited $benchmark; files in $out:"
+(cd "$out" && find . -type f | sort) | tee -a "$log"
+files=$(find "$out" -type f | wc -l)
+if ((files > 8)); then
+  say "$files files in $out: more than the 8 a device call brings back"
+  exit 1
+fi
+((tests == 0 && benchmark == 0)) || exit 1

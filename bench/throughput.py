@@ -338,7 +338,7 @@ class Bench:
                 self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
                                      if not get_strategy(s).has_raw_inputs})
         self.data_of = {DataKind.RAW: self.data, DataKind.PRECOMPUTED: self.emb_data}
-        n = max(args.collate_batches * args.batch_size, *args.sweep_sizes)
+        n = max([args.collate_batches * args.batch_size, *args.sweep_sizes])
         # pre-decoded samples of each kind of data, for the collate and copy timings
         self.samples = {kind: self.first_samples(data, n) for kind, data in self.data_of.items() if data is not None}
         self.num_classes = _data.num_classes(self.urls, self.samples[DataKind.RAW])
@@ -407,8 +407,7 @@ def measure_static(bench: Bench, strategy: Strategy, reference: dict[str, Any]) 
     packed = [pack(b) for b in unpacked]
     return {"collate": {**collate_fig, "packs": packs}, "copies": copies, "loaded_variant": loaded_variant,
             "unpacked": _pick(_measure.batch_stats(unpacked), "bytes_per_batch", "copies_per_batch"),
-            "packed": _pick(_measure.batch_stats(packed), "bytes_per_batch", "copies_per_batch"),
-            "pin_ms_per_batch": _measure.time_pinning(packed if packs else unpacked)}
+            "packed": _pick(_measure.batch_stats(packed), "bytes_per_batch", "copies_per_batch")}
 
 
 def assemble(bench: Bench, strategy: Strategy, static: dict[str, Any], loader: dict[str, Any],
@@ -448,7 +447,7 @@ def assemble(bench: Bench, strategy: Strategy, static: dict[str, Any], loader: d
 # loader on the peer's terms (first source, no masking), the one-core ceiling and the 1-worker loader
 PEER, PEER_MMLOAD, CEILING, ONE_WORKER = "webdataset peer", "mmload padded (as the peer)", "ceiling", "1-worker"
 SYNTHETIC = "synthetic"
-SYNTHETIC_BATCHES = 64  # device batches the synthetic baseline cycles through
+SYNTHETIC_BATCHES = 160  # at most this many device batches for the synthetic baseline (cycled past them)
 
 
 def turn_steps(bench: Bench, strategy: str | None = None) -> int:
@@ -504,7 +503,7 @@ def measure_training(bench: Bench, names: Sequence[str], batches: list[Any]) -> 
         for n in names:
             runs[n] = _measure.TrainRun(bench.stream(get_strategy(n)), bench.model(get_strategy(n)), bench.device,
                                         skip)
-        runs[SYNTHETIC] = _measure.SyntheticRun(bench.model(get_strategy(REFERENCE)), batches, bench.device)
+        runs[SYNTHETIC] = _measure.SyntheticRun(bench.model(get_strategy(REFERENCE)), batches, bench.device, skip)
         for r in runs.values():
             r.warm(a.warmup)
         _measure.interleave(runs, a.rounds, {n: turn_steps(bench, n if n in names else None) for n in runs},
@@ -531,22 +530,27 @@ def peer_figures(loaders: dict[str, dict[str, Any]], bench: Bench) -> dict[str, 
             "spread": ratio["spread"], "flagged": ratio["flagged"]}
 
 
-def ceiling_figures(loaders: dict[str, dict[str, Any]], statics: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def ceiling_figures(loaders: dict[str, dict[str, Any]], bench: Bench) -> dict[str, Any] | None:
     """The one-core ceiling (mmload's read, decode, resize and tokenize in this process, no DataLoader), the
     1-worker loader's share of it, and where the rest of a sample's time goes."""
     if CEILING not in loaders:
         return None
     ceiling, one = loaders[CEILING]["rounds_samples_per_s"], loaders[ONE_WORKER]["rounds_samples_per_s"]
     share = _measure.per_round_ratio(one, ceiling)
-    static = statics[REFERENCE]
-    per_batch = static["collate"]["samples"] / static["collate"]["batches"]
-    us = {"decode": 1e6 / statistics.median(ceiling), "collate": static["collate"]["us_per_sample"],
-          "pin": 1e3 * (static["pin_ms_per_batch"] or 0.0) / per_batch}
+    # collate and pin as the 1-worker loader does them: batch_size samples a batch (not a token budget)
+    samples = bench.samples[DataKind.RAW]
+    chunks = [samples[i:i + bench.args.batch_size] for i in range(0, len(samples), bench.args.batch_size)]
+    chunks = [c for c in chunks if len(c) == bench.args.batch_size] or [samples]
+    collate = get_strategy(REFERENCE).collator()
+    pin_ms = _measure.time_pinning([collate(c) for c in chunks])
+    us = {"decode": 1e6 / statistics.median(ceiling),
+          "collate": _measure.time_collate(collate, chunks)["us_per_sample"]}
     us["ipc and the rest"] = 1e6 / statistics.median(one) - sum(us.values())
+    us["pin (beside, main process)"] = 1e3 * (pin_ms or 0.0) / len(chunks[0])
     return {"ceiling_samples_per_s": statistics.median(ceiling), "one_worker_samples_per_s": statistics.median(one),
             "share": share["median"], "share_min": share["min"], "share_max": share["max"],
             "spread": share["spread"], "flagged": share["flagged"], "us_per_sample": us,
-            "pinned": static["pin_ms_per_batch"] is not None,
+            "pinned": pin_ms is not None,
             "how": "ceiling: the padded strategy's dataset iterated in the benchmark's process (no DataLoader, no "
                    "masking); 1-worker: make_loader(padded, num_workers=1) on the same shards, in the same rounds; "
                    "collate and pinning are timed on pre-decoded samples, the rest (IPC: pickling the batch "
@@ -558,13 +562,15 @@ def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 def synthetic_batches(bench: Bench) -> list[Any]:
-    """The first batches the padded loader yields (as many as warm-up and measured steps, at most
-    ``SYNTHETIC_BATCHES``), moved to the device once."""
+    """The first batches the padded loader yields, as many as padded's training run reads in its rounds (at most
+    ``SYNTHETIC_BATCHES``), moved to the device once: the synthetic baseline steps on the same batches per round."""
     a = bench.args
     stream = bench.stream(get_strategy(REFERENCE))
     try:
+        skip = _measure.idle_batches(a.workers)
+        wanted = a.warmup + a.rounds * (skip + 1 + turn_steps(bench))  # what padded's TrainRun reads (its turns)
         return [_measure.to_device(next(stream), bench.device, non_blocking=False)
-                for _ in range(max(1, min(a.warmup + a.steps, SYNTHETIC_BATCHES)))]
+                for _ in range(max(1, min(wanted, SYNTHETIC_BATCHES)))]
     finally:
         stream.close()
 
@@ -610,7 +616,7 @@ def run(args: BenchConfig) -> dict[str, Any]:
     synthetic = {"batches": "the padded loader's own batches, moved to the device once before timing, cycled",
                  **trained[SYNTHETIC]}
     synthetic["drift"] = _measure.spread(synthetic["rounds_samples_per_s"])["spread"]
-    peer, ceiling = peer_figures(loaders, bench), ceiling_figures(loaders, statics)
+    peer, ceiling = peer_figures(loaders, bench), ceiling_figures(loaders, bench)
     freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
     del batches
     reliability = None

@@ -207,7 +207,7 @@ class Decoder:
         # A bound on tokenizer work for huge captions: no word piece is shorter than one character.
         text = text[: self.max_text_len * 32]
         encoder = self._encoder
-        if encoder is None or encoder.tokenizer is not self.tokenizer or encoder.max_length != self.max_text_len:
+        if encoder is None or not encoder.serves(self.tokenizer, self.max_text_len):
             encoder = self._encoder = TextEncoder(self.tokenizer, self.max_text_len)  # NOTE [text encoder]
         return torch.tensor(encoder(text), dtype=torch.int64)
 

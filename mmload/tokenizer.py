@@ -151,7 +151,8 @@ class TextEncoder:
     NOTE [text encoder]: transformers' ``__call__`` spends most of a caption's time in Python (argument checks,
     setting the backend's truncation, a ``BatchEncoding``), and it sets that truncation on the shared tokenizer, so
     threads must take turns. A fast tokenizer's Rust backend, copied once with the truncation and padding the call
-    would set, encodes the same text 2-3x faster per call and leaves the tokenizer alone. A per-sample stream cannot
+    would set (truncation, no padding, ``split_special_tokens``), encodes the same text 2-3x faster per call and
+    leaves the tokenizer alone. A per-sample stream cannot
     batch texts across samples without reading ahead of the position it saves for a resume, so one text at a time
     through the backend is the lever. The first ``CHECK`` texts are encoded both ways; if any differ (a tokenizer
     class that does work in Python, or a slow tokenizer with no backend), every text takes the tokenizer's own call.
@@ -161,12 +162,18 @@ class TextEncoder:
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.vocab = _size(tokenizer)
         self.backend = _truncating_backend(tokenizer, max_length)
         self.checked = 0 if self.backend is not None else self.CHECK
 
+    def serves(self, tokenizer: Any, max_length: int) -> bool:
+        """Whether this encoder still stands for ``tokenizer(..., max_length=max_length)``: the same object, with
+        the tokens it had (``add_tokens`` after the first text makes a new one)."""
+        return tokenizer is self.tokenizer and max_length == self.max_length and _size(tokenizer) == self.vocab
+
     def __call__(self, text: str) -> list[int]:
-        backend = self.backend
-        if self.checked >= self.CHECK:
+        if self.checked >= self.CHECK:  # checked first: past it, the backend no longer changes
+            backend = self.backend
             return backend.encode(text).ids if backend is not None else self._call(text)
         ids = self._call(text)
         with _CALL_LOCK:
@@ -203,10 +210,20 @@ def _truncating_backend(tokenizer: Any, max_length: int) -> Tokenizer | None:
 
 
 def _configured(backend: Tokenizer, tokenizer: Any, max_length: int) -> Tokenizer:
+    """``backend`` set as the tokenizer's call sets its own before encoding: truncation, no padding, and whether
+    special tokens' spellings in a text are split like any other text (``split_special_tokens``)."""
     backend.enable_truncation(max_length, stride=0, strategy="longest_first",
                               direction=getattr(tokenizer, "truncation_side", "right"))
     backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     return backend
+
+
+def _size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
 
 
 def _looks_like_path(name: str) -> bool:

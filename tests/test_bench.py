@@ -9,6 +9,7 @@ import csv
 import json
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,16 @@ def test_every_figure_for_every_strategy(run: tuple[dict, Path]) -> None:
     # one line per target a strategy of the registry promises, in registry order, then the spread of the ratios
     assert [t["target"] for t in result["targets"]][:-1] == [t.name for s in REGISTRY.values() for t in s.targets]
     assert result["targets"][-1]["target"] == "every ratio's spread over rounds <= 10%"
+
+
+def test_the_synthetic_baseline_times_the_batches_padded_timed_in_each_round(run: tuple[dict, Path]) -> None:
+    """Its per-round ratio compares the same batches: the synthetic turn passes over what padded's turn skipped."""
+    result, _ = run
+    padded = result["strategies"]["padded"]["per_step"]
+    keys = ("samples", "real_tokens", "padded_tokens", "bytes")
+    assert len(padded) == result["synthetic"]["steps"]
+    assert [tuple(r[k] for k in keys) for r in padded] == [tuple(r[k] for k in keys)
+                                                          for r in result["synthetic"]["per_step"]]
 
 
 def test_padding_zero_for_nested_positive_for_padded(run: tuple[dict, Path]) -> None:
@@ -213,9 +224,11 @@ def test_the_ceiling_and_the_one_worker_share(run: tuple[dict, Path]) -> None:
     assert c["ceiling_samples_per_s"] > 0 and c["one_worker_samples_per_s"] > 0
     assert c["share_min"] <= c["share"] <= c["share_max"]
     us = c["us_per_sample"]
-    assert set(us) == {"decode", "collate", "pin", "ipc and the rest"} and us["decode"] > 0 and us["collate"] > 0
-    assert sum(us.values()) == pytest.approx(1e6 / c["one_worker_samples_per_s"])  # the parts add up to a sample
-    assert us["pin"] == 0 and not c["pinned"]  # the CPU pins nothing
+    pin = "pin (beside, main process)"
+    assert set(us) == {"decode", "collate", "ipc and the rest", pin} and us["decode"] > 0 and us["collate"] > 0
+    # the worker's parts add up to the 1-worker loader's time per sample; pinning runs beside them
+    assert us["decode"] + us["collate"] + us["ipc and the rest"] == pytest.approx(1e6 / c["one_worker_samples_per_s"])
+    assert us[pin] == 0 and not c["pinned"]  # the CPU pins nothing
     target = next(t for t in result["targets"] if "one-core ceiling" in t["target"])
     assert target["status"] in ("met", "missed") and "samples/s" in target["value"]
     assert "### The one-core ceiling" in (out / "README.md").read_text()
@@ -255,7 +268,10 @@ class _Stream:
 def test_rounds_rotate_the_order_and_every_turn_first_takes_what_an_idle_loader_had_ready() -> None:
     log: list[str] = []
     runs = {n: _measure.LoaderRun(_Stream(log, n), skip=2) for n in "abc"}
-    _measure.interleave(runs, rounds=4, steps=dict.fromkeys("abc", 3), desc="", progress=False)
+    waits: list[int] = []
+    _measure.interleave(runs, rounds=4, steps=dict.fromkeys("abc", 3), desc="", progress=False,
+                        wait=lambda: waits.append(len(log)))
+    assert waits == list(range(0, 60, 5))  # before every turn, nothing taken meanwhile
     turns = [log[i] for i in range(0, len(log), 5)]  # each turn: 2 skipped, 3 timed
     assert turns == list("abc" "bca" "cab" "abc")
     assert all(len(r.turns) == 4 and all(t["batches"] == 3 for t in r.turns) for r in runs.values())
@@ -268,3 +284,23 @@ def test_a_ratio_is_the_median_of_its_rounds_and_a_wide_one_is_flagged() -> None
     wide = _measure.per_round_ratio([10, 20, 30], [10, 10, 10])
     assert wide["median"] == 2 and wide["min"] == 1 and wide["max"] == 3 and wide["spread"] == 1 and wide["flagged"]
     assert not _measure.spread([1.0, 1.1])["flagged"] and _measure.spread([1.0, 1.11])["flagged"]
+
+
+def test_settle_waits_for_a_busy_child_process_to_go_idle() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.6: pass"])
+    try:
+        waited = _measure.settle(quiet_s=0.05, timeout_s=5)
+        assert child.poll() is not None or waited >= 0.4  # it waited for the busy loop to end
+    finally:
+        child.wait()
+    assert _measure.settle(quiet_s=0.05) < 0.5  # nothing busy: one quiet window or two
+
+
+def test_a_run_of_one_strategy_without_a_sweep_or_padded(tmp_path: Path) -> None:
+    result = main(["--quick", "--strategies", "nested", "--rounds", "1", "--sweep-sizes", "none", "--out",
+                   str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--no-progress",
+                   "--reliability-epochs", "0", "--freeze-steps", "0"])
+    assert result["strategies"]["nested"]["status"] == "ok" and result["sweep"] is None
+    assert result["peer"] is None and result["ceiling"] is None
+    spread = result["targets"][-1]
+    assert spread["status"] == "not measured" and "at least 2 rounds" in spread["reason"]

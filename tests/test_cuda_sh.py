@@ -40,7 +40,7 @@ def test_on_the_cpu_it_installs_the_wheels_skips_the_gpu_parts_and_writes_at_mos
     wheels.mkdir()
     _wheel(wheels)
     done = _run("--wheels", str(wheels), "--out", str(out), "--", "--cache-dir", str(tmp_path / "cache"),
-                "--reliability-epochs", "0", cwd=tmp_path)
+                cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (out / "cuda-sh.log").read_text()
     assert "installing 1 wheel(s)" in log and "no CUDA here: pytest -m gpu skipped" in log
@@ -50,7 +50,18 @@ def test_on_the_cpu_it_installs_the_wheels_skips_the_gpu_parts_and_writes_at_mos
     result = json.loads((out / run).read_text())
     assert result["config"]["quick"] and result["machine"]["device"] == "cpu"
     stem = run.removesuffix(".json")
-    assert {f"{stem}.csv", f"{stem}.png", f"{stem}-transfer.png", "README.md", "cuda-sh.log"} <= set(files)
+    assert {f"{stem}.csv", f"{stem}.png", f"{stem}-transfer.png", "README.md", "cuda-sh.log",
+            "reliability.jsonl"} <= set(files)
+    again = _run("--wheels", str(wheels), "--out", str(out), cwd=tmp_path)  # a second run would pass 8 files
+    assert again.returncode == 2 and "is not empty" in again.stderr
+
+
+def test_a_failing_benchmark_fails_the_script(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    done = _run("--wheels", str(wheels), "--out", str(tmp_path / "out"), "--", "--data", str(tmp_path / "none.tar"),
+                cwd=tmp_path)
+    assert done.returncode == 1 and "the benchmark exited 2" in (tmp_path / "out" / "cuda-sh.log").read_text()
 
 
 @pytest.mark.parametrize("args", [(), ("--wheels",), ("--out", "x"), ("--wheels", "/no/such/folder", "--out", "x"),

@@ -124,16 +124,18 @@ def _texts() -> list[str]:
 
 
 @pytest.mark.parametrize("max_length", [2, 5, 128])
-@pytest.mark.parametrize("which", ["default", "trained", "minilm", "left"])
+@pytest.mark.parametrize("which", ["default", "trained", "minilm", "left", "split_special"])
 def test_the_text_encoder_gives_the_tokenizers_own_ids(which: str, max_length: int, request: pytest.FixtureRequest,
                                                        saved: Path) -> None:
     if which == "minilm":
         tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("minilm"))
     elif which == "trained":
         tokenizer = load_tokenizer(str(saved))
-    else:
-        tokenizer = default_tokenizer() if which == "default" else AutoTokenizer.from_pretrained(
-            request.getfixturevalue("minilm"), truncation_side="left")
+    elif which == "default":
+        tokenizer = default_tokenizer()
+    else:  # set at load time: what the call sets on its backend before every text
+        extra = {"truncation_side": "left"} if which == "left" else {"split_special_tokens": True}
+        tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue("minilm"), **extra)
     encoder = TextEncoder(tokenizer, max_length)
     want = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in _texts()]
     assert [encoder(t) for t in _texts()] == want
@@ -178,3 +180,16 @@ def test_a_tokenizer_without_a_backend_is_called() -> None:
     assert encoder.backend is None
     assert [encoder(t) for t in _texts()] == [tokenizer(t, truncation=True, max_length=32)["input_ids"]
                                               for t in _texts()]
+
+
+def test_a_decoder_encodes_with_the_tokens_its_tokenizer_has_now(minilm: str) -> None:
+    """Tokens added after the first text (``add_tokens``) are used from then on, as the tokenizer's call uses them."""
+    from mmload.decode import Decoder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    decoder = Decoder(tokenizer, max_text_len=32)
+    sample = {"__key__": "k", "txt": b"a zzqx b"}
+    before = decoder(sample).ids.tolist()
+    tokenizer.add_tokens(["zzqx"])
+    after = decoder(sample).ids.tolist()
+    assert after == tokenizer("a zzqx b", truncation=True, max_length=32)["input_ids"] != before
