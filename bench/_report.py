@@ -433,7 +433,8 @@ def ceiling_section(result: dict[str, Any]) -> list[str]:
             f"{c['share_max']:.0%}).", "",
             "| per sample | " + " | ".join(us) + " |", "|" + " --- |" * (len(us) + 1),
             "| us | " + " | ".join(f"{v:.0f}" for v in us.values()) + " |", "",
-            "decode, collate and the rest add up to the 1-worker loader's time per sample; pinning runs beside them "
+            "decode, collate and the rest add up to the 1-worker loader's time per sample (the ceiling's over the "
+            "share); pinning runs beside them "
             "in the main process's pin thread" + (" (none on the CPU)" if not c["pinned"] else "") + "; the rest "
             "(IPC, the main process's unpickling) is the difference, so noise between rounds can make it negative."]
 
