@@ -626,7 +626,8 @@ def section(result: dict[str, Any]) -> str:
     c, m = result["config"], result["machine"]
     fz = result.get("freeze")
     lines = [
-        f"## {m['label']}: {m['name']}",
+        f"## {m['label']}: {m['name']}" + (f", batches of --max-tokens {c['max_tokens']}" if c.get("max_tokens")
+                                            else ""),
         "",
         f"Run `{result['run']}` on {result['date']}: commit {_commit(result)}, torch {m['torch']}, "
         f"{m['cpu_count']} CPUs, {_n(result['threads'], 'compute thread')}; {c['preset']} preset, batch "
