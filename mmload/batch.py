@@ -38,15 +38,18 @@ class Batch(TensorBatch):
         raise NotImplementedError(f"{type(self).__name__} must define model_input()")
 
 
-def _image_tokens(images: ImageBatch | None, patch_size: int) -> int:
-    return 0 if images is None else images.tokens(patch_size)
+def _image_tokens(images: ImageBatch | None, patch_size: int) -> dict[str, int]:
+    """``stats()``'s image fields: real and padded image tokens."""
+    if images is None:
+        return {"image_tokens": 0, "padded_image_tokens": 0}
+    return {"image_tokens": images.tokens(patch_size), "padded_image_tokens": images.padded_tokens(patch_size)}
 
 
 def _image_samples(images: ImageBatch | None, keys: list[str]) -> dict[int, Sample]:
     out: dict[int, Sample] = {}
     if images is not None:
         for row, i in enumerate(images.index.tolist()):
-            out[i] = Sample(keys[i], Modality.IMAGE, pixels=images.pixels[row], label=int(images.labels[row]))
+            out[i] = Sample(keys[i], Modality.IMAGE, pixels=images.image(row), label=int(images.labels[row]))
     return out
 
 
@@ -74,7 +77,7 @@ class PaddedBatch(Batch):
         return BatchStats(samples=len(self.keys), images=len(self.image) if self.image is not None else 0,
                           texts=len(self.text) if self.text is not None else 0, real_tokens=real,
                           padded_tokens=total - real, bytes=self.nbytes(), tensors=len(self.tensors()),
-                          image_tokens=_image_tokens(self.image, patch_size))
+                          **_image_tokens(self.image, patch_size))
 
     def unbatch(self) -> list[Sample]:
         out = _image_samples(self.image, self.keys)
@@ -120,9 +123,10 @@ def _shifted(layout: Any, start: int) -> Any:
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class NestedBatch(Batch):
-    """Texts as one jagged tensor; images (all one size after decoding) as one dense tensor.
+    """Texts as one jagged tensor; images as one dense tensor (of several sizes: padded, with ``sizes``).
 
-    The model joins image patch sequences and text sequences into a single jagged sequence batch.
+    The model joins image patch sequences (each of its own length, padding left out) and text sequences into a
+    single jagged sequence batch.
     """
 
     image: ImageBatch | None
@@ -131,10 +135,11 @@ class NestedBatch(Batch):
 
     def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
         real = self.text.values.numel() if self.text is not None else 0
+        # the packed encoder call leaves images' padding out (native resolution: pixels still travel padded)
+        images = {**_image_tokens(self.image, patch_size), "padded_image_tokens": 0}
         return BatchStats(samples=len(self.keys), images=len(self.image) if self.image is not None else 0,
                           texts=len(self.text) if self.text is not None else 0, real_tokens=real,
-                          padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()),
-                          image_tokens=_image_tokens(self.image, patch_size))
+                          padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()), **images)
 
     def unbatch(self) -> list[Sample]:
         out = _image_samples(self.image, self.keys)

@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmload.decode import Decoder
 from mmload.errors import ErrorCounter, log
+from mmload.layouts import PATCH_SIZE
 from mmload.manifest import shard_samples
 from mmload.reader import (
     MAX_MEMBER_BYTES,
@@ -137,6 +138,11 @@ class ShardDataset(StreamDataset):
             ``mmload make-shards`` stored beside the shards, else the bundled bert-base-uncased WordPiece
             (:func:`mmload.tokenizer.default_tokenizer`, logged once).
         image_size: images are decoded to uint8 ``(3, image_size, image_size)``.
+        resolution: ``"square"`` (the default: shorter side resized to ``image_size``, centre crop) or ``"native"``:
+            the aspect ratio kept and the whole image resized to ``(rows * patch_size, cols * patch_size)`` with at
+            most ``max_patches`` patches (Pix2Struct's scale, NOTE [native grid] in :mod:`mmload.decode`); down only
+            unless ``upscale``. ``max_patches`` defaults to the square's grid, ``(image_size / patch_size) ** 2``;
+            ``patch_size`` should be the model's.
         max_text_len: texts are truncated to this many tokens, ``[CLS]`` and ``[SEP]`` included.
         shuffle: shuffle shard order and, through a ``shuffle_buffer`` of raw samples, samples in each shard.
         seed: seed of every shuffle; ``set_epoch`` changes the order from epoch to epoch.
@@ -170,7 +176,8 @@ class ShardDataset(StreamDataset):
                  rank: int | None = None, world_size: int | None = None, max_pixels: int | None = None,
                  max_consecutive_errors: int | None = 1000, max_member_bytes: int = MAX_MEMBER_BYTES,
                  retries: int = 2, read_timeout: float = READ_TIMEOUT, max_sample_bytes: int = MAX_SAMPLE_BYTES,
-                 shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES) -> None:
+                 shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES, resolution: str = "square",
+                 max_patches: int | None = None, patch_size: int = PATCH_SIZE, upscale: bool = False) -> None:
         self.urls = expand_urls(urls)
         if isinstance(tokenizer, str | os.PathLike):
             tokenizer = load_tokenizer(os.fspath(tokenizer), self.urls)
@@ -186,7 +193,8 @@ class ShardDataset(StreamDataset):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self._rank_world = None if rank is None else (rank, world_size)
         decoder_args = {} if max_pixels is None else {"max_pixels": max_pixels}
-        self.decoder = Decoder(tokenizer, image_size=image_size, max_text_len=max_text_len, **decoder_args)
+        self.decoder = Decoder(tokenizer, image_size=image_size, max_text_len=max_text_len, resolution=resolution,
+                               max_patches=max_patches, patch_size=patch_size, upscale=upscale, **decoder_args)
         self.shuffle, self.shuffle_buffer, self.seed, self.strict = shuffle, shuffle_buffer, seed, strict
         self.transform, self.batcher = transform, batcher
         if max_member_bytes < 1 or retries < 0:

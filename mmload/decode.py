@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mmload.errors import ErrorKind, SampleError
+from mmload.layouts import PATCH_SIZE
 from mmload.sample import IGNORE_INDEX, Modality, Sample
 from mmload.tokenizer import LazyDefault, TextEncoder
 
@@ -25,9 +27,49 @@ IDS_KEY = "__ids__"  # token ids given by the caller instead of a text (raw samp
 MAX_PIXELS = 64_000_000  # 8000 x 8000: past it, an image is treated as a decompression bomb
 
 
-def decode_image(data: bytes | Image.Image, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+RESOLUTIONS = ("square", "native")
+
+
+@dataclass(frozen=True)
+class Native:
+    """Images at native resolution (``resolution="native"``): the aspect ratio kept, scaled to at most
+    ``max_patches`` patches of ``patch_size`` pixels (NOTE [native grid])."""
+
+    max_patches: int
+    patch_size: int = PATCH_SIZE
+    upscale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_patches < 1 or self.patch_size < 1:
+            raise ValueError(f"max_patches and patch_size must be >= 1, got {self.max_patches}, {self.patch_size}")
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """``(rows, cols)`` of patches for an image of ``height x width`` pixels.
+
+        NOTE [native grid]: Pix2Struct's aspect-preserving scale, ``factor = sqrt(N * p^2 / (H * W))``, rows =
+        ``floor(factor * H / p)``, cols = ``floor(factor * W / p)``, each at least 1; down only unless ``upscale``
+        (a small image keeps ``floor(H / p) x floor(W / p)``). ``factor * H / p = sqrt(N * H / W)``, so the
+        grid is computed in integers (``isqrt``), where floats would floor 13.999... to 13. A strip so thin that
+        its short side rounds to 0 gets 1 there, and its long side is capped so the grid stays within N.
+        """
+        if height < 1 or width < 1:
+            raise ValueError(f"an image of {width}x{height} pixels has no patch")
+        n, p = self.max_patches, self.patch_size
+        if not self.upscale and n * p * p >= height * width:  # factor >= 1: no scaling up
+            rows, cols = height // p, width // p
+        else:
+            rows, cols = math.isqrt(n * height // width), math.isqrt(n * width // height)
+        rows, cols = max(1, rows), max(1, cols)
+        if rows * cols > n:  # only where a side was raised to 1
+            rows, cols = (rows, n // rows) if rows <= cols else (n // cols, cols)
+        return rows, cols
+
+
+def decode_image(data: bytes | Image.Image, size: int, max_pixels: int = MAX_PIXELS,
+                 native: Native | None = None) -> torch.Tensor:
     """JPEG/PNG/WebP bytes (or an opened PIL image) -> uint8 ``(3, size, size)``: EXIF orientation applied, any mode
-    to RGB (16-bit scaled, not clipped), shorter side resized, centre crop.
+    to RGB (16-bit scaled, not clipped), shorter side resized, centre crop. With ``native``: uint8
+    ``(3, rows * p, cols * p)``, the aspect ratio kept (``Native.grid``), the whole image resized, nothing cropped.
 
     Raises ``SampleError``-free plain exceptions; the caller names the kind.
     """
@@ -35,17 +77,29 @@ def decode_image(data: bytes | Image.Image, size: int, max_pixels: int = MAX_PIX
     w, h = img.size
     if w * h > max_pixels:
         raise ValueError(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    sideways = orientation in (5, 6, 7, 8)  # stored rotated by 90 degrees: width and height swap when applied
+    if native is not None:
+        rows, cols = native.grid(*((w, h) if sideways else (h, w)))
+        target = (cols * native.patch_size, rows * native.patch_size)  # PIL's (width, height), as shown
+        stored = target[::-1] if sideways else target
+    else:
+        target = stored = (size, size)
     if img.format == "JPEG" and not isinstance(data, Image.Image):
         _check_jpeg_size(data, w, h)
-        img.draft("RGB", (size, size))  # DCT-domain downscale: decodes a 640x480 JPEG ~3x faster
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img.draft("RGB", stored)  # DCT-domain downscale: decodes a 640x480 JPEG ~3x faster
+    if orientation != 1:
         img = ImageOps.exif_transpose(img)  # a phone's portrait photo is stored sideways with orientation 6
     if img.mode in WIDE_GREY_MODES:  # 16-bit grey: convert("RGB") would clip every value over 255 to white
         wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
         # mode I holds any int: 16-bit data (a PNG's, in older Pillows) or 8-bit values converted up, kept as they are
         shift = 0 if img.mode == "I" and wide.size and int(wide.max()) <= 255 else 8
         img = Image.fromarray((wide >> shift).astype(np.uint8), "L")
-    img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+    img = img.convert("RGB")
+    if native is not None:
+        img = img.resize(target, Image.Resampling.BILINEAR) if img.size != target else img
+    else:
+        img = ImageOps.fit(img, target, Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # uint8 (3, H, W)
 
 
@@ -89,11 +143,25 @@ class Decoder:
     image_size: int = 224
     max_text_len: int = 512
     max_pixels: int = MAX_PIXELS
+    resolution: str = "square"  # or "native": the aspect ratio kept, at most max_patches patches (NOTE [native grid])
+    max_patches: int | None = None  # native: patches per image (not counting the class token); None: the square's
+    patch_size: int = PATCH_SIZE  # native: the model's patch size
+    upscale: bool = False  # native: scale small images up to max_patches too
     _encoder: TextEncoder | None = field(default=None, init=False, repr=False, compare=False)
+    native: Native | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be 'square' or 'native', got {self.resolution!r}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.max_patches is not None and self.max_patches < 1:
+            raise ValueError(f"max_patches must be >= 1, got {self.max_patches}")
+        if self.resolution == "native":
+            square = max(1, (self.image_size // self.patch_size) ** 2)
+            self.native = Native(self.max_patches or square, self.patch_size, self.upscale)
         if self.max_text_len < 2:
             raise ValueError(f"max_text_len must be >= 2 (room for [CLS] and [SEP]), got {self.max_text_len}")
 
@@ -179,7 +247,7 @@ class Decoder:
         pixels = ids = None
         if modality != Modality.TEXT:
             try:
-                pixels = decode_image(image, self.image_size, self.max_pixels)
+                pixels = decode_image(image, self.image_size, self.max_pixels, self.native)
             except Exception as e:
                 kind = ErrorKind.IMAGE_TOO_LARGE if "max_pixels" in str(e) or isinstance(
                     e, Image.DecompressionBombError) else ErrorKind.IMAGE_DECODE

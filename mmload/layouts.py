@@ -32,31 +32,83 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def image_grids(pixels: torch.Tensor, sizes: torch.Tensor | None, patch_size: int) -> torch.Tensor:
+    """int64 (N, 2): the ``(rows, cols)`` patch grid of each image of ``pixels`` (N, 3, H, W), whose own
+    ``(height, width)`` are ``sizes`` (N, 2) (None: all of H x W)."""
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if sizes is None:
+        h, w = pixels.shape[-2:]
+        return torch.tensor([[h // patch_size, w // patch_size]], device=pixels.device).expand(len(pixels), 2)
+    return sizes // patch_size
+
+
+def patch_mask(pixels: torch.Tensor, sizes: torch.Tensor | None, patch_size: int) -> torch.Tensor | None:
+    """bool (N, 1 + P): True on each image's class token and own patches, row-major over the batch's
+    ``(H / p) x (W / p)`` grid; None without ``sizes`` (no image padded)."""
+    if sizes is None:
+        return None
+    h, w = (d // patch_size for d in pixels.shape[-2:])
+    grids = image_grids(pixels, sizes, patch_size)
+    rows = torch.arange(h, device=grids.device)[None, :, None] < grids[:, None, None, 0]  # (N, h, 1)
+    cols = torch.arange(w, device=grids.device)[None, None, :] < grids[:, None, None, 1]  # (N, 1, w)
+    cls = torch.ones(len(pixels), 1, dtype=torch.bool, device=grids.device)  # (N, 1)
+    return torch.cat([cls, (rows & cols).flatten(1)], dim=1)  # (N, 1 + h*w)
+
+
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class ImageBatch(TensorBatch):
-    """Dense images."""
+    """Dense images; of several sizes (native resolution), each in the top-left of the batch's largest, ``sizes``
+    giving each one's own (the rest is zero padding, masked by the model: ``patch_mask``)."""
 
     pixels: torch.Tensor  # uint8 (N, 3, H, W), normalized on the device by the model
     labels: torch.Tensor  # int64 (N,), IGNORE_INDEX when unlabelled
     index: torch.Tensor  # int64 (N,), see NOTE [index fields]
+    sizes: torch.Tensor | None = None  # int64 (N, 2): each image's (height, width); None: every image is H x W
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
+    def grids(self, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+        """int64 (N, 2): each image's patch grid, ``(rows, cols)``."""
+        return image_grids(self.pixels, self.sizes, patch_size)
+
     def tokens(self, patch_size: int = PATCH_SIZE) -> int:
-        """Encoder positions of these images: ``(H / p) x (W / p)`` patches and a class token each."""
-        if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        """Encoder positions that carry data: each image's ``rows x cols`` patches and its class token."""
+        grids = self.grids(patch_size)
+        return int((grids[:, 0] * grids[:, 1]).sum()) + len(self)
+
+    def padded_tokens(self, patch_size: int = PATCH_SIZE) -> int:
+        """Encoder positions of padding: the batch's grid, ``(H / p) x (W / p)`` per image, less each image's own."""
         h, w = self.pixels.shape[-2:]
-        return len(self) * ((h // patch_size) * (w // patch_size) + 1)
+        return len(self) * ((h // patch_size) * (w // patch_size) + 1) - self.tokens(patch_size)
+
+    def patch_mask(self, patch_size: int = PATCH_SIZE) -> torch.Tensor | None:
+        """bool (N, 1 + P), True on the class token and each image's own patches (row-major over the batch's
+        grid); None when no image is padded."""
+        return patch_mask(self.pixels, self.sizes, patch_size)
+
+    def image(self, row: int) -> torch.Tensor:
+        """uint8 (3, h, w): image ``row`` without its padding."""
+        if self.sizes is None:
+            return self.pixels[row]
+        h, w = self.sizes[row].tolist()
+        return self.pixels[row, :, :h, :w]
 
     def hf_inputs(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """``{"pixel_values": (N, 3, H, W)}``, normalized (``(x / 255 - mean) / std``, ImageNet's by default) on
         the device the pixels are on, for a Hugging Face vision model (``ViTModel(**batch.image.hf_inputs())``);
         pass the model's ``image_processor.image_mean``/``image_std`` (0.5 for Google's ViTs). Rows are in the
-        order of ``index``."""
-        return {"pixel_values": normalize_pixels(self.pixels, mean, std, dtype)}
+        order of ``index``. Images of several sizes add ``pixel_mask`` (N, H, W) int64, 1 on each image's own
+        pixels, as Hugging Face's padding image processors (DETR's) give it."""
+        out = {"pixel_values": normalize_pixels(self.pixels, mean, std, dtype)}
+        if self.sizes is not None:
+            h, w = self.pixels.shape[-2:]
+            rows = torch.arange(h, device=self.sizes.device)[None, :, None] < self.sizes[:, 0, None, None]
+            cols = torch.arange(w, device=self.sizes.device)[None, None, :] < self.sizes[:, 1, None, None]
+            out["pixel_mask"] = (rows & cols).long()  # (N, H, W)
+        return out
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values

@@ -41,7 +41,8 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
 
     A batch is ``batch_size`` samples (32 when neither is given) or, with ``max_tokens`` instead (padded, bucketed
     and nested), as many samples as fit that many tokens: text tokens (the padded size, for padded layouts) plus
-    each image's patches and class token at ``patch_size`` (give the model's; 16 is ViT-B/16's).
+    each image's patches and class token at ``patch_size`` (give the model's; 16 is ViT-B/16's, and
+    ``resolution="native"`` decodes to its grid).
 
     ``strategy`` is a name or a :class:`~mmload.strategy.Strategy` of the registry; ``embeddings`` (a strategy whose
     ``data`` is precomputed) expects shards written by ``mmload precompute``. ``stateful=True`` returns a
@@ -57,12 +58,15 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
     image_size = kwargs.get("image_size", 224)
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if max_tokens is not None and kwargs.get("resolution", "square") != "square":
+        raise ValueError("max_tokens counts every image at the square grid; with resolution='native' give "
+                         "batch_size (token budgets over native grids are not there yet)")
     batcher = strategy.batcher(batch_size, max_tokens=max_tokens,
                                image_tokens=(image_size // patch_size) ** 2 + 1 if max_tokens else None)
     loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}
     if "snapshot_every_n_steps" in loader_kwargs and not stateful:
         raise ValueError("snapshot_every_n_steps is a StatefulDataLoader keyword; pass stateful=True with it")
-    dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, **kwargs)
+    dataset = open_data(data, seed=seed, batcher=batcher, transform=transform, patch_size=patch_size, **kwargs)
     if pin_memory is None:
         pin_memory = torch.accelerator.is_available()
     loader_cls: type[DataLoader] = StatefulLoader if stateful else Loader

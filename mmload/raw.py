@@ -36,6 +36,7 @@ from PIL import Image
 
 from mmload.decode import IDS_KEY, IMAGE_EXTS, Decoder, _infer
 from mmload.errors import ErrorKind, SampleError
+from mmload.layouts import PATCH_SIZE
 from mmload.sample import Modality, Sample
 from mmload.tokenizer import LazyDefault, load_tokenizer
 
@@ -66,11 +67,21 @@ class RawInput:
             does.
         max_text_len: texts are truncated to this many tokens, ``[CLS]`` and ``[SEP]`` included; given
             ``input_ids`` are used as they are.
+        resolution, max_patches, patch_size, upscale: ``resolution="native"`` keeps each image's aspect ratio, at
+            most ``max_patches`` patches of ``patch_size`` (NOTE [native grid] in :mod:`mmload.decode`).
     """
 
     tokenizer: Any = None
     image_size: int = 224
     max_text_len: int = 512
+    resolution: str = "square"
+    max_patches: int | None = None
+    patch_size: int = PATCH_SIZE
+    upscale: bool = False
+
+    def _settings(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "max_text_len": self.max_text_len, "resolution": self.resolution,
+                "max_patches": self.max_patches, "patch_size": self.patch_size, "upscale": self.upscale}
 
     def __post_init__(self) -> None:
         self._decoder()  # checks image_size and max_text_len, loads a tokenizer given by name
@@ -78,14 +89,14 @@ class RawInput:
     def _decoder(self) -> Decoder:
         """The decoder of the current settings (made again when a field was set since)."""
         made = self.__dict__.get("_made")
-        if made is None or made[0] is not self.tokenizer or made[1] != (self.image_size, self.max_text_len):
+        if made is None or made[0] is not self.tokenizer or made[1] != self._settings():
             tokenizer = self.tokenizer
             if tokenizer is None:  # loaded at the first text, once per process
                 tokenizer = LazyDefault("no tokenizer given for raw samples")
             elif isinstance(tokenizer, str | os.PathLike):
                 tokenizer = load_tokenizer(os.fspath(tokenizer))
-            decoder = Decoder(tokenizer, image_size=self.image_size, max_text_len=self.max_text_len)
-            made = self.__dict__["_made"] = (self.tokenizer, (self.image_size, self.max_text_len), decoder)
+            decoder = Decoder(tokenizer, **self._settings())
+            made = self.__dict__["_made"] = (self.tokenizer, self._settings(), decoder)
         return made[2]
 
     def to_samples(self, samples: Sequence[Any]) -> Sequence[Sample]:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mmload.decode import RESOLUTIONS
 from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD
 from mmload.reader import MAX_SAMPLE_BYTES, READ_TIMEOUT, SHUFFLE_BUFFER_BYTES, ReadLimits
 from mmload.strategy import get_strategy
@@ -129,6 +130,8 @@ class TrainConfig:
     read_timeout: float = READ_TIMEOUT
     max_sample_bytes: int = MAX_SAMPLE_BYTES
     shuffle_buffer_bytes: int = SHUFFLE_BUFFER_BYTES
+    resolution: str = "square"  # or "native": each image's aspect ratio, at most max_patches patches
+    max_patches: int | None = None  # native: patches per image; None: the square's grid, (image_size / patch) ** 2
     # model
     preset: str = "small"
     num_classes: int | None = None
@@ -175,6 +178,11 @@ class TrainConfig:
     progress: bool = True
 
     @property
+    def image_kwargs(self) -> dict[str, Any]:
+        """How the run decodes images, as ``ShardDataset`` keywords (``resolution``, ``max_patches``)."""
+        return {"resolution": self.resolution, "max_patches": self.max_patches}
+
+    @property
     def read_limits(self) -> ReadLimits:
         """The read bounds every dataset of the run is made with (``ShardDataset`` keywords)."""
         return ReadLimits(self.read_timeout, self.max_sample_bytes, self.shuffle_buffer_bytes)
@@ -195,6 +203,15 @@ class TrainConfig:
                      "mask_ratio", "weight_decay", "kd_alpha", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
+        if self.max_patches is not None and self.max_patches < 1:
+            raise ValueError(f"--max-patches must be >= 1, got {self.max_patches}")
+        if self.max_patches is not None and self.resolution != "native":
+            raise ValueError("--max-patches sets the native grid; give it with --resolution native")
+        if self.max_tokens is not None and self.resolution == "native":
+            raise ValueError("--max-tokens counts every image at the square grid; with --resolution native give "
+                             "--batch-size (token budgets over native grids are not there yet)")
         if self.max_tokens is not None:
             if self.max_tokens < 1:
                 raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")

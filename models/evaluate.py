@@ -24,14 +24,15 @@ def evaluate(model: nn.Module, data: str | Sequence[str], strategy: str | Strate
 
     No shuffling, one process, masks (and NSP pairs, for a model with the head) from ``seed`` only: every
     strategy sees the same samples with the same masks (batches are built in-process, no DataLoader workers, so
-    the sample set does not depend on worker count). ``read``: the :class:`~mmload.reader.ReadLimits` keywords.
+    the sample set does not depend on worker count). ``read``: the :class:`~mmload.reader.ReadLimits` keywords
+    and how images decode (``resolution``, ``max_patches``).
     """
     raw = unwrap(model)
     config, device = raw.config, raw.mlm_head.out.weight.device
     transform = text_transform(config, tokenizer, seed=seed, mask_prob=mask_prob)
     dataset = open_data(data, seed=seed, tokenizer=tokenizer, shuffle=False, transform=transform, rank=0,
                         world_size=1, image_size=config.image_size, max_text_len=read_text_len(config),
-                        **read)
+                        patch_size=config.patch_size, **read)
     strategy = get_strategy(strategy)
     groups = strategy.group(islice(dataset.samples(), limit_samples), batch_size)
     collate = strategy.collator()

@@ -55,13 +55,17 @@ def _leaves(batch: Any) -> tuple[ModelInput, ...]:
     return leaves
 
 
-def image_rows(batch: Any) -> torch.Tensor | None:
-    """uint8 pixels (Ni, 3, H, W) of every image of ``batch``, by ascending sample index; None without images."""
+def image_rows(batch: Any) -> list[torch.Tensor] | torch.Tensor | None:
+    """uint8 pixels (Ni, 3, H, W) of every image of ``batch``, by ascending sample index; None without images.
+    Images of several sizes (native resolution) come as a list of (3, h, w), each without its padding."""
     images = [leaf.image for leaf in _leaves(batch) if leaf.image is not None]
     if not images:
         return None
-    order = torch.cat([im.index.long() for im in images]).argsort()  # (Ni,)
-    return torch.cat([im.pixels for im in images])[order]  # (Ni, 3, H, W)
+    order = torch.cat([im.index.long() for im in images]).argsort().tolist()
+    if len({im.pixels.shape[-2:] for im in images}) == 1 and all(im.sizes is None for im in images):
+        return torch.cat([im.pixels for im in images])[order]  # (Ni, 3, H, W)
+    every = [im.image(row) for im in images for row in range(len(im))]
+    return [every[i] for i in order]
 
 
 def text_rows(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -143,11 +147,20 @@ class ImageTeacher(nn.Module):
         if pixels is None:
             return None
         if not self.hf:
+            if isinstance(pixels, list):  # native resolution: each image on its own grid
+                return torch.cat([self.model.image_head(self.model.encode_images(p[None])[:, 0]) for p in pixels])
             return self.model.image_head(self.model.encode_images(pixels)[:, 0])  # (Ni, C)
-        x = pixels.float() / 255.0  # (Ni, 3, H, W)
+        # a fixed-size teacher: every image resized to its size here, on the device, for the teacher only
+        if isinstance(pixels, list):
+            x = torch.cat([self._sized(p[None].float() / 255.0) for p in pixels])  # (Ni, 3, S, S)
+        else:
+            x = self._sized(pixels.float() / 255.0)  # (Ni, 3, S, S)
+        return self.model(pixel_values=(x - self.mean) / self.std).logits  # (Ni, C)
+
+    def _sized(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return self.model(pixel_values=(x - self.mean) / self.std).logits  # (Ni, C)
+        return x
 
 
 class ShardImageTeacher(nn.Module):

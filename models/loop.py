@@ -146,7 +146,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
         result = evaluate(model, data, cfg.strategy, tokenizer=tokenizer, limit_samples=cfg.limit_samples,
                           batch_size=cfg.batch_size, seed=cfg.seed, text_loss_weight=cfg.text_loss_weight,
                           mask_prob=cfg.mask_prob, precision=cfg.precision, nsp_weight=cfg.nsp_weight,
-                          **cfg.read_limits.kwargs())
+                          **cfg.image_kwargs, **cfg.read_limits.kwargs())
         if info.is_main:
             print(json.dumps(result), flush=True)
         return {**result, "model": model}
@@ -165,9 +165,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, An
     transform = text_transform(config, tokenizer, seed=cfg.seed, mask_prob=cfg.mask_prob)
 
     def make_epoch_loader(epoch: int) -> Any:
-        size = {"max_tokens": cfg.max_tokens, "patch_size": config.patch_size} if cfg.max_tokens else {
-            "batch_size": cfg.batch_size}
-        return make_loader(cfg.strategy, data, **size, num_workers=cfg.num_workers, stateful=True,
+        size = {"max_tokens": cfg.max_tokens} if cfg.max_tokens else {"batch_size": cfg.batch_size}
+        return make_loader(cfg.strategy, data, **size, patch_size=config.patch_size, **cfg.image_kwargs,
+                           num_workers=cfg.num_workers, stateful=True,
                            transform=transform.for_epoch(epoch), seed=cfg.seed, tokenizer=tokenizer,
                            shuffle=cfg.shuffle, image_size=config.image_size, max_text_len=read_text_len(config),
                            **cfg.read_limits.kwargs())

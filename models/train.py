@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from mmload.commands import HelpFormatter, Parser, add_verbose, run_command
+from mmload.decode import RESOLUTIONS
 from mmload.reader import ReadLimits
 from mmload.strategy import STRATEGIES
 from models.config import FREEZE_MODES, PRECISIONS, ModelConfig, TrainConfig
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="read shards and samples in order (training shuffles by default)")
     ReadLimits.add_arguments(g)
+    g.add_argument("--resolution", default=D.resolution, choices=RESOLUTIONS,
+                   help="square: shorter side resized to --image-size, centre crop; native: each image's aspect "
+                        "ratio kept, scaled (down only) to at most --max-patches patches, batches padded to their "
+                        "largest grid with a patch mask (nested packs only real patches) (default square)")
+    g.add_argument("--max-patches", type=int, metavar="N",
+                   help="--resolution native: patches per image, the class token not counted (default: the square "
+                        "grid, (image size / patch size) ** 2)")
     g.add_argument("--mask-prob", type=float, default=D.mask_prob, help="MLM masking probability per token")
     g.add_argument("--nsp", action="store_true",
                    help="add next-sentence prediction: each long enough text is cut in two segments, kept in order "

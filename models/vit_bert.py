@@ -32,8 +32,10 @@ from mmload.layouts import (
     ModelInput,
     PackedEmbeddings,
     TextBatch,
+    image_grids,
     model_input,
     packed_token_types,
+    patch_mask,
     row_positions,
     token_types,
 )
@@ -231,7 +233,14 @@ def resize_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class ImageTokenizer(nn.Module):
-    """uint8 pixels -> class token + patch tokens with learned 2-D positions."""
+    """uint8 pixels -> class token + patch tokens with learned 2-D positions.
+
+    NOTE [native positions]: an image of any grid (native resolution, ``resolution="native"``) gets the learned
+    grid resized to its own ``rows x cols`` (bicubic, as ViT-BERT fine-tunes at 384 and DeiT and DINO do), not
+    factorized row and column embeddings (NaViT): a Hugging Face ViT checkpoint's grid loads as it is, an image
+    of the trained size gets exactly the trained positions, and nothing new is learned; the cost is one resize
+    per distinct grid of a batch, and native grids repeat.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -258,12 +267,29 @@ class ImageTokenizer(nn.Module):
             return self.pos
         return resize_positions(self.pos, h, w)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, 1+P, D). ``grids`` (N, 2): each image's own ``(rows, cols)`` in the top-left of
+        the batch's grid (images of several sizes, zero-padded); its patches get the positions of its own grid,
+        the padding's are zero (the encoder masks them: ``ImageBatch.patch_mask``)."""
         x = self.patch(self.normalize(pixels))  # (N, D, h, w)
         N, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (N, P, D), P = h*w
         x = torch.cat([self.cls.expand(N, -1, -1), x], dim=1)  # (N, 1+P, D)
-        return self.dropout(x + self.position_embeddings(h, w))  # (N, 1+P, D)
+        return self.dropout(x + self.positions(h, w, grids))  # (N, 1+P, D)
+
+    def positions(self, h: int, w: int, grids: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, 1+h*w, D), or with ``grids`` (N, 1+h*w, D): each image's own grid's positions (NOTE [native
+        positions]) placed in the top-left of the batch's ``h x w`` grid, zero on padding."""
+        if grids is None:
+            return self.position_embeddings(h, w)
+        out = self.pos.new_zeros(len(grids), h, w, self.pos.shape[-1])  # (N, h, w, D)
+        host = grids.tolist()  # a sync on CUDA; few distinct grids per batch
+        for grid in set(map(tuple, host)):
+            r, c = grid
+            rows = [i for i, g in enumerate(host) if tuple(g) == grid]
+            out[rows, :r, :c] = self.position_embeddings(r, c)[0, 1:].view(r, c, -1)
+        cls = self.pos[:, :1].expand(len(grids), 1, -1)  # (N, 1, D)
+        return torch.cat([cls, out.flatten(1, 2)], dim=1)  # (N, 1+h*w, D)
 
 
 class TextTokenizer(nn.Module):
@@ -450,9 +476,14 @@ class ViTBERT(nn.Module):
 
     # ---- encoders: final hidden states, no heads ----
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> (N, 1+P, D); token 0 is the class token."""
-        return self.encoder(self.image(pixels))
+    def encode_images(self, pixels: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, 1+P, D); token 0 is the class token. ``sizes`` (N, 2): each image's own
+        ``(height, width)`` (``ImageBatch.sizes``; the rest is padding, masked): rows of padding come out too,
+        and mean nothing."""
+        if sizes is None:
+            return self.encoder(self.image(pixels))
+        p = self.config.patch_size
+        return self.encoder(self.image(pixels, image_grids(pixels, sizes, p)), mask=patch_mask(pixels, sizes, p))
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) with ``mask`` (B, T) bool, True on real tokens -> (B, T, D)."""
@@ -515,7 +546,7 @@ class ViTBERT(nn.Module):
         if stretches:
             for (side, st), h in zip(stretches, self._encode_packed([st for _, st in stretches])):
                 if side == "image":
-                    images = self._images_packed(h, inp.image)
+                    images = self._images_packed(h, st, inp.image)
                 elif side == "text":
                     mlm, nsp = self._text_packed(h, st, inp.text, _image_index(inp))
                 else:
@@ -533,14 +564,22 @@ class ViTBERT(nn.Module):
         return list(x.split([st.x.shape[0] for st in stretches]))
 
     def _image_stretch(self, images: ImageBatch) -> _Stretch:
-        xi = self.image(images.pixels)  # (Ni, L, D), L = 1+P
-        Ni, L, D = xi.shape
-        offsets = torch.arange(0, Ni * L + 1, L, device=xi.device)  # (Ni+1,)
-        return _Stretch(xi.reshape(Ni * L, D), offsets, L)
+        """Every image's patch sequence (class token first) for the packed encoder call; images of several sizes
+        give sequences of their own lengths, their padding left out."""
+        p = self.config.patch_size
+        if images.sizes is None:
+            xi = self.image(images.pixels)  # (Ni, L, D), L = 1+P
+            Ni, L, D = xi.shape
+            offsets = torch.arange(0, Ni * L + 1, L, device=xi.device)  # (Ni+1,)
+            return _Stretch(xi.reshape(Ni * L, D), offsets, L)
+        grids = images.grids(p)
+        xi = self.image(images.pixels, grids)  # (Ni, 1+P, D), P the batch's grid
+        lengths = grids[:, 0] * grids[:, 1] + 1  # (Ni,)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])  # (Ni+1,)
+        return _Stretch(xi[images.patch_mask(p)], offsets, int(lengths.max()))  # (sum L, D)
 
-    def _images_packed(self, h: torch.Tensor, images: ImageBatch) -> Rows:
-        L = h.shape[0] // len(images)
-        return self._classify(self.image_head, h[::L], images.labels, images.index)  # token 0 of every image
+    def _images_packed(self, h: torch.Tensor, st: _Stretch, images: ImageBatch) -> Rows:
+        return self._classify(self.image_head, h[st.offsets[:-1]], images.labels, images.index)  # class tokens
 
     def _text_stretch(self, text: JaggedText) -> _Stretch:
         x, row, pos = self._embed_text_packed(text.values, text.offsets, text.max_len)  # (sum T, D), (sum T,) x2
@@ -581,7 +620,7 @@ class ViTBERT(nn.Module):
     # ---- pieces shared by the paths ----
 
     def _images_dense(self, images: ImageBatch) -> Rows:
-        x = self.encode_images(images.pixels)  # (Ni, 1+P, D)
+        x = self.encode_images(images.pixels, images.sizes)  # (Ni, 1+P, D)
         return self._classify(self.image_head, x[:, 0], images.labels, images.index)
 
     def _text_dense(self, text: TextBatch, image_index: torch.Tensor) -> tuple[Rows, Rows | None]:

@@ -41,10 +41,15 @@ def image_batch(samples: Sequence[Sample]) -> ImageBatch | None:
     if not rows:
         return None
     shapes = {tuple(s.pixels.shape) for _, s in rows}
-    if len(shapes) > 1:
-        raise ValueError(f"images of one batch must share a size, got {sorted(shapes)}; "
-                         "decode them with a single image_size")
-    return ImageBatch(pixels=torch.stack([s.pixels for _, s in rows]), **labels_and_index(rows))  # (N, 3, H, W)
+    if len(shapes) == 1:
+        return ImageBatch(pixels=torch.stack([s.pixels for _, s in rows]), **labels_and_index(rows))  # (N, 3, H, W)
+    # several sizes (native resolution): each image in the top-left of the largest, its size beside
+    sizes = torch.tensor([s.pixels.shape[-2:] for _, s in rows], dtype=torch.int64)  # (N, 2)
+    height, width = sizes.max(dim=0).values.tolist()
+    pixels = torch.zeros(len(rows), 3, height, width, dtype=torch.uint8)  # (N, 3, H, W)
+    for row, (_, s) in enumerate(rows):
+        pixels[row, :, :s.pixels.shape[-2], :s.pixels.shape[-1]] = s.pixels
+    return ImageBatch(pixels=pixels, sizes=sizes, **labels_and_index(rows))
 
 
 def labels_and_index(rows: Sequence[tuple[int, Sample]]) -> dict[str, torch.Tensor]:
