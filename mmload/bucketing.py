@@ -43,14 +43,17 @@ POOL_BATCHES = 8  # batches' worth a pool holds before it gives one (NOTE [poole
 class Budget:
     """How big one batch is: ``batch_size`` samples, or as many samples as fit ``max_tokens`` tokens.
 
-    Tokens are text tokens plus ``image_tokens`` per image (its patches and class token); with ``padded`` (the
-    padded and bucketed layouts) the texts of a batch cost its longest text each, as the dense tensor holds them.
+    Tokens are text tokens plus, per image, ``image_tokens`` (its patches and class token) or, with ``patch_size``
+    instead, its own grid's (``(H / p) x (W / p)`` patches and the class token: images at native resolution); with
+    ``padded`` (the padded and bucketed layouts) the texts of a batch cost its longest text each and its images
+    the grid of its largest rows and columns each, as the dense tensors hold them.
     """
 
     batch_size: int | None = None
     max_tokens: int | None = None
     image_tokens: int | None = None
     padded: bool = True
+    patch_size: int | None = None  # with max_tokens and no image_tokens: each image costs its own grid
 
     def __post_init__(self) -> None:
         if (self.batch_size is None) == (self.max_tokens is None):
@@ -60,23 +63,37 @@ class Budget:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.max_tokens is not None and self.image_tokens is None:
+        if self.max_tokens is not None and self.image_tokens is None and self.patch_size is None:
             raise ValueError("give image_tokens (the tokens an image costs: patches + class token, e.g. "
-                             "(image_size // patch_size) ** 2 + 1) with max_tokens")
-        if self.image_tokens is None:
+                             "(image_size // patch_size) ** 2 + 1) with max_tokens, or patch_size (each image "
+                             "costs its own grid: images at native resolution)")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.image_tokens is None and self.patch_size is None:
             object.__setattr__(self, "image_tokens", 0)  # a batch_size budget counts no tokens
-        if self.image_tokens < 0:
+        if self.image_tokens is not None and self.image_tokens < 0:
             raise ValueError(f"image_tokens must be >= 0, got {self.image_tokens}")
+
+    def grid(self, sample: Sample) -> tuple[int, int]:
+        """``(rows, cols)`` of ``sample``'s image at ``patch_size``."""
+        h, w = sample.pixels.shape[-2:]
+        return h // self.patch_size, w // self.patch_size
+
+    def image_cost(self, sample: Sample) -> int:
+        """The tokens ``sample``'s own image takes (0 without one)."""
+        if sample.pixels is None:
+            return 0
+        if self.image_tokens is not None:
+            return self.image_tokens
+        rows, cols = self.grid(sample)
+        return rows * cols + 1
 
     def cost(self, samples: Iterable[Sample]) -> int:
         """The tokens of ``samples`` as one batch."""
-        texts = images = longest = total = 0
+        tally = _Tally(self)
         for s in samples:
-            n = s.num_text_tokens
-            texts += s.ids is not None
-            images += s.pixels is not None
-            longest, total = max(longest, n), total + n
-        return (texts * longest if self.padded else total) + images * self.image_tokens
+            tally.add(s)
+        return tally.tokens()
 
     def take(self, samples: Sequence[Any], start: int = 0) -> tuple[int, bool]:
         """How many of ``samples`` (``Sample``s, or held ``(sample, ...)`` tuples), from ``start`` on, make one batch,
@@ -86,14 +103,10 @@ class Budget:
         if self.batch_size is not None:
             n = min(self.batch_size, left)
             return n, n == self.batch_size
-        texts = images = longest = total = 0
+        tally = _Tally(self)
         for i in range(start, len(samples)):
-            s = samples[i] if isinstance(samples[i], Sample) else samples[i][0]
-            n = s.num_text_tokens
-            texts += s.ids is not None
-            images += s.pixels is not None
-            longest, total = max(longest, n), total + n
-            if (texts * longest if self.padded else total) + images * self.image_tokens > self.max_tokens:
+            tally.add(samples[i] if isinstance(samples[i], Sample) else samples[i][0])
+            if tally.tokens() > self.max_tokens:
                 return max(i - start, 1), True
         return left, False
 
@@ -104,13 +117,40 @@ class Budget:
         """What ``max_buffered`` counts: samples (with ``batch_size``), or their own tokens (with ``max_tokens``)."""
         if self.batch_size is not None:
             return sum(1 for _ in samples)
-        return sum(s.num_text_tokens + (s.pixels is not None) * self.image_tokens for s in samples)
+        return sum(s.num_text_tokens + self.image_cost(s) for s in samples)
 
     @property
     def batch_samples(self) -> int:
         """About how many samples a batch holds, for default bounds (a token budget taken as 16 tokens a sample: a
         short caption, or an image at a small patch grid)."""
         return self.batch_size if self.batch_size is not None else max(1, self.max_tokens // 16)
+
+
+class _Tally:
+    """A batch's tokens as :class:`Budget` counts them, one sample at a time."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.texts = self.longest = self.total = 0
+        self.images = self.own = self.rows = self.cols = 0
+
+    def add(self, s: Sample) -> None:
+        n = s.num_text_tokens
+        self.texts += s.ids is not None
+        self.longest, self.total = max(self.longest, n), self.total + n
+        if s.pixels is not None:
+            self.images += 1
+            self.own += self.budget.image_cost(s)
+            if self.budget.image_tokens is None:
+                rows, cols = self.budget.grid(s)
+                self.rows, self.cols = max(self.rows, rows), max(self.cols, cols)
+
+    def tokens(self) -> int:
+        b = self.budget
+        text = self.texts * self.longest if b.padded else self.total
+        if b.image_tokens is not None or not b.padded:
+            return text + self.own
+        return text + self.images * (self.rows * self.cols + 1)  # images padded to the batch's largest grid
 
 
 @dataclass
@@ -148,7 +188,8 @@ class BucketBatcher(RawInput):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.budget = Budget(self.batch_size, self.max_tokens, self.image_tokens, padded=True)
+        self.budget = Budget(self.batch_size, self.max_tokens, self.image_tokens, padded=True,
+                             patch_size=self.patch_size if self.max_tokens is not None else None)
         if not isinstance(self.pool_batches, int) or self.pool_batches < 1:
             raise ValueError(f"pool_batches must be an int >= 1, got {self.pool_batches!r}")
         per_batch = self.batch_size if self.batch_size is not None else self.max_tokens
@@ -192,7 +233,8 @@ class TokenBatcher(RawInput):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.budget = Budget(max_tokens=self.max_tokens, image_tokens=self.image_tokens, padded=self.padded)
+        self.budget = Budget(max_tokens=self.max_tokens, image_tokens=self.image_tokens, padded=self.padded,
+                             patch_size=self.patch_size)
 
     __call__ = BucketBatcher.__call__  # the same stage over its own holder
 
@@ -397,10 +439,10 @@ def _best_window(budget: Budget, by_length: list[HeldItem], must_hold: int | Non
     given); None if there is none. Waste is the padding's share (``batch_size``), or the share of ``max_tokens`` not
     spent on real tokens (padding, or room left over)."""
     lengths = [s.num_text_tokens for s, _, _ in by_length]
-    prefix, images = [0], [0]
+    prefix, images = [0], [0]  # text tokens, and images' own tokens, before each position
     for (s, _, _), n in zip(by_length, lengths):
         prefix.append(prefix[-1] + n)
-        images.append(images[-1] + (s.pixels is not None))
+        images.append(images[-1] + (budget.image_cost(s) if budget.batch_size is None else 0))
     best, least = None, 2.0
     for start in range(len(by_length) if must_hold is None else must_hold + 1):
         if budget.batch_size is not None:
@@ -417,7 +459,7 @@ def _best_window(budget: Budget, by_length: list[HeldItem], must_hold: int | Non
         if padding > max_padding:
             continue
         if budget.batch_size is None:
-            waste = 1 - (real + (images[stop] - images[start]) * budget.image_tokens) / budget.max_tokens
+            waste = 1 - (real + images[stop] - images[start]) / budget.max_tokens
         else:
             waste = padding
         if waste < least:

@@ -32,6 +32,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 (3, h, w) images -> ``(pixels, sizes)``: one (N, 3, H, W) tensor, each image in the top-left of the
+    largest, and each one's ``(height, width)`` (None when they share one size: stacked as they are)."""
+    if len({tuple(im.shape) for im in images}) == 1:
+        return torch.stack(list(images)), None  # (N, 3, H, W)
+    sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.int64)  # (N, 2)
+    height, width = sizes.max(dim=0).values.tolist()
+    pixels = images[0].new_zeros(len(images), 3, height, width)  # (N, 3, H, W)
+    for row, im in enumerate(images):
+        pixels[row, :, :im.shape[-2], :im.shape[-1]] = im
+    return pixels, sizes
+
+
 def image_grids(pixels: torch.Tensor, sizes: torch.Tensor | None, patch_size: int) -> torch.Tensor:
     """int64 (N, 2): the ``(rows, cols)`` patch grid of each image of ``pixels`` (N, 3, H, W), whose own
     ``(height, width)`` are ``sizes`` (N, 2) (None: all of H x W)."""
@@ -101,7 +114,8 @@ class ImageBatch(TensorBatch):
         the device the pixels are on, for a Hugging Face vision model (``ViTModel(**batch.image.hf_inputs())``);
         pass the model's ``image_processor.image_mean``/``image_std`` (0.5 for Google's ViTs). Rows are in the
         order of ``index``. Images of several sizes add ``pixel_mask`` (N, H, W) int64, 1 on each image's own
-        pixels, as Hugging Face's padding image processors (DETR's) give it."""
+        pixels, as Hugging Face's padding image processors (DETR's) give it: only models that read a pixel mask
+        use it; a ViT would attend to the padding, so give it one image at a time (``image(row)``) or resized."""
         out = {"pixel_values": normalize_pixels(self.pixels, mean, std, dtype)}
         if self.sizes is not None:
             h, w = self.pixels.shape[-2:]

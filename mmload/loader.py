@@ -58,11 +58,11 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
     image_size = kwargs.get("image_size", 224)
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-    if max_tokens is not None and kwargs.get("resolution", "square") != "square":
-        raise ValueError("max_tokens counts every image at the square grid; with resolution='native' give "
-                         "batch_size (token budgets over native grids are not there yet)")
-    batcher = strategy.batcher(batch_size, max_tokens=max_tokens,
-                               image_tokens=(image_size // patch_size) ** 2 + 1 if max_tokens else None)
+    # a token budget counts a square image at the square grid, a native one at its own (and its batch's largest)
+    native = kwargs.get("resolution", "square") == "native"
+    image_tokens = (image_size // patch_size) ** 2 + 1 if max_tokens and not native else None
+    batcher = strategy.batcher(batch_size, max_tokens=max_tokens, image_tokens=image_tokens,
+                               patch_size=patch_size if max_tokens and native else None)
     loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}
     if "snapshot_every_n_steps" in loader_kwargs and not stateful:
         raise ValueError("snapshot_every_n_steps is a StatefulDataLoader keyword; pass stateful=True with it")

@@ -132,6 +132,9 @@ def _records(batch: PaddedBatch, image_enc: FeatureEncoder | None, text_enc: Fea
         if image_enc is None:
             raise ValueError(f"shards hold images (e.g. key {batch.keys[int(batch.image.index[0])]!r}) but no "
                              "image encoder was given; pass --encoder image=PATH or an mmload checkpoint")
+        if batch.image.sizes is not None:
+            raise ValueError("precompute embeds images of one size: images of several sizes (resolution='native') "
+                             "are not embedded yet; decode at the square size")
         feats = image_enc.images(batch.image.pixels.to(device)).float().cpu()  # (N, L, D)
         # The teacher gives rows by ascending sample index, the order PaddedCollator put the images in.
         logits = None if teacher is None else teacher(batch.to(device)).float().cpu()  # (N, C)

@@ -68,7 +68,8 @@ class RawInput:
         max_text_len: texts are truncated to this many tokens, ``[CLS]`` and ``[SEP]`` included; given
             ``input_ids`` are used as they are.
         resolution, max_patches, patch_size, upscale: ``resolution="native"`` keeps each image's aspect ratio, at
-            most ``max_patches`` patches of ``patch_size`` (NOTE [native grid] in :mod:`mmload.decode`).
+            most ``max_patches`` patches of ``patch_size`` (default 16; NOTE [native grid] in :mod:`mmload.decode`).
+            A batcher with ``max_tokens`` and no ``image_tokens`` counts each image's own grid at ``patch_size``.
     """
 
     tokenizer: Any = None
@@ -76,12 +77,13 @@ class RawInput:
     max_text_len: int = 512
     resolution: str = "square"
     max_patches: int | None = None
-    patch_size: int = PATCH_SIZE
+    patch_size: int | None = None  # None: 16 (ViT-B/16's) for the native grid; a batcher's token budget needs one
     upscale: bool = False
 
     def _settings(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "max_text_len": self.max_text_len, "resolution": self.resolution,
-                "max_patches": self.max_patches, "patch_size": self.patch_size, "upscale": self.upscale}
+                "max_patches": self.max_patches, "patch_size": self.patch_size or PATCH_SIZE,
+                "upscale": self.upscale}
 
     def __post_init__(self) -> None:
         self._decoder()  # checks image_size and max_text_len, loads a tokenizer given by name

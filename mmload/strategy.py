@@ -101,11 +101,13 @@ class Strategy:
         return self.collator_factory(pack, ids_dtype)
 
     def batcher(self, batch_size: int | None = None, *, max_tokens: int | None = None,
-                image_tokens: int | None = None) -> Callable[[Iterable[Sample]], Iterator[list[Sample]]] | None:
+                image_tokens: int | None = None,
+                patch_size: int | None = None) -> Callable[[Iterable[Sample]], Iterator[list[Sample]]] | None:
         """The stream stage that groups samples into batches (in the loader's workers), or None: the DataLoader
         batches ``batch_size`` consecutive samples. With ``max_tokens`` instead of ``batch_size``, a batch holds as
         many samples as fit that many tokens (text tokens as ``token_layout`` counts them, plus ``image_tokens`` per
-        image: its patches and class token)."""
+        image: its patches and class token; or, with ``patch_size`` instead, each image's own grid: native
+        resolution)."""
         if (batch_size is None) == (max_tokens is None):
             raise ValueError(f"give batch_size or max_tokens, not both nor neither (got batch_size={batch_size}, "
                              f"max_tokens={max_tokens})")
@@ -114,18 +116,18 @@ class Strategy:
                 raise ValueError(f"the {self.name} strategy takes no token budget (max_tokens): its batches are "
                                  f"{'one encoder call per sample' if self.one_call_per_sample else 'precomputed'}"
                                  "; give batch_size")
+            budget = {"max_tokens": max_tokens, "image_tokens": image_tokens, "patch_size": patch_size}
             if self.batcher_factory is not None:  # a grouping stage of its own takes the budget
-                return self.batcher_factory(max_tokens=max_tokens, image_tokens=image_tokens)
-            return TokenBatcher(max_tokens=max_tokens, image_tokens=image_tokens,
-                                padded=self.token_layout == "padded")
+                return self.batcher_factory(**budget)
+            return TokenBatcher(**budget, padded=self.token_layout == "padded")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return None if self.batcher_factory is None else self.batcher_factory(batch_size)
 
     def group(self, samples: Iterable[Sample], batch_size: int | None = None, *, max_tokens: int | None = None,
-              image_tokens: int | None = None) -> Iterator[list[Sample]]:
+              image_tokens: int | None = None, patch_size: int | None = None) -> Iterator[list[Sample]]:
         """Lists of samples as this strategy's loader groups them, in this process (evaluation, benchmarks)."""
-        batcher = self.batcher(batch_size, max_tokens=max_tokens, image_tokens=image_tokens)
+        batcher = self.batcher(batch_size, max_tokens=max_tokens, image_tokens=image_tokens, patch_size=patch_size)
         return batcher(samples) if batcher is not None else _chunks(iter(samples), batch_size)
 
     @property

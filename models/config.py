@@ -209,9 +209,6 @@ class TrainConfig:
             raise ValueError(f"--max-patches must be >= 1, got {self.max_patches}")
         if self.max_patches is not None and self.resolution != "native":
             raise ValueError("--max-patches sets the native grid; give it with --resolution native")
-        if self.max_tokens is not None and self.resolution == "native":
-            raise ValueError("--max-tokens counts every image at the square grid; with --resolution native give "
-                             "--batch-size (token budgets over native grids are not there yet)")
         if self.max_tokens is not None:
             if self.max_tokens < 1:
                 raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")

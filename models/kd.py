@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmload.layouts import ModelInput, model_input
+from mmload.layouts import ModelInput, model_input, pad_images
 from mmload.sample import IGNORE_INDEX
 
 
@@ -64,7 +64,10 @@ def image_rows(batch: Any) -> list[torch.Tensor] | torch.Tensor | None:
     order = torch.cat([im.index.long() for im in images]).argsort().tolist()
     if len({im.pixels.shape[-2:] for im in images}) == 1 and all(im.sizes is None for im in images):
         return torch.cat([im.pixels for im in images])[order]  # (Ni, 3, H, W)
-    every = [im.image(row) for im in images for row in range(len(im))]
+    every = []
+    for im in images:  # each image without its padding; one host read of the sizes per part
+        sizes = im.sizes.tolist() if im.sizes is not None else [im.pixels.shape[-2:]] * len(im)
+        every += [im.pixels[row, :, :h, :w] for row, (h, w) in enumerate(sizes)]
     return [every[i] for i in order]
 
 
@@ -147,9 +150,8 @@ class ImageTeacher(nn.Module):
         if pixels is None:
             return None
         if not self.hf:
-            if isinstance(pixels, list):  # native resolution: each image on its own grid
-                return torch.cat([self.model.image_head(self.model.encode_images(p[None])[:, 0]) for p in pixels])
-            return self.model.image_head(self.model.encode_images(pixels)[:, 0])  # (Ni, C)
+            pixels, sizes = pad_images(pixels) if isinstance(pixels, list) else (pixels, None)  # native: padded
+            return self.model.image_head(self.model.encode_images(pixels, sizes)[:, 0])  # (Ni, C)
         # a fixed-size teacher: every image resized to its size here, on the device, for the teacher only
         if isinstance(pixels, list):
             x = torch.cat([self._sized(p[None].float() / 255.0) for p in pixels])  # (Ni, 3, S, S)

@@ -271,6 +271,11 @@ class ImageTokenizer(nn.Module):
         """uint8 (N, 3, H, W) -> (N, 1+P, D). ``grids`` (N, 2): each image's own ``(rows, cols)`` in the top-left of
         the batch's grid (images of several sizes, zero-padded); its patches get the positions of its own grid,
         the padding's are zero (the encoder masks them: ``ImageBatch.patch_mask``)."""
+        p = self.patch.kernel_size[0]
+        if pixels.shape[-1] % p or pixels.shape[-2] % p:
+            raise ValueError(f"images of {pixels.shape[-2]}x{pixels.shape[-1]} pixels are not whole patches of the "
+                             f"model's patch_size {p}: decode at a multiple of it (native resolution: "
+                             f"patch_size={p} on the dataset or make_loader)")
         x = self.patch(self.normalize(pixels))  # (N, D, h, w)
         N, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (N, P, D), P = h*w
@@ -284,6 +289,9 @@ class ImageTokenizer(nn.Module):
             return self.position_embeddings(h, w)
         out = self.pos.new_zeros(len(grids), h, w, self.pos.shape[-1])  # (N, h, w, D)
         host = grids.tolist()  # a sync on CUDA; few distinct grids per batch
+        if any(r < 1 or c < 1 for r, c in host):
+            raise ValueError(f"an image smaller than one patch of {self.patch.kernel_size[0]} pixels: decode "
+                             "native-resolution images with the model's patch_size")
         for grid in set(map(tuple, host)):
             r, c = grid
             rows = [i for i, g in enumerate(host) if tuple(g) == grid]
@@ -483,7 +491,15 @@ class ViTBERT(nn.Module):
         if sizes is None:
             return self.encoder(self.image(pixels))
         p = self.config.patch_size
-        return self.encoder(self.image(pixels, image_grids(pixels, sizes, p)), mask=patch_mask(pixels, sizes, p))
+        return self.encoder(self.image(pixels, self._grids(pixels, sizes)), mask=patch_mask(pixels, sizes, p))
+
+    def _grids(self, pixels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """Each image's patch grid (N, 2); an image not made of whole patches is an error, not floored."""
+        p = self.config.patch_size
+        if bool((sizes % p).any()):  # a sync on CUDA, beside the one positions() takes
+            raise ValueError(f"image sizes {sizes.tolist()} are not whole patches of the model's patch_size {p}: "
+                             f"decode native-resolution images with patch_size={p} (dataset or make_loader)")
+        return image_grids(pixels, sizes, p)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) with ``mask`` (B, T) bool, True on real tokens -> (B, T, D)."""
@@ -572,7 +588,7 @@ class ViTBERT(nn.Module):
             Ni, L, D = xi.shape
             offsets = torch.arange(0, Ni * L + 1, L, device=xi.device)  # (Ni+1,)
             return _Stretch(xi.reshape(Ni * L, D), offsets, L)
-        grids = images.grids(p)
+        grids = self._grids(images.pixels, images.sizes)
         xi = self.image(images.pixels, grids)  # (Ni, 1+P, D), P the batch's grid
         lengths = grids[:, 0] * grids[:, 1] + 1  # (Ni,)
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])  # (Ni+1,)

@@ -77,7 +77,6 @@ TABLE = [
     ("train", ["--resolution", "big"], 2, "invalid choice: 'big'"),
     ("train", ["--max-patches", "16"], 2, "--max-patches sets the native grid; give it with --resolution native"),
     ("train", ["--resolution", "native", "--max-patches", "0"], 2, "--max-patches must be >= 1, got 0"),
-    ("train", ["--resolution", "native", "--max-tokens", "512"], 2, "--max-tokens counts every image at the square"),
     ("train", ["--batch-size", "x"], 2, "invalid int value: 'x'"),
     ("train", ["--lr", "0"], 2, "--lr must be > 0"),
     ("train", ["--data", "{SHARDS}", "--tokenizer", "./no-such-tokenizer", "--steps", "1"], 2,

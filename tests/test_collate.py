@@ -133,8 +133,8 @@ def test_collators_validate() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         PaddedCollator(ids_dtype=torch.int16)([big])
     mixed = make_samples(3, image_size=32) + make_samples(3, image_size=16, seed=1)
-    with pytest.raises(ValueError, match="share a size"):
-        PaddedCollator()(mixed)
+    images = PaddedCollator()(mixed).image  # several sizes (native resolution): padded, each size beside
+    assert images.sizes.tolist() == [[32, 32]] * 2 + [[16, 16]] * 2 and images.pixels.shape[-2:] == (32, 32)
 
 
 def test_batch_types_survive_the_dataloader_pin_thread(samples: list[Sample]) -> None:

@@ -216,3 +216,40 @@ def test_hf_inputs_of_mixed_sizes_carry_a_pixel_mask(mixed: list[Sample]) -> Non
     assert mask.sum(dim=(1, 2)).tolist() == [h * w for h, w in images.sizes.tolist()]
     one_size = PaddedCollator()([s for s in mixed if s.pixels is None][:1] + mixed[:1]).image
     assert "pixel_mask" not in one_size.hf_inputs()
+
+
+def test_images_not_made_of_the_models_patches_are_an_error_not_floored() -> None:
+    model = ViTBERT(tiny())  # patch 8
+    with pytest.raises(ValueError, match="not whole patches of the model's patch_size 8"):
+        model.encode_images(torch.zeros(1, 3, 36, 32, dtype=torch.uint8))  # per-sample: one image decoded at p=12
+    with pytest.raises(ValueError, match=r"image sizes \[\[16, 16\], \[12, 16\]\] are not whole patches"):
+        model.encode_images(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.tensor([[16, 16], [12, 16]]))
+
+
+def test_precompute_refuses_images_of_several_sizes(mixed: list[Sample]) -> None:
+    from mmload.precompute import _records
+
+    with pytest.raises(ValueError, match="images of several sizes"):
+        list(_records(PaddedCollator()(mixed), object(), None, True, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("strategy", ["padded", "bucketed", "nested"])
+def test_token_budgets_count_each_image_at_its_own_grid(strategy: str, img2dataset_shards: list[str]) -> None:
+    """Images at native resolution cost their own grids (padded layouts: the batch's largest rows and columns,
+    as the dense tensor holds them); every batch fits the budget and stats() counts what the budget counts."""
+    from mmload import make_loader
+    from mmload.bucketing import Budget
+
+    budget = 160
+    loader = make_loader(strategy, img2dataset_shards, max_tokens=budget, patch_size=P, num_workers=0,
+                         image_size=32, resolution="native", max_patches=16)
+    counter = Budget(max_tokens=budget, patch_size=P, padded=strategy != "nested")
+    seen = 0
+    for batch in loader:
+        stats = batch.stats(P)
+        tokens = stats.real_tokens + stats.padded_tokens + stats.image_tokens + stats.padded_image_tokens
+        samples = batch.unbatch()
+        assert tokens == counter.cost(samples)
+        assert tokens <= budget or len(samples) == 1
+        seen += len(samples)
+    assert seen == 24

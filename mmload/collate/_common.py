@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mmload.batch import ImageBatch
+from mmload.layouts import pad_images
 from mmload.sample import IGNORE_INDEX, Sample
 
 ID_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -40,15 +41,8 @@ def image_batch(samples: Sequence[Sample]) -> ImageBatch | None:
     rows = [(i, s) for i, s in enumerate(samples) if s.pixels is not None]
     if not rows:
         return None
-    shapes = {tuple(s.pixels.shape) for _, s in rows}
-    if len(shapes) == 1:
-        return ImageBatch(pixels=torch.stack([s.pixels for _, s in rows]), **labels_and_index(rows))  # (N, 3, H, W)
     # several sizes (native resolution): each image in the top-left of the largest, its size beside
-    sizes = torch.tensor([s.pixels.shape[-2:] for _, s in rows], dtype=torch.int64)  # (N, 2)
-    height, width = sizes.max(dim=0).values.tolist()
-    pixels = torch.zeros(len(rows), 3, height, width, dtype=torch.uint8)  # (N, 3, H, W)
-    for row, (_, s) in enumerate(rows):
-        pixels[row, :, :s.pixels.shape[-2], :s.pixels.shape[-1]] = s.pixels
+    pixels, sizes = pad_images([s.pixels for _, s in rows])  # (N, 3, H, W), (N, 2) or None
     return ImageBatch(pixels=pixels, sizes=sizes, **labels_and_index(rows))
 
 
