@@ -21,6 +21,8 @@ padding stays within ``max_padding``; batches are full where the data has enough
 ``max_wait``; what is not full is counted. A rare modality with spread-out lengths (texts 1 in 9, lognormal) fills
 a share of its batches that grows with ``max_wait``; a token budget (``max_tokens``) fills them whatever the
 lengths, since a batch of long texts holds fewer of them. Every sample comes out exactly once.
+Images pool by size (``pool_key``): square images share one pool; at native resolution each size has its own, so
+an image batch holds one grid and no image padding (Energon's aspect-ratio grouping, exact).
 """
 
 from __future__ import annotations
@@ -289,6 +291,17 @@ class Run:
 HeldItem = tuple[Sample, Any, int]  # (sample, the caller's tag, arrival number)
 
 
+def pool_key(sample: Sample) -> str:
+    """The pool a sample waits in: its modality, and for an image its size (``"image 48x96"``), so that images at
+    native resolution batch with their own grid, unpadded (as Energon groups by aspect ratio); square images
+    share one pool. Texts and pairs pool by modality and are grouped by text length within."""
+    key = Modality(sample.modality).value
+    if sample.modality == Modality.IMAGE and sample.pixels is not None:
+        h, w = sample.pixels.shape[-2:]
+        return f"{key} {h}x{w}"
+    return key
+
+
 class Held:
     """What a :class:`BucketBatcher` holds for one stream: a pool per modality of samples, each with a tag of the
     caller's (a stream position, say) and its arrival number. ``add`` puts one sample in and returns the batches
@@ -307,7 +320,7 @@ class Held:
         """Hold ``sample`` (arrival: its number when restoring what was held, else the next one)."""
         if arrival is None:
             arrival, self.arrivals = self.arrivals, self.arrivals + 1
-        key = Modality(sample.modality).value
+        key = pool_key(sample)
         pool = self.pools.setdefault(key, [])
         pool.append((sample, tag, arrival))
         if len(pool) > 1 and pool[-2][2] > arrival:  # restored out of order: keep arrival order
@@ -354,7 +367,7 @@ class Held:
         budget = self.batcher.budget
         if budget.oversized(self.pools[key][-1][0]):
             return True
-        k = 1 if key == Modality.IMAGE.value else self.batcher.pool_batches
+        k = 1 if key.split(" ")[0] == Modality.IMAGE.value else self.batcher.pool_batches
         return self.sizes[key] >= k * (budget.batch_size or budget.max_tokens)
 
     def _cut(self, key: str, reason: str | None) -> list[list[tuple[Sample, Any]]]:

@@ -253,3 +253,18 @@ def test_token_budgets_count_each_image_at_its_own_grid(strategy: str, img2datas
         assert tokens <= budget or len(samples) == 1
         seen += len(samples)
     assert seen == 24
+
+
+def test_bucketed_batches_hold_one_image_size_each(builtin_shards: list[str]) -> None:
+    """Images pool by size at native resolution: no image batch pads a patch, and every sample comes out once."""
+    from conftest import assert_exactly_once
+
+    from mmload import make_loader
+
+    loader = make_loader("bucketed", builtin_shards, batch_size=8, num_workers=2, image_size=32,
+                         resolution="native", max_patches=16, patch_size=P)
+    batches = list(loader)
+    image_batches = [b for b in batches if b.image is not None and b.text is None]
+    assert len({tuple(b.image.pixels.shape[-2:]) for b in image_batches}) > 3  # several grids, one per batch
+    assert all(b.image.sizes is None and b.stats(P).padded_image_tokens == 0 for b in image_batches)
+    assert_exactly_once(batches, [s.key for s in ShardDataset(builtin_shards, image_size=32)])
