@@ -240,7 +240,8 @@ def _elastic_cell(e: dict[str, Any] | None) -> str:
 
 CSV_COLUMNS = ("strategy", "status", "steps", "samples_per_s", "vs_padded", "real_tokens_per_s", "ms_per_batch",
                "ms_per_sample", "data_wait_ms", "transfer_ms", "forward_ms", "backward_ms", "optimizer_ms",
-               "data_wait_share", "real_tokens", "padded_tokens", "padding_fraction", "bytes_per_batch",
+               "data_wait_share", "real_tokens", "padded_tokens", "padding_fraction", "image_tokens",
+               "padded_image_tokens", "image_padding_fraction", "bytes_per_batch",
                "copies_per_batch", "unpacked_bytes_per_batch", "unpacked_copies_per_batch",
                "packed_bytes_per_batch", "packed_copies_per_batch", "copy_variant", "copy_ms_per_batch", "copy_GBps",
                "fraction_of_reference", "loader_samples_per_s", "loader_real_tokens_per_s", "collate_ms_per_batch",
@@ -494,9 +495,10 @@ def table_text(result: dict[str, Any]) -> str:
     copy_kind = "h2d" if cuda else "host memcpy"
     lines += ["", "| strategy | loader alone samples/s | loader text tokens/s | collate ms/batch | fill (asked) | "
                   "samples/batch (min-max) | tokens/batch (min-max) | real tokens | "
-                  "padded tokens | padding | bytes/batch (as loaded) | copies/batch (as loaded) | copies unpacked -> "
+                  "padded tokens | padding | image padding | bytes/batch (as loaded) | copies/batch (as loaded) | "
+                  "copies unpacked -> "
                   f"packed | {copy_kind} ms/batch | {copy_kind} GB/s | RSS start -> end |",
-              "|" + " --- |" * 16]
+              "|" + " --- |" * 17]
     for s, r in ok.items():
         tr, p, m, f = r["transfer"], r["padding"], r["memory"], r["fill"]
         asked = f"{f['asked']['batch_size']} samples" if f["by"] == "samples" else f"{f['asked']['max_tokens']} tokens"
@@ -506,7 +508,8 @@ def table_text(result: dict[str, Any]) -> str:
             f"{f['samples']['mean']:.1f} ({f['samples']['min']:g}-{f['samples']['max']:g}) | "
             f"{f['tokens']['mean']:.0f} ({f['tokens']['min']:g}-{f['tokens']['max']:g}) | "
             f"{p['real_tokens']} | {p['padded_tokens']} | "
-            f"{p['padding_fraction']:.1%} | {_kb(tr['as_loaded']['bytes_per_batch'])} | "
+            f"{p['padding_fraction']:.1%} | {_f(p.get('image_padding_fraction'), '{:.1%}')} | "
+            f"{_kb(tr['as_loaded']['bytes_per_batch'])} | "
             f"{tr['as_loaded']['copies_per_batch']:.1f}{' (packed)' if tr['as_loaded']['packed'] else ''} | "
             f"{tr['unpacked']['copies_per_batch']:.1f} -> {tr['packed']['copies_per_batch']:.0f} | "
             f"{tr['ms_per_batch']:.3f} | {tr['GBps']:.2f} | {_mb(m['rss_start_bytes'])} -> {_mb(m['rss_end_bytes'])} |")
@@ -627,7 +630,9 @@ def section(result: dict[str, Any]) -> str:
     fz = result.get("freeze")
     lines = [
         f"## {m['label']}: {m['name']}" + (f", batches of --max-tokens {c['max_tokens']}" if c.get("max_tokens")
-                                            else ""),
+                                            else "")
+        + (f", images at native resolution (at most {c.get('max_patches') or 'the square grid of'} patches)"
+           if c.get("resolution") == "native" else ""),
         "",
         f"Run `{result['run']}` on {result['date']}: commit {_commit(result)}, torch {m['torch']}, "
         f"{m['cpu_count']} CPUs, {_n(result['threads'], 'compute thread')}; {c['preset']} preset, batch "
@@ -684,10 +689,11 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 
 def newest_per_device(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest run per device and batching (``--batch-size`` or ``--max-tokens``)."""
+    """The newest run per device, batching (``--batch-size`` or ``--max-tokens``) and resolution."""
     newest: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
-        key = (r["machine"]["label"], "tokens" if r.get("config", {}).get("max_tokens") else "samples")
+        c = r.get("config", {})
+        key = (r["machine"]["label"], "tokens" if c.get("max_tokens") else "samples", c.get("resolution", "square"))
         if key not in newest or r["date"] > newest[key]["date"]:
             newest[key] = r
     return [newest[k] for k in sorted(newest)]

@@ -48,6 +48,7 @@ import torch
 from bench import _data, _measure, _peer, _reliability, _report
 from mmload.commands import Parser, add_verbose, run_command
 from mmload.dataset import expand_urls, open_data, parse_data
+from mmload.decode import RESOLUTIONS
 from mmload.epochs import EpochStream
 from mmload.loader import make_loader
 from mmload.masking import MLMMasking
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                    help="HF tokenizer for the texts (default: the one saved beside the first shard, as make-shards "
                         "does, else the bundled bert-base-uncased WordPiece, for img2dataset output)")
+    g.add_argument("--resolution", choices=RESOLUTIONS, default="square",
+                   help="square: images resized and centre-cropped to the preset's size; native: each image's "
+                        "aspect ratio kept, at most --max-patches patches (batches pad to their largest grid, "
+                        "bucketed pools images by size, nested leaves padding out of its packed call; the "
+                        "embeddings strategy and the webdataset peer are skipped) (default square)")
+    g.add_argument("--max-patches", type=int, metavar="N",
+                   help="--resolution native: patches per image (default: the preset's square grid)")
     g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
                    help="embeddings strategy: precompute every token's embedding (same tokens as the other "
                         "strategies, MLM works) or one pooled vector per sample (no MLM) (default tokens)")
@@ -160,6 +168,8 @@ class BenchConfig:
     max_sample_bytes: int
     shuffle_buffer_bytes: int
     emb: str
+    resolution: str
+    max_patches: int | None
     cache_dir: str | None
     strategies: tuple[str, ...]
     preset: str
@@ -248,6 +258,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_patches is not None and (args.max_patches < 1 or args.resolution != "native"):
+        parser.error(f"--max-patches takes N >= 1 with --resolution native, got {args.max_patches}"
+                     + ("" if args.resolution == "native" else " without it"))
     for name in ("batch_size", "steps", "per_sample_steps", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -328,7 +341,10 @@ class Bench:
         self.opts = StepOptions.from_config(self.train_config)
         self.skipped: dict[str, str] = {}
         self.emb_data: list[str] | None = None
-        if any(not get_strategy(s).has_raw_inputs for s in args.strategies):
+        if args.resolution == "native":  # precompute embeds images of one size
+            self.skipped.update({s: "precomputed embeddings at native resolution are not there yet" for s
+                                 in args.strategies if not get_strategy(s).has_raw_inputs})
+        if any(not get_strategy(s).has_raw_inputs and s not in self.skipped for s in args.strategies):
             try:
                 self.emb_data = _data.embedding_data(
                     self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
@@ -350,7 +366,9 @@ class Bench:
     def dataset_kwargs(self) -> dict[str, Any]:
         """How every dataset of the run reads and decodes: the same tokenizer, sizes and read bounds."""
         return {"tokenizer": self.tokenizer, "image_size": self.shape.image_size,
-                "max_text_len": self.shape.max_text_len, **self.args.read_limits.kwargs()}
+                "max_text_len": self.shape.max_text_len, "patch_size": self.shape.patch_size,
+                "resolution": self.args.resolution, "max_patches": self.args.max_patches,
+                **self.args.read_limits.kwargs()}
 
     def first_samples(self, data: list[str], n: int) -> list:
         return _data.first_samples(data, n, seed=self.args.seed, transform=self.masking, **self.dataset_kwargs)
@@ -365,16 +383,17 @@ class Bench:
     def groups(self, strategy: Strategy, n: int) -> list[list]:
         """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
         size = self.size_of(strategy)
+        native = self.args.resolution == "native"  # a native image costs its own grid (mmload.bucketing.Budget)
         image_tokens = (self.shape.image_size // self.shape.patch_size) ** 2 + 1 if size["max_tokens"] else None
-        return list(strategy.group(self.samples[strategy.data], **size, image_tokens=image_tokens))[:n]
+        return list(strategy.group(self.samples[strategy.data], **size, image_tokens=None if native else image_tokens,
+                                   patch_size=self.shape.patch_size if native and size["max_tokens"] else None))[:n]
 
     def stream(self, strategy: Strategy) -> EpochStream:
         a = self.args
 
         def make(epoch: int) -> Any:
-            return make_loader(strategy, self.data_for(strategy), **self.size_of(strategy),
-                               patch_size=self.shape.patch_size, num_workers=a.workers, seed=a.seed,
-                               transform=self.masking, **self.dataset_kwargs)
+            return make_loader(strategy, self.data_for(strategy), **self.size_of(strategy), num_workers=a.workers,
+                               seed=a.seed, transform=self.masking, **self.dataset_kwargs)
 
         return EpochStream(make)
 
@@ -422,7 +441,10 @@ def assemble(bench: Bench, strategy: Strategy, static: dict[str, Any], loader: d
         "status": "ok", "data": bench.data_for(strategy), "steps": len(per_step), "warmup": a.warmup,
         "rounds": a.rounds, "loader": {**loader, "workers": a.workers},
         "collate": static["collate"],
-        "padding": {k: stats[k] for k in ("real_tokens", "padded_tokens", "padding_fraction")},
+        "padding": {**{k: stats[k] for k in ("real_tokens", "padded_tokens", "padding_fraction", "image_tokens",
+                                             "padded_image_tokens")},
+                    "image_padding_fraction": stats["padded_image_tokens"] / max(
+                        stats["image_tokens"] + stats["padded_image_tokens"], 1)},
         "fill": _measure.fill(per_step, **bench.size_of(strategy)),
         "transfer": {
             "as_loaded": {"packed": static["collate"]["packs"], "bytes_per_batch": stats["bytes_per_batch"],
@@ -463,7 +485,7 @@ def loader_runs(bench: Bench, names: Sequence[str]) -> dict[str, _measure.Loader
     a = bench.args
     skip = _measure.idle_batches(a.workers)
     runs = {n: _measure.LoaderRun(bench.stream(get_strategy(n)), skip) for n in names}
-    if REFERENCE in names:
+    if REFERENCE in names and a.resolution == "square":  # the peer a user writes decodes squares
         urls = list(bench.urls)
         size = {"image_size": bench.shape.image_size, "max_text_len": bench.shape.max_text_len}
 

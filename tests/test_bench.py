@@ -304,3 +304,18 @@ def test_a_run_of_one_strategy_without_a_sweep_or_padded(tmp_path: Path) -> None
     assert result["peer"] is None and result["ceiling"] is None
     spread = result["targets"][-1]
     assert spread["status"] == "not measured" and "at least 2 rounds" in spread["reason"]
+
+
+def test_native_resolution_reports_the_image_padding_each_strategy_pays(tmp_path: Path) -> None:
+    result = main(["--quick", "--resolution", "native", "--out", str(tmp_path / "out"), "--cache-dir",
+                   str(tmp_path / "c"), "--no-progress", "--reliability-epochs", "0", "--freeze-steps", "0",
+                   "--sweep-sizes", "none"])
+    s = result["strategies"]
+    assert s["embeddings"]["status"].startswith("skipped: precomputed embeddings at native resolution")
+    assert result["peer"] is None  # the peer a user writes decodes squares
+    assert s["padded"]["padding"]["image_padding_fraction"] > 0.1  # the builtin images' aspect ratios vary
+    for name in ("bucketed", "nested", "per-sample"):  # one size per batch, padding left out, one image a call
+        assert s[name]["padding"]["padded_image_tokens"] == 0, name
+    assert s["nested"]["padding"]["image_tokens"] == s["padded"]["padding"]["image_tokens"]  # the same images
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "images at native resolution" in readme and "| image padding |" in readme
