@@ -631,7 +631,8 @@ def section(result: dict[str, Any]) -> str:
     lines = [
         f"## {m['label']}: {m['name']}" + (f", batches of --max-tokens {c['max_tokens']}" if c.get("max_tokens")
                                             else "")
-        + (f", images at native resolution (at most {c.get('max_patches') or 'the square grid of'} patches)"
+        + (", images at native resolution (at most " + (f"{c['max_patches']} patches)" if c.get("max_patches")
+                                                         else "the square grid's patches)")
            if c.get("resolution") == "native" else ""),
         "",
         f"Run `{result['run']}` on {result['date']}: commit {_commit(result)}, torch {m['torch']}, "
@@ -690,7 +691,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 
 def newest_per_device(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The newest run per device, batching (``--batch-size`` or ``--max-tokens``) and resolution."""
-    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    newest: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in results:
         c = r.get("config", {})
         key = (r["machine"]["label"], "tokens" if c.get("max_tokens") else "samples", c.get("resolution", "square"))

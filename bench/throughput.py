@@ -258,6 +258,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.resolution == "native" and all(not get_strategy(n).has_raw_inputs for n in args.strategies):
+        parser.error(f"--resolution native: no strategy left to measure ({','.join(args.strategies)}: precomputed "
+                     "embeddings at native resolution are not there yet); name another with --strategies")
     if args.max_patches is not None and (args.max_patches < 1 or args.resolution != "native"):
         parser.error(f"--max-patches takes N >= 1 with --resolution native, got {args.max_patches}"
                      + ("" if args.resolution == "native" else " without it"))
@@ -627,6 +630,9 @@ def run(args: BenchConfig) -> dict[str, Any]:
     info = device_info(device)
     reference = _measure.reference_bandwidth(device)
     names = [n for n in args.strategies if n not in bench.skipped]
+    if not names:
+        raise ValueError("no strategy left to measure: " + "; ".join(f"{n}: {why}" for n, why in bench.skipped.items())
+                         + "; name another with --strategies")
     statics = {n: measure_static(bench, get_strategy(n), reference) for n in names}
     sweep = {n: _measure.transfer_sweep(get_strategy(n), bench.samples[get_strategy(n).data], args.sweep_sizes,
                                         device) for n in names} if args.sweep_sizes else None

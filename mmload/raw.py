@@ -81,9 +81,9 @@ class RawInput:
     upscale: bool = False
 
     def _settings(self) -> dict[str, Any]:
+        patch = PATCH_SIZE if self.patch_size is None else self.patch_size
         return {"image_size": self.image_size, "max_text_len": self.max_text_len, "resolution": self.resolution,
-                "max_patches": self.max_patches, "patch_size": self.patch_size or PATCH_SIZE,
-                "upscale": self.upscale}
+                "max_patches": self.max_patches, "patch_size": patch, "upscale": self.upscale}
 
     def __post_init__(self) -> None:
         self._decoder()  # checks image_size and max_text_len, loads a tokenizer given by name

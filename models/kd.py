@@ -149,8 +149,12 @@ class ImageTeacher(nn.Module):
         pixels = image_rows(batch)
         if pixels is None:
             return None
-        if not self.hf:
-            pixels, sizes = pad_images(pixels) if isinstance(pixels, list) else (pixels, None)  # native: padded
+        if not self.hf:  # a checkpoint: the student's images, cut to whole patches of the teacher's patch size
+            q = self.model.config.patch_size
+            if isinstance(pixels, list):  # native: each image on its own grid, padded into one call
+                pixels, sizes = pad_images([p[:, :p.shape[-2] // q * q, :p.shape[-1] // q * q] for p in pixels])
+            else:
+                pixels, sizes = pixels[..., :pixels.shape[-2] // q * q, :pixels.shape[-1] // q * q], None
             return self.model.image_head(self.model.encode_images(pixels, sizes)[:, 0])  # (Ni, C)
         # a fixed-size teacher: every image resized to its size here, on the device, for the teacher only
         if isinstance(pixels, list):

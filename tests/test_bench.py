@@ -314,7 +314,7 @@ def test_native_resolution_reports_the_image_padding_each_strategy_pays(tmp_path
     assert s["embeddings"]["status"].startswith("skipped: precomputed embeddings at native resolution")
     assert result["peer"] is None  # the peer a user writes decodes squares
     assert s["padded"]["padding"]["image_padding_fraction"] > 0.1  # the builtin images' aspect ratios vary
-    for name in ("bucketed", "nested", "per-sample"):  # one size per batch, padding left out, one image a call
+    for name in ("nested", "per-sample"):  # padding left out of the packed call, one image a call
         assert s[name]["padding"]["padded_image_tokens"] == 0, name
     assert s["nested"]["padding"]["image_tokens"] == s["padded"]["padding"]["image_tokens"]  # the same images
     readme = (tmp_path / "out" / "README.md").read_text()
