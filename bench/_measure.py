@@ -202,6 +202,13 @@ def time_copies(batches: Sequence[Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
+def loaded_variant(copies: dict[str, Any], packs: bool) -> str:
+    """The variant of :func:`time_copies` that a strategy's loader hands the copy: packed where its collator packs,
+    pinned where the device can pin."""
+    form = "packed" if packs else "unpacked"
+    return f"{form}_pinned" if f"{form}_pinned" in copies else f"{form}_pageable"
+
+
 # ---- the transfer sweep ----
 
 SWEEP_SIZES = (8, 16, 32, 64, 128, 256, 512)
@@ -222,8 +229,7 @@ def transfer_sweep(strategy: Any, samples: Sequence[Any], sizes: Sequence[int], 
         groups = sorted(groups, key=len, reverse=True)[:repeats]  # the fullest batches the grouping makes
         batches = [strategy.collator(pack=False)(g) for g in groups]
         timed = time_copies(batches, device)
-        form = "packed" if packs else "unpacked"
-        variant = f"{form}_pinned" if f"{form}_pinned" in timed else f"{form}_pageable"
+        variant = loaded_variant(timed, packs)
         held = statistics.mean(len(g) for g in groups)
         figure = timed[variant]
         out.append({"batch_size": size, "samples_per_batch": held, "variant": variant,
@@ -376,6 +382,17 @@ def time_pinning(batches: Sequence[Any]) -> float | None:
     return statistics.median(host_ms(lambda b=b: b.pin_memory()) for b in batches)
 
 
+def per_turn_rates(turns: Sequence[dict[str, float]]) -> list[float]:
+    """Samples per second of each turn of a run: the per-round figures its ratios are taken from."""
+    return [t["samples"] / t["seconds"] for t in turns]
+
+
+def discard(stream: Iterator[Any], n: int) -> None:
+    """Take ``n`` batches from ``stream`` and drop them (warm-up, or what an idle loader had ready)."""
+    for _ in range(n):
+        next(stream)
+
+
 class LoaderRun:
     """The loader alone (no model, no copy): batches, samples and text tokens per second, per turn."""
 
@@ -384,11 +401,10 @@ class LoaderRun:
         self.turns: list[dict[str, float]] = []
 
     def warm(self, n: int) -> None:
-        for _ in range(n):
-            next(self.stream)
+        discard(self.stream, n)
 
     def turn(self, steps: int) -> None:
-        self.warm(self.skip)
+        discard(self.stream, self.skip)
         samples = tokens = 0
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -406,7 +422,7 @@ class LoaderRun:
         return {"batches": t["batches"], "samples": t["samples"], "seconds": t["seconds"],
                 "samples_per_s": t["samples"] / t["seconds"], "real_tokens_per_s": t["tokens"] / t["seconds"],
                 "batches_per_s": t["batches"] / t["seconds"], "skipped_per_turn": self.skip,
-                "rounds_samples_per_s": [x["samples"] / x["seconds"] for x in self.turns]}
+                "rounds_samples_per_s": per_turn_rates(self.turns)}
 
 
 class TrainRun:
@@ -428,8 +444,7 @@ class TrainRun:
             self.trainee.step(to_device(next(self.stream), self.device))
 
     def turn(self, steps: int) -> None:
-        for _ in range(self.skip):
-            next(self.stream)
+        discard(self.stream, self.skip)
         if self.skip:
             self.warm(1)
         if self.rss_start is None:
@@ -465,7 +480,7 @@ class TrainRun:
         rows = self.rows
         out = summarize_steps(rows, sum(t["seconds"] for t in self.turns))
         out["load1_mean"] = statistics.mean(r["load1"] for r in rows)
-        out["rounds_samples_per_s"] = [t["samples"] / t["seconds"] for t in self.turns]
+        out["rounds_samples_per_s"] = per_turn_rates(self.turns)
         out["memory"] = {"rss_start_bytes": self.rss_start, "rss_end_bytes": rows[-1]["rss_bytes"],
                          "rss_peak_sampled_bytes": max(r["rss_bytes"] for r in rows),
                          "peak_rss_bytes": peak_rss_bytes(), "peak_rss_children_bytes": peak_rss_bytes(
@@ -516,7 +531,7 @@ class SyntheticRun:
     def result(self) -> dict[str, Any]:
         out = summarize_steps(self.rows, sum(t["seconds"] for t in self.turns))
         del out["moved"]
-        out["rounds_samples_per_s"] = [t["samples"] / t["seconds"] for t in self.turns]
+        out["rounds_samples_per_s"] = per_turn_rates(self.turns)
         out["per_step"] = self.rows
         return out
 
@@ -556,29 +571,6 @@ def summarize_steps(rows: Sequence[dict[str, Any]], seconds: float) -> dict[str,
         "moved": {"bytes_per_batch": sum(r.get("moved_bytes", 0) for r in rows) / n,
                   "copies_per_batch": sum(r.get("moved_copies", 0) for r in rows) / n},
     }
-
-
-def interleaved_steps(runs: dict[str, Trainee], batches: Sequence[Any], device: torch.device, *, warmup: int,
-                      steps: int, desc: str, progress: bool) -> dict[str, dict[str, Any]]:
-    """Each trainee of ``runs`` steps on the same device batch in turn, the order alternating per step.
-
-    Interleaving puts every run under the same machine load, so their ratio holds on a busy machine.
-    """
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    names = list(runs)
-    for i in tqdm(range(warmup + steps), desc=desc, leave=False, disable=not progress):
-        batch = batches[i % len(batches)]
-        for name in names if i % 2 == 0 else names[::-1]:
-            phases = runs[name].step(batch)
-            if i >= warmup:
-                s = batch.stats()
-                rows[name].append({**{k: phases[k] for k in ("forward_s", "backward_s", "optimizer_s")},
-                                   **{f: getattr(s, f) for f in STAT_FIELDS}})
-    out = {}
-    for name, r in rows.items():
-        out[name] = summarize_steps(r, sum(x["forward_s"] + x["backward_s"] + x["optimizer_s"] for x in r))
-        del out[name]["moved"]
-    return out
 
 
 def profiled_steps(stream: Iterator[Any], trainee: Trainee, device: torch.device, trace_dir: str, name: str) -> None:

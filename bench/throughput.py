@@ -50,7 +50,7 @@ from mmload.commands import Parser, add_verbose, run_command
 from mmload.dataset import expand_urls, open_data, parse_data
 from mmload.decode import RESOLUTIONS
 from mmload.epochs import EpochStream
-from mmload.loader import make_loader
+from mmload.loader import image_cost, make_loader
 from mmload.masking import MLMMasking
 from mmload.reader import ReadLimits
 from mmload.staging import pack
@@ -248,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     args.sweep_sizes = sizes
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     if args.samples is None:  # one epoch covers what a loader-alone stream takes: no worker restart mid-timing
-        turn = -(-args.steps // args.rounds)
+        turn = per_turn(args.steps, args.rounds)
         batches = args.warmup + args.rounds * (2 * turn + 2 * args.workers)  # NOTE [rounds]: turns + skipped
         args.samples = max(2000, -(-batches * args.batch_size // 1000) * 1000)
     args.per_sample_steps = args.per_sample_steps or max(3, args.steps // 3)
@@ -386,10 +386,8 @@ class Bench:
     def groups(self, strategy: Strategy, n: int) -> list[list]:
         """Up to ``n`` lists of pre-decoded samples, grouped as the strategy's loader groups them."""
         size = self.size_of(strategy)
-        native = self.args.resolution == "native"  # a native image costs its own grid (mmload.bucketing.Budget)
-        image_tokens = (self.shape.image_size // self.shape.patch_size) ** 2 + 1 if size["max_tokens"] else None
-        return list(strategy.group(self.samples[strategy.data], **size, image_tokens=None if native else image_tokens,
-                                   patch_size=self.shape.patch_size if native and size["max_tokens"] else None))[:n]
+        cost = image_cost(size["max_tokens"], self.shape.image_size, self.shape.patch_size, self.args.resolution)
+        return list(strategy.group(self.samples[strategy.data], **size, **cost))[:n]
 
     def stream(self, strategy: Strategy) -> EpochStream:
         a = self.args
@@ -411,8 +409,6 @@ class Bench:
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         return _measure.Trainee(model, optimizer, make_scheduler(optimizer, cfg), self.opts)
 
-    def step_kwargs(self, desc: str) -> dict[str, Any]:
-        return {"desc": desc, "progress": self.args.progress}
 
 
 def measure_static(bench: Bench, strategy: Strategy, reference: dict[str, Any]) -> dict[str, Any]:
@@ -424,8 +420,7 @@ def measure_static(bench: Bench, strategy: Strategy, reference: dict[str, Any]) 
     collate_fig = _measure.time_collate(collate, groups)
     unpacked = [strategy.collator(pack=False)(g) for g in groups]
     copies = _measure.time_copies(unpacked, device)
-    form = "packed" if packs else "unpacked"
-    loaded_variant = f"{form}_pinned" if f"{form}_pinned" in copies else f"{form}_pageable"  # what the loader hands
+    loaded_variant = _measure.loaded_variant(copies, packs)  # what the loader hands the copy
     packed = [pack(b) for b in unpacked]
     return {"collate": {**collate_fig, "packs": packs}, "copies": copies, "loaded_variant": loaded_variant,
             "unpacked": _pick(_measure.batch_stats(unpacked), "bytes_per_batch", "copies_per_batch"),
@@ -475,11 +470,16 @@ SYNTHETIC = "synthetic"
 SYNTHETIC_BATCHES = 160  # at most this many device batches for the synthetic baseline (cycled past them)
 
 
+def per_turn(total: int, rounds: int) -> int:
+    """Steps of one turn: ``total`` spread over ``rounds``, rounded up, at least one."""
+    return max(1, -(-total // rounds))
+
+
 def turn_steps(bench: Bench, strategy: str | None = None) -> int:
     """Timed training steps per turn: ``--steps`` (``--per-sample-steps`` for per-sample) over ``--rounds``."""
     a = bench.args
     total = a.per_sample_steps if strategy and get_strategy(strategy).one_call_per_sample else a.steps
-    return max(1, -(-total // a.rounds))
+    return per_turn(total, a.rounds)
 
 
 def loader_runs(bench: Bench, names: Sequence[str]) -> dict[str, _measure.LoaderRun]:
@@ -605,9 +605,13 @@ def synthetic_batches(bench: Bench) -> list[Any]:
 def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) -> dict[str, Any]:
     """``full`` vs ``frozen`` (trainer's ``apply_freeze``) on padded's device batches, interleaved step by step."""
     a = bench.args
-    runs = {mode: bench.model(get_strategy(REFERENCE), freeze=mode) for mode in ("full", "frozen")}
-    timed = _measure.interleaved_steps(runs, batches, bench.device, warmup=a.warmup, steps=a.freeze_steps,
-                                       **bench.step_kwargs("frozen vs full"))
+    trainees = {mode: bench.model(get_strategy(REFERENCE), freeze=mode) for mode in ("full", "frozen")}
+    runs = {mode: _measure.SyntheticRun(t, batches, bench.device) for mode, t in trainees.items()}
+    for r in runs.values():
+        r.warm(a.warmup)
+    # rounds of one step each: the two modes alternate step by step, on the same batch in each round
+    _measure.interleave(runs, a.freeze_steps, dict.fromkeys(runs, 1), "frozen vs full", a.progress, wait=lambda: None)
+    timed = {mode: r.result() for mode, r in runs.items()}
     out: dict[str, Any] = {"strategy": REFERENCE, "steps": a.freeze_steps, "paper": PAPER_FREEZE,
                            "how": "compute only (forward, backward, optimizer) on padded's loader batches already on "
                                   "the device, the two modes interleaved step by step; the loader's share of an "
@@ -617,7 +621,8 @@ def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) 
         out[mode] = {"seconds": r["seconds"], "samples": r["samples"], "s_per_1000_samples": 1000 * per_sample,
                      "s_per_epoch": per_sample * epoch_samples if epoch_samples else None,
                      "epoch_samples": epoch_samples, "phases_ms": r["phases_ms"],
-                     "trainable_params": sum(p.numel() for p in runs[mode].model.parameters() if p.requires_grad)}
+                     "trainable_params": sum(p.numel() for p in trainees[mode].model.parameters()
+                                             if p.requires_grad)}
     out["ratio"] = out["frozen"]["s_per_1000_samples"] / out["full"]["s_per_1000_samples"]
     return out
 

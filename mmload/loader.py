@@ -27,6 +27,17 @@ def make_collator(strategy: str | Strategy, *, pack: bool | None = None,
     return get_strategy(strategy).collator(pack=pack, ids_dtype=ids_dtype)
 
 
+def image_cost(max_tokens: int | None, image_size: int, patch_size: int, resolution: str = "square") -> dict[str, Any]:
+    """How a token budget counts images (``Strategy.batcher``'s ``image_tokens`` and ``patch_size``): a square
+    image at the square grid, a native one at its own grid (and, padded, its batch's largest); nothing without
+    ``max_tokens``."""
+    if max_tokens is None:
+        return {"image_tokens": None, "patch_size": None}
+    if resolution == "native":
+        return {"image_tokens": None, "patch_size": patch_size}
+    return {"image_tokens": (image_size // patch_size) ** 2 + 1, "patch_size": None}
+
+
 # DataLoader keywords make_loader hands on as they are (the rest go to the dataset); the loader sets the others
 LOADER_KEYWORDS = ("timeout", "persistent_workers", "multiprocessing_context", "worker_init_fn", "in_order",
                    "pin_memory_device", "snapshot_every_n_steps")
@@ -58,11 +69,8 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
     image_size = kwargs.get("image_size", 224)
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-    # a token budget counts a square image at the square grid, a native one at its own (and its batch's largest)
-    native = kwargs.get("resolution", "square") == "native"
-    image_tokens = (image_size // patch_size) ** 2 + 1 if max_tokens and not native else None
-    batcher = strategy.batcher(batch_size, max_tokens=max_tokens, image_tokens=image_tokens,
-                               patch_size=patch_size if max_tokens and native else None)
+    batcher = strategy.batcher(batch_size, max_tokens=max_tokens,
+                               **image_cost(max_tokens, image_size, patch_size, kwargs.get("resolution", "square")))
     loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}
     if "snapshot_every_n_steps" in loader_kwargs and not stateful:
         raise ValueError("snapshot_every_n_steps is a StatefulDataLoader keyword; pass stateful=True with it")
@@ -186,5 +194,5 @@ class StatefulLoader(_ReportsDeadWorkers, StatefulDataLoader):
         return epoch
 
 
-__all__ = ["LOADER_KEYWORDS", "STRATEGIES", "Loader", "StatefulLoader", "make_collator", "make_loader",
+__all__ = ["LOADER_KEYWORDS", "STRATEGIES", "Loader", "StatefulLoader", "image_cost", "make_collator", "make_loader",
            "saved_num_workers"]

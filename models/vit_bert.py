@@ -288,10 +288,7 @@ class ImageTokenizer(nn.Module):
         if grids is None:
             return self.position_embeddings(h, w)
         out = self.pos.new_zeros(len(grids), h, w, self.pos.shape[-1])  # (N, h, w, D)
-        host = grids.tolist()  # a sync on CUDA; few distinct grids per batch
-        if any(r < 1 or c < 1 for r, c in host):
-            raise ValueError(f"an image smaller than one patch of {self.patch.kernel_size[0]} pixels: decode "
-                             "native-resolution images with the model's patch_size")
+        host = grids.tolist()  # a sync on CUDA; few distinct grids per batch (ViTBERT._grids checked them)
         for grid in set(map(tuple, host)):
             r, c = grid
             rows = [i for i, g in enumerate(host) if tuple(g) == grid]
