@@ -215,7 +215,7 @@ SWEEP_SIZES = (8, 16, 32, 64, 128, 256, 512)
 
 
 def transfer_sweep(strategy: Any, samples: Sequence[Any], sizes: Sequence[int], device: torch.device,
-                   repeats: int = 3) -> list[dict[str, Any]]:
+                   repeats: int = 3, patch_size: int | None = None) -> list[dict[str, Any]]:
     """Moving one batch of ``strategy`` per batch size: bytes, copies and time, in the form its loader hands it
     (packed where it packs; pinned where the device can pin), as :func:`time_copies` times it. A size past the
     samples given is left out; a batch is the strategy's own grouping (bucketed: one modality), so it may hold
@@ -227,7 +227,7 @@ def transfer_sweep(strategy: Any, samples: Sequence[Any], sizes: Sequence[int], 
             break
         groups = list(strategy.group(samples, batch_size=size))
         groups = sorted(groups, key=len, reverse=True)[:repeats]  # the fullest batches the grouping makes
-        batches = [strategy.collator(pack=False)(g) for g in groups]
+        batches = [strategy.collator(pack=False, patch_size=patch_size)(g) for g in groups]
         timed = time_copies(batches, device)
         variant = loaded_variant(timed, packs)
         held = statistics.mean(len(g) for g in groups)

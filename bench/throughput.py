@@ -414,11 +414,12 @@ class Bench:
 def measure_static(bench: Bench, strategy: Strategy, reference: dict[str, Any]) -> dict[str, Any]:
     """What needs no loader: collate time on pre-decoded samples, and bytes, copies and copy times per batch."""
     a, device = bench.args, bench.device
-    collate = strategy.collator()
+    patch = bench.shape.patch_size
+    collate = strategy.collator(patch_size=patch)
     packs = bool(getattr(collate, "pack", False))
     groups = bench.groups(strategy, a.collate_batches)
     collate_fig = _measure.time_collate(collate, groups)
-    unpacked = [strategy.collator(pack=False)(g) for g in groups]
+    unpacked = [strategy.collator(pack=False, patch_size=patch)(g) for g in groups]
     copies = _measure.time_copies(unpacked, device)
     loaded_variant = _measure.loaded_variant(copies, packs)  # what the loader hands the copy
     packed = [pack(b) for b in unpacked]
@@ -640,7 +641,8 @@ def run(args: BenchConfig) -> dict[str, Any]:
                          + "; name another with --strategies")
     statics = {n: measure_static(bench, get_strategy(n), reference) for n in names}
     sweep = {n: _measure.transfer_sweep(get_strategy(n), bench.samples[get_strategy(n).data], args.sweep_sizes,
-                                        device) for n in names} if args.sweep_sizes else None
+                                        device, patch_size=bench.shape.patch_size)
+             for n in names} if args.sweep_sizes else None
     loaders = measure_loaders(bench, names)
     batches = synthetic_batches(bench)
     trained = measure_training(bench, names, batches)

@@ -17,7 +17,8 @@ _WHERE = {
     # batch types, the model input and the one-copy staging
     "Batch": "mmload.batch", "BatchStats": "mmload.tensors", "EmbeddingBatch": "mmload.batch",
     "NestedBatch": "mmload.batch", "PaddedBatch": "mmload.batch", "PerSampleBatch": "mmload.batch",
-    "ImageBatch": "mmload.layouts", "JaggedText": "mmload.layouts", "TextBatch": "mmload.layouts",
+    "ImageBatch": "mmload.layouts", "JaggedImages": "mmload.layouts", "JaggedText": "mmload.layouts",
+    "TextBatch": "mmload.layouts",
     "PackedEmbeddings": "mmload.layouts", "ModelInput": "mmload.layouts",
     "PackedBatch": "mmload.staging", "pack": "mmload.staging",
     # collators and stages

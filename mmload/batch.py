@@ -17,7 +17,16 @@ from typing import Any
 
 import torch
 
-from mmload.layouts import PATCH_SIZE, ImageBatch, JaggedText, ModelInput, PackedEmbeddings, TextBatch
+from mmload.layouts import (
+    PATCH_SIZE,
+    ImageBatch,
+    ImageLayout,
+    JaggedImages,
+    JaggedText,
+    ModelInput,
+    PackedEmbeddings,
+    TextBatch,
+)
 from mmload.sample import Modality, Sample
 from mmload.tensors import BatchStats, TensorBatch, can_pin_memory, collect_tensors, map_leaves, map_tensors
 
@@ -38,18 +47,18 @@ class Batch(TensorBatch):
         raise NotImplementedError(f"{type(self).__name__} must define model_input()")
 
 
-def _image_tokens(images: ImageBatch | None, patch_size: int) -> dict[str, int]:
+def _image_tokens(images: ImageLayout | None, patch_size: int) -> dict[str, int]:
     """``stats()``'s image fields: real and padded image tokens."""
     if images is None:
         return {"image_tokens": 0, "padded_image_tokens": 0}
     return {"image_tokens": images.tokens(patch_size), "padded_image_tokens": images.padded_tokens(patch_size)}
 
 
-def _image_samples(images: ImageBatch | None, keys: list[str]) -> dict[int, Sample]:
+def _image_samples(images: ImageLayout | None, keys: list[str]) -> dict[int, Sample]:
     out: dict[int, Sample] = {}
     if images is not None:
-        for row, i in enumerate(images.index.tolist()):
-            out[i] = Sample(keys[i], Modality.IMAGE, pixels=images.image(row), label=int(images.labels[row]))
+        for i, pixels, label in zip(images.index.tolist(), images.images(), images.labels.tolist()):
+            out[i] = Sample(keys[i], Modality.IMAGE, pixels=pixels.contiguous(), label=int(label))
     return out
 
 
@@ -123,20 +132,20 @@ def _shifted(layout: Any, start: int) -> Any:
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
 class NestedBatch(Batch):
-    """Texts as one jagged tensor; images as one dense tensor (of several sizes: padded, with ``sizes``).
+    """Texts as one jagged tensor; images as one dense tensor, or (images of several sizes) as patch sequences end
+    to end (:class:`~mmload.layouts.JaggedImages`).
 
-    The model joins image patch sequences (each of its own length, padding left out) and text sequences into a
-    single jagged sequence batch.
+    The model joins image patch sequences (each of its own length) and text sequences into a single jagged
+    sequence batch: one packed encoder call, no padding on either side.
     """
 
-    image: ImageBatch | None
+    image: ImageBatch | JaggedImages | None
     text: JaggedText | None
     keys: list[str]
 
     def stats(self, patch_size: int = PATCH_SIZE) -> BatchStats:
         real = self.text.values.numel() if self.text is not None else 0
-        # the packed encoder call leaves images' padding out (native resolution: pixels still travel padded)
-        images = {**_image_tokens(self.image, patch_size), "padded_image_tokens": 0}
+        images = _image_tokens(self.image, patch_size)  # one size, or patch sequences: no padding either way
         return BatchStats(samples=len(self.keys), images=len(self.image) if self.image is not None else 0,
                           texts=len(self.text) if self.text is not None else 0, real_tokens=real,
                           padded_tokens=0, bytes=self.nbytes(), tensors=len(self.tensors()), **images)
@@ -212,6 +221,6 @@ class EmbeddingBatch(Batch):
 
 AnyBatch = Batch  # every batch type, PackedBatch included, is a Batch
 
-__all__ = ["AnyBatch", "Batch", "BatchStats", "EmbeddingBatch", "ImageBatch", "JaggedText", "NestedBatch",
-           "PaddedBatch", "PerSampleBatch", "TensorBatch", "TextBatch", "can_pin_memory", "collect_tensors",
-           "map_leaves", "map_tensors"]
+__all__ = ["AnyBatch", "Batch", "BatchStats", "EmbeddingBatch", "ImageBatch", "JaggedImages", "JaggedText",
+           "NestedBatch", "PaddedBatch", "PerSampleBatch", "TensorBatch", "TextBatch", "can_pin_memory",
+           "collect_tensors", "map_leaves", "map_tensors"]

@@ -1,17 +1,18 @@
 """The model's one input contract: every batch type turns into a :class:`ModelInput` made of layouts.
 
 NOTE [layouts]: a batch type says how samples were grouped and moved; a layout says how the model reads one
-modality side. There are four layouts, each a dataclass of tensors:
+modality side. There are five layouts, each a dataclass of tensors:
 
 * :class:`ImageBatch`: dense images, uint8 ``(N, 3, H, W)``;
+* :class:`JaggedImages`: images as patch sequences end to end, uint8 ``(sum P, 3 * p * p)`` with ``offsets``;
 * :class:`TextBatch`: dense text, ids padded to ``(N, T)`` with a mask;
 * :class:`JaggedText`: packed text, ids ``(sum T,)`` with ``offsets (N+1,)`` (= ``cu_seqlens``);
 * :class:`PackedEmbeddings`: precomputed embeddings ``(sum L, E)`` with offsets; each row an image or a text side.
 
 A :class:`ModelInput` holds at most one layout per side, or ``parts``: inputs to run one after another (the
-per-sample strategy). The model branches on these layouts only (``text.packed``, ``parts``, ...), never on the
-batch class or strategy name, so a new batch type only needs a ``model_input()`` method. Every layout row keeps
-its ``index``: the position of its sample in the list given to the collator (NOTE [index fields] in
+per-sample strategy). The model branches on these layouts only (``image.packed``, ``text.packed``, ``parts``, ...),
+never on the batch class or strategy name, so a new batch type only needs a ``model_input()`` method. Every layout
+row keeps its ``index``: the position of its sample in the list given to the collator (NOTE [index fields] in
 :mod:`mmload.batch`); inside ``parts`` the indices are those of the whole batch.
 """
 
@@ -74,6 +75,8 @@ class ImageBatch(TensorBatch):
     """Dense images; of several sizes (native resolution), each in the top-left of the batch's largest, ``sizes``
     giving each one's own (the rest is zero padding, masked by the model: ``patch_mask``)."""
 
+    packed: ClassVar[bool] = False
+
     pixels: torch.Tensor  # uint8 (N, 3, H, W), normalized on the device by the model
     labels: torch.Tensor  # int64 (N,), IGNORE_INDEX when unlabelled
     index: torch.Tensor  # int64 (N,), see NOTE [index fields]
@@ -108,6 +111,12 @@ class ImageBatch(TensorBatch):
         h, w = self.sizes[row].tolist()
         return self.pixels[row, :, :h, :w]
 
+    def images(self) -> list[torch.Tensor]:
+        """Every image as uint8 (3, h, w), without its padding (one host read of ``sizes``)."""
+        if self.sizes is None:
+            return list(self.pixels)
+        return [self.pixels[row, :, :h, :w] for row, (h, w) in enumerate(self.sizes.tolist())]
+
     def hf_inputs(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """``{"pixel_values": (N, 3, H, W)}``, normalized (``(x / 255 - mean) / std``, ImageNet's by default) on
@@ -123,6 +132,110 @@ class ImageBatch(TensorBatch):
             cols = torch.arange(w, device=self.sizes.device)[None, None, :] < self.sizes[:, 1, None, None]
             out["pixel_mask"] = (rows & cols).long()  # (N, H, W)
         return out
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """uint8 (3, r * p, c * p) -> (r * c, 3 * p * p): the image's patches row-major, each flattened as
+    (channel, row, column), the order of a ``Conv2d(3, D, p, stride=p)`` weight's ``(D, 3, p, p)`` flattened."""
+    C, H, W = image.shape
+    p = patch_size
+    if H % p or W % p or not H or not W:
+        raise ValueError(f"an image of {H}x{W} pixels is not whole patches of {p}: decode with resolution='native' "
+                         f"and patch_size={p} (the dataset, make_loader or the collator), or resize it")
+    r, c = H // p, W // p
+    return image.reshape(C, r, p, c, p).permute(1, 3, 0, 2, 4).reshape(r * c, C * p * p)  # (r*c, 3*p*p)
+
+
+def unpatchify(patches: torch.Tensor, rows: int, cols: int, patch_size: int) -> torch.Tensor:
+    """``patchify``'s inverse: (r * c, 3 * p * p) -> uint8 (3, r * p, c * p), a view where it can be."""
+    p = patch_size
+    return patches.reshape(rows, cols, -1, p, p).permute(2, 0, 3, 1, 4).reshape(-1, rows * p, cols * p)
+
+
+@dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
+class JaggedImages(TensorBatch):
+    """Images of several sizes as patch sequences end to end, no padding (NaViT's patch n' pack): what the nested
+    strategy carries at native resolution. Only real patches are moved and embedded.
+
+    ``patches`` holds image ``i``'s ``rows x cols`` patches (row-major) at ``offsets[i]:offsets[i + 1]``; in the
+    encoder each image is its class token and its patches, so the encoder's ``cu_seqlens`` are ``cu_seqlens()``:
+    ``offsets`` plus one per image before. ``grid`` is kept on the host (as ``JaggedText.max_len``): the model
+    places each image's positions without reading the device.
+    """
+
+    packed: ClassVar[bool] = True
+
+    patches: torch.Tensor  # uint8 (sum P, 3 * p * p), normalized on the device by the model
+    offsets: torch.Tensor  # int64 (N+1,), offsets[0] == 0: each image's patches
+    labels: torch.Tensor  # int64 (N,), IGNORE_INDEX when unlabelled
+    index: torch.Tensor  # int64 (N,), see NOTE [index fields]
+    grid: tuple[tuple[int, int], ...]  # each image's (rows, cols) of patches, on the host
+    patch_size: int
+
+    @classmethod
+    def from_images(cls, images: Sequence[torch.Tensor], labels: torch.Tensor, index: torch.Tensor,
+                    patch_size: int) -> JaggedImages:
+        """uint8 (3, r * p, c * p) images (each whole patches of ``patch_size``) packed end to end."""
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        parts = [patchify(im, patch_size) for im in images]  # (r*c, 3*p*p) each
+        lengths = torch.tensor([len(part) for part in parts], dtype=torch.int64)  # (N,)
+        offsets = torch.zeros(len(parts) + 1, dtype=torch.int64)  # (N+1,)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        grid = tuple((im.shape[-2] // patch_size, im.shape[-1] // patch_size) for im in images)
+        return cls(patches=torch.cat(parts), offsets=offsets, labels=labels, index=index, grid=grid,
+                   patch_size=patch_size)
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    @property
+    def max_len(self) -> int:
+        """The longest image sequence in the encoder: its patches and class token (host, no device read)."""
+        return max(r * c for r, c in self.grid) + 1
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """int64 (N+1,): the encoder's sequence offsets, a class token before each image's patches."""
+        return self.offsets + torch.arange(len(self) + 1, device=self.offsets.device)
+
+    def grids(self, patch_size: int | None = None) -> torch.Tensor:
+        """int64 (N, 2) on the host: each image's patch grid, ``(rows, cols)``, at ``patch_size`` (default its own)."""
+        grids = torch.tensor(self.grid, dtype=torch.int64).view(-1, 2)  # (N, 2)
+        return grids if patch_size in (None, self.patch_size) else grids * self.patch_size // patch_size
+
+    def tokens(self, patch_size: int | None = None) -> int:
+        """Encoder positions that carry data: each image's ``rows x cols`` patches and its class token."""
+        grids = self.grids(patch_size)
+        return int((grids[:, 0] * grids[:, 1]).sum()) + len(self)
+
+    def padded_tokens(self, patch_size: int | None = None) -> int:
+        """None: only real patches are carried."""
+        return 0
+
+    def image(self, row: int) -> torch.Tensor:
+        """uint8 (3, h, w): image ``row``."""
+        lo, hi = self.offsets[row:row + 2].tolist()
+        return unpatchify(self.patches[lo:hi], *self.grid[row], self.patch_size)
+
+    def images(self) -> list[torch.Tensor]:
+        """Every image as uint8 (3, h, w) (one host read of ``offsets``)."""
+        bounds = self.offsets.tolist()
+        return [unpatchify(self.patches[lo:hi], r, c, self.patch_size)
+                for (lo, hi), (r, c) in zip(zip(bounds, bounds[1:]), self.grid)]
+
+    def dense(self) -> ImageBatch:
+        """The same images as an :class:`ImageBatch`, each in the top-left of the largest, with ``sizes``."""
+        pixels, sizes = pad_images(self.images())  # (N, 3, H, W), (N, 2) or None
+        return ImageBatch(pixels=pixels, sizes=None if sizes is None else sizes.to(pixels.device),
+                          labels=self.labels, index=self.index)
+
+    def hf_inputs(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """:meth:`ImageBatch.hf_inputs` of :meth:`dense`: ``pixel_values`` and ``pixel_mask``."""
+        return self.dense().hf_inputs(mean, std, dtype)
+
+
+ImageLayout = ImageBatch | JaggedImages
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
@@ -249,7 +362,7 @@ TextLayout = TextBatch | JaggedText
 class ModelInput(TensorBatch):
     """What the model reads: one layout per modality side, or ``parts`` run one after another."""
 
-    image: ImageBatch | None = None
+    image: ImageLayout | None = None
     text: TextLayout | None = None
     embeddings: PackedEmbeddings | None = None
     parts: tuple[ModelInput, ...] = ()
@@ -261,8 +374,9 @@ class ModelInput(TensorBatch):
     @property
     def packed(self) -> bool:
         """Whether the sides share one packed encoder call: when asked (``joint``) or when any side is packed;
-        dense images then join it as sequences of equal length."""
-        return self.joint or (self.text is not None and self.text.packed) or self.embeddings is not None
+        dense images then join it as sequences of equal length (of their own lengths, with ``sizes``)."""
+        return (self.joint or any(side is not None and side.packed for side in (self.image, self.text))
+                or self.embeddings is not None)
 
     def leaves(self) -> tuple[ModelInput, ...]:
         """The inputs that run as encoder calls: ``parts``, or this input itself."""
@@ -308,6 +422,6 @@ def row_positions(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torc
     return row, pos
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PATCH_SIZE", "ImageBatch", "JaggedText", "ModelInput", "PackedEmbeddings",
-           "TextBatch", "TextLayout", "model_input", "normalize_pixels", "packed_token_types", "row_positions",
-           "token_types"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PATCH_SIZE", "ImageBatch", "ImageLayout", "JaggedImages", "JaggedText",
+           "ModelInput", "PackedEmbeddings", "TextBatch", "TextLayout", "model_input", "normalize_pixels",
+           "packed_token_types", "patchify", "row_positions", "token_types", "unpatchify"]

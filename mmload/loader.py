@@ -63,12 +63,12 @@ def make_loader(strategy: str | Strategy, data: str | Sequence[str], *, batch_si
     :class:`~mmload.ShardDataset` (``image_size``, ``tokenizer``, ``shuffle``, ...).
     """
     strategy = get_strategy(strategy)
-    collate = strategy.collator(pack=pack)
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    collate = strategy.collator(pack=pack, patch_size=patch_size)
     if batch_size is None and max_tokens is None:
         batch_size = 32
     image_size = kwargs.get("image_size", 224)
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     batcher = strategy.batcher(batch_size, max_tokens=max_tokens,
                                **image_cost(max_tokens, image_size, patch_size, kwargs.get("resolution", "square")))
     loader_kwargs = {k: kwargs.pop(k) for k in LOADER_KEYWORDS if k in kwargs}

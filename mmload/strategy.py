@@ -22,6 +22,7 @@ import torch
 
 from mmload.bucketing import BucketBatcher, TokenBatcher
 from mmload.collate import EmbeddingCollator, NestedCollator, PaddedCollator, PerSampleCollator
+from mmload.raw import RawInput
 from mmload.sample import Sample
 
 
@@ -96,9 +97,15 @@ class Strategy:
     # own), or None: the strategy takes no token budget
     token_layout: str | None = None
 
-    def collator(self, *, pack: bool | None = None, ids_dtype: torch.dtype = torch.int32) -> Callable:
-        """The collate_fn; ``pack=None`` keeps the collator's default (only nested packs)."""
-        return self.collator_factory(pack, ids_dtype)
+    def collator(self, *, pack: bool | None = None, ids_dtype: torch.dtype = torch.int32,
+                 patch_size: int | None = None) -> Callable:
+        """The collate_fn; ``pack=None`` keeps the collator's default (only nested packs). ``patch_size`` (the
+        model's) goes to a collator that takes raw samples: the native grid they decode to, and the patches the
+        nested collator cuts images of several sizes into."""
+        collate = self.collator_factory(pack, ids_dtype)
+        if patch_size is not None and isinstance(collate, RawInput):
+            collate.patch_size = patch_size
+        return collate
 
     def batcher(self, batch_size: int | None = None, *, max_tokens: int | None = None,
                 image_tokens: int | None = None,

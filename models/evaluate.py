@@ -35,7 +35,7 @@ def evaluate(model: nn.Module, data: str | Sequence[str], strategy: str | Strate
                         patch_size=config.patch_size, **read)
     strategy = get_strategy(strategy)
     groups = strategy.group(islice(dataset.samples(), limit_samples), batch_size)
-    collate = strategy.collator()
+    collate = strategy.collator(patch_size=config.patch_size)
     was_training = model.training
     model.eval()
     totals = torch.zeros(len(STAT_NAMES), device=device)

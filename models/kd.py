@@ -62,12 +62,10 @@ def image_rows(batch: Any) -> list[torch.Tensor] | torch.Tensor | None:
     if not images:
         return None
     order = torch.cat([im.index.long() for im in images]).argsort().tolist()
-    if len({im.pixels.shape[-2:] for im in images}) == 1 and all(im.sizes is None for im in images):
+    dense = all(not im.packed and im.sizes is None for im in images)
+    if dense and len({im.pixels.shape[-2:] for im in images}) == 1:
         return torch.cat([im.pixels for im in images])[order]  # (Ni, 3, H, W)
-    every = []
-    for im in images:  # each image without its padding; one host read of the sizes per part
-        sizes = im.sizes.tolist() if im.sizes is not None else [im.pixels.shape[-2:]] * len(im)
-        every += [im.pixels[row, :, :h, :w] for row, (h, w) in enumerate(sizes)]
+    every = [pixels for im in images for pixels in im.images()]  # each without padding, patch sequences made whole
     return [every[i] for i in order]
 
 

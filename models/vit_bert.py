@@ -28,11 +28,12 @@ import torch.nn.functional as F
 
 from mmload.layouts import (
     ImageBatch,
+    ImageLayout,
+    JaggedImages,
     JaggedText,
     ModelInput,
     PackedEmbeddings,
     TextBatch,
-    image_grids,
     model_input,
     packed_token_types,
     patch_mask,
@@ -267,9 +268,9 @@ class ImageTokenizer(nn.Module):
             return self.pos
         return resize_positions(self.pos, h, w)
 
-    def forward(self, pixels: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> (N, 1+P, D). ``grids`` (N, 2): each image's own ``(rows, cols)`` in the top-left of
-        the batch's grid (images of several sizes, zero-padded); its patches get the positions of its own grid,
+    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, 1+P, D). ``grids``: each image's own ``(rows, cols)`` (host) in the top-left
+        of the batch's grid (images of several sizes, zero-padded); its patches get the positions of its own grid,
         the padding's are zero (the encoder masks them: ``ImageBatch.patch_mask``)."""
         p = self.patch.kernel_size[0]
         if pixels.shape[-1] % p or pixels.shape[-2] % p:
@@ -282,19 +283,45 @@ class ImageTokenizer(nn.Module):
         x = torch.cat([self.cls.expand(N, -1, -1), x], dim=1)  # (N, 1+P, D)
         return self.dropout(x + self.positions(h, w, grids))  # (N, 1+P, D)
 
-    def positions(self, h: int, w: int, grids: torch.Tensor | None = None) -> torch.Tensor:
+    def positions(self, h: int, w: int, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """(1, 1+h*w, D), or with ``grids`` (N, 1+h*w, D): each image's own grid's positions (NOTE [native
         positions]) placed in the top-left of the batch's ``h x w`` grid, zero on padding."""
         if grids is None:
             return self.position_embeddings(h, w)
         out = self.pos.new_zeros(len(grids), h, w, self.pos.shape[-1])  # (N, h, w, D)
-        host = grids.tolist()  # a sync on CUDA; few distinct grids per batch (ViTBERT._grids checked them)
-        for grid in set(map(tuple, host)):
+        for grid, pos in self._grid_positions(grids).items():  # few distinct grids per batch
             r, c = grid
-            rows = [i for i, g in enumerate(host) if tuple(g) == grid]
-            out[rows, :r, :c] = self.position_embeddings(r, c)[0, 1:].view(r, c, -1)
+            rows = [i for i, g in enumerate(grids) if g == grid]
+            out[rows, :r, :c] = pos.view(r, c, -1)
         cls = self.pos[:, :1].expand(len(grids), 1, -1)  # (N, 1, D)
         return torch.cat([cls, out.flatten(1, 2)], dim=1)  # (N, 1+h*w, D)
+
+    def _grid_positions(self, grids: list[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+        """Each distinct grid's patch positions (r*c, D), resized once per batch."""
+        return {(r, c): self.position_embeddings(r, c)[0, 1:] for r, c in dict.fromkeys(grids)}
+
+    def patches(self, images: JaggedImages) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch sequences end to end -> tokens (sum (1+P), D), each image's class token first, and the encoder's
+        offsets (N+1,). The patch embedding is the conv's weights as a linear map: a ``p x p`` convolution with
+        stride ``p`` is exactly that, on each patch flattened as (channel, row, column) (``patchify``)."""
+        p = self.patch.kernel_size[0]
+        if images.patch_size != p:
+            raise ValueError(f"the images were cut into patches of {images.patch_size} but the model's patch_size is "
+                             f"{p}: collate with patch_size={p} (make_loader(patch_size=...) or NestedCollator)")
+        w = self.patch.weight  # (D, 3, p, p)
+        x = images.patches.to(w.dtype).view(-1, 3, p * p) / 255.0  # (sum P, 3, p*p)
+        x = ((x - self.mean.view(1, 3, 1)) / self.std.view(1, 3, 1)).flatten(1)  # (sum P, 3*p*p)
+        x = F.linear(x, w.flatten(1), self.patch.bias)  # (sum P, D)
+        pos = self._grid_positions(list(images.grid))
+        x = x + torch.cat([pos[grid] for grid in images.grid])  # (sum P, D)
+        N, P, D = len(images), x.shape[0], x.shape[1]
+        offsets = images.cu_seqlens()  # (N+1,)
+        # every patch moves down by one per class token before it: its image's row + 1
+        row = torch.repeat_interleave(torch.arange(N, device=x.device), images.offsets.diff(), output_size=P)  # (P,)
+        at = torch.arange(P, device=x.device) + row + 1  # (sum P,)
+        cls = (self.cls[0] + self.pos[0, :1]).expand(N, D)  # (N, D)
+        tokens = x.new_zeros(P + N, D).index_put((at,), x).index_put((offsets[:-1],), cls)  # (sum (1+P), D)
+        return self.dropout(tokens), offsets
 
 
 class TextTokenizer(nn.Module):
@@ -488,15 +515,23 @@ class ViTBERT(nn.Module):
         if sizes is None:
             return self.encoder(self.image(pixels))
         p = self.config.patch_size
-        return self.encoder(self.image(pixels, self._grids(pixels, sizes)), mask=patch_mask(pixels, sizes, p))
+        return self.encoder(self.image(pixels, self._grids(sizes)), mask=patch_mask(pixels, sizes, p))
 
-    def _grids(self, pixels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """Each image's patch grid (N, 2); an image not made of whole patches is an error, not floored."""
+    def encode_patches(self, images: JaggedImages) -> torch.Tensor:
+        """Patch sequences end to end -> (sum (1+P), D), no padding; image ``i``'s tokens (class token first) are
+        rows ``images.cu_seqlens()[i]:images.cu_seqlens()[i + 1]``."""
+        x, offsets = self.image.patches(images)  # (sum (1+P), D), (N+1,)
+        return self.encoder(x, packed=Packed(offsets, images.max_len))
+
+    def _grids(self, sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """Each image's patch grid, on the host (one read of ``sizes``: a sync on CUDA); an image not made of
+        whole patches is an error, not floored."""
         p = self.config.patch_size
-        if bool((sizes % p).any()):  # a sync on CUDA, beside the one positions() takes
-            raise ValueError(f"image sizes {sizes.tolist()} are not whole patches of the model's patch_size {p}: "
+        host = sizes.tolist()
+        if any(h % p or w % p for h, w in host):
+            raise ValueError(f"image sizes {host} are not whole patches of the model's patch_size {p}: "
                              f"decode native-resolution images with patch_size={p} (dataset or make_loader)")
-        return image_grids(pixels, sizes, p)
+        return [(h // p, w // p) for h, w in host]
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) with ``mask`` (B, T) bool, True on real tokens -> (B, T, D)."""
@@ -576,22 +611,25 @@ class ViTBERT(nn.Module):
         x = self.encoder(torch.cat([st.x for st in stretches]), packed=packed)  # (sum n, D)
         return list(x.split([st.x.shape[0] for st in stretches]))
 
-    def _image_stretch(self, images: ImageBatch) -> _Stretch:
+    def _image_stretch(self, images: ImageLayout) -> _Stretch:
         """Every image's patch sequence (class token first) for the packed encoder call; images of several sizes
-        give sequences of their own lengths, their padding left out."""
+        give sequences of their own lengths, their padding left out (patch sequences carry none)."""
+        if images.packed:
+            x, offsets = self.image.patches(images)  # (sum (1+P), D), (N+1,)
+            return _Stretch(x, offsets, images.max_len)
         p = self.config.patch_size
         if images.sizes is None:
             xi = self.image(images.pixels)  # (Ni, L, D), L = 1+P
             Ni, L, D = xi.shape
             offsets = torch.arange(0, Ni * L + 1, L, device=xi.device)  # (Ni+1,)
             return _Stretch(xi.reshape(Ni * L, D), offsets, L)
-        grids = self._grids(images.pixels, images.sizes)
+        grids = self._grids(images.sizes)
         xi = self.image(images.pixels, grids)  # (Ni, 1+P, D), P the batch's grid
-        lengths = grids[:, 0] * grids[:, 1] + 1  # (Ni,)
+        lengths = images.grids(p).prod(dim=1) + 1  # (Ni,), on the device: no copy from the host
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])  # (Ni+1,)
-        return _Stretch(xi[images.patch_mask(p)], offsets, int(lengths.max()))  # (sum L, D)
+        return _Stretch(xi[images.patch_mask(p)], offsets, max(r * c for r, c in grids) + 1)  # (sum L, D)
 
-    def _images_packed(self, h: torch.Tensor, st: _Stretch, images: ImageBatch) -> Rows:
+    def _images_packed(self, h: torch.Tensor, st: _Stretch, images: ImageLayout) -> Rows:
         return self._classify(self.image_head, h[st.offsets[:-1]], images.labels, images.index)  # class tokens
 
     def _text_stretch(self, text: JaggedText) -> _Stretch:

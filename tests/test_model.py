@@ -48,7 +48,7 @@ def run(model: ViTBERT, batches: list) -> tuple[ModelOutput, dict[str, torch.Ten
     return out, grads, sums
 
 
-def strategies(samples: list[Sample]) -> dict[str, list]:
+def strategies(samples: list[Sample], patch_size: int | None = None) -> dict[str, list]:
     by_kind: dict[Modality, list[Sample]] = {}
     for s in samples:
         by_kind.setdefault(s.modality, []).append(s)
@@ -58,8 +58,9 @@ def strategies(samples: list[Sample]) -> dict[str, list]:
         "padded_int16_multiple_of_16": [PaddedCollator(ids_dtype=torch.int16, pad_to_multiple_of=16)(samples)],
         # bucketing as mmload.bucketing does it: images, texts and pairs in separate batches
         "bucketed": [PaddedCollator()(group) for group in by_kind.values()],
-        "nested": [NestedCollator(pack=False)(samples)],
-        "nested_packed": [NestedCollator(pack=True)(samples).to("cpu")],  # one buffer, views on the "device"
+        "nested": [NestedCollator(pack=False, patch_size=patch_size)(samples)],
+        # one buffer, views on the "device"
+        "nested_packed": [NestedCollator(pack=True, patch_size=patch_size)(samples).to("cpu")],
     }
 
 

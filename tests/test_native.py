@@ -16,6 +16,7 @@ from test_model import run, strategies, tiny
 
 from mmload import NestedCollator, PaddedCollator, PerSampleCollator, ShardDataset, pack
 from mmload.decode import Decoder, Native, decode_image
+from mmload.layouts import JaggedImages, ModelInput
 from mmload.sample import Sample
 from models import ViTBERT
 from models.kd import image_rows
@@ -150,7 +151,7 @@ def mixed() -> list[Sample]:
     return native_samples(make_mixed())
 
 
-@pytest.mark.parametrize("collate", [PaddedCollator(), NestedCollator(pack=False), PerSampleCollator()],
+@pytest.mark.parametrize("collate", [PaddedCollator(), NestedCollator(pack=False, patch_size=P), PerSampleCollator()],
                          ids=["padded", "nested", "per-sample"])
 def test_every_collator_gives_each_image_back_as_it_came(collate: object, mixed: list[Sample]) -> None:
     for batch in (collate(mixed), pack(collate(mixed)).to("cpu")):
@@ -170,7 +171,7 @@ def test_stats_count_real_and_padded_image_tokens(mixed: list[Sample]) -> None:
     assert tuple(padded.image.pixels.shape[-2:]) == (rows * P, cols * P)
     stats = padded.stats(P)
     assert stats.image_tokens == real and stats.padded_image_tokens == len(images) * (rows * cols + 1) - real
-    nested = NestedCollator()(mixed).stats(P)  # packed: the encoder call leaves the padding out
+    nested = NestedCollator(patch_size=P)(mixed).stats(P)  # patch sequences: no padding
     assert nested.image_tokens == real and nested.padded_image_tokens == 0
     per_sample = PerSampleCollator()(mixed).stats(P)
     assert per_sample.image_tokens == real and per_sample.padded_image_tokens == 0
@@ -181,10 +182,15 @@ def test_stats_count_real_and_padded_image_tokens(mixed: list[Sample]) -> None:
 
 
 def test_the_strategies_agree_on_losses_and_gradients_at_native_resolution(mixed: list[Sample]) -> None:
-    """Mixed grids through per-sample (each image alone), padded (a patch mask), bucketed and nested (padding left
-    out of the packed call): the square path's tolerances."""
+    """Mixed grids through per-sample (each image alone), padded (a patch mask), bucketed, nested (patch sequences,
+    no padding anywhere) and padded pixels in the packed call (padding left out there): the square path's
+    tolerances."""
     model = ViTBERT(tiny())
-    results = {name: run(model, batches) for name, batches in strategies(mixed).items()}
+    ways = strategies(mixed, patch_size=P)
+    assert isinstance(ways["nested"][0].image, JaggedImages)
+    nested = ways["nested"][0]
+    ways["packed_call_padded_pixels"] = [ModelInput(image=PaddedCollator()(mixed).image, text=nested.text, joint=True)]
+    results = {name: run(model, batches) for name, batches in ways.items()}
     _, ref_grads, ref_sums = results["per_sample"]
     assert ref_sums["image"] > 0 and ref_grads["image.pos"].abs().sum() > 0
     for name, (_, grads, sums) in results.items():
@@ -195,7 +201,7 @@ def test_the_strategies_agree_on_losses_and_gradients_at_native_resolution(mixed
 
 def test_an_image_on_the_trained_grid_gets_the_trained_positions() -> None:
     model = ViTBERT(tiny())
-    pos = model.image.positions(4, 4, torch.tensor([[4, 4], [2, 3]]))
+    pos = model.image.positions(4, 4, [(4, 4), (2, 3)])
     assert torch.equal(pos[0], model.image.pos[0])  # 32 px at patch 8: the trained 4 x 4 grid, as learned
     grid = pos[1, 1:].view(4, 4, -1)
     assert grid[2:].abs().sum() == 0 and grid[:, 3:].abs().sum() == 0  # padding gets none

@@ -18,6 +18,7 @@ from mmload.collate._common import (
     mlm_or_ignore,
     text_rows,
 )
+from mmload.layouts import PATCH_SIZE, ImageLayout, JaggedImages
 from mmload.raw import RawInput
 from mmload.sample import Sample
 from mmload.staging import PackedBatch, pack
@@ -25,7 +26,13 @@ from mmload.staging import PackedBatch, pack
 
 @dataclass
 class NestedCollator(RawInput):
-    """``collate_fn`` for the nested strategy: zero padded tokens.
+    """``collate_fn`` for the nested strategy: zero padded tokens, text or image.
+
+    Texts are packed end to end (:class:`~mmload.layouts.JaggedText`). Images of one size stay one dense
+    ``(N, 3, H, W)`` tensor (nothing to leave out); images of several sizes (native resolution) are cut into
+    ``patch_size`` patches here, on the host, and packed end to end (:class:`~mmload.layouts.JaggedImages`), so
+    only real patches are moved and embedded. ``patch_size`` (default 16) must be the model's; ``make_loader``
+    sets it.
 
     ``pack`` defaults to True: a nested batch is a handful of tensors (ids, offsets, labels, pixels) and
     moving them as one buffer makes the transfer a single copy.
@@ -40,8 +47,15 @@ class NestedCollator(RawInput):
 
     def __call__(self, samples: Sequence[Any]) -> NestedBatch | PackedBatch:
         samples = self.to_samples(samples)
-        batch = NestedBatch(image=image_batch(samples), text=self._text(samples), keys=[s.key for s in samples])
+        batch = NestedBatch(image=self._images(samples), text=self._text(samples), keys=[s.key for s in samples])
         return pack(batch) if self.pack else batch
+
+    def _images(self, samples: Sequence[Sample]) -> ImageLayout | None:
+        rows = [(i, s) for i, s in enumerate(samples) if s.pixels is not None]
+        if len({tuple(s.pixels.shape) for _, s in rows}) <= 1:
+            return image_batch(samples)  # one size (or none): dense, no padding
+        patch = PATCH_SIZE if self.patch_size is None else self.patch_size
+        return JaggedImages.from_images([s.pixels for _, s in rows], **labels_and_index(rows), patch_size=patch)
 
     def _text(self, samples: Sequence[Sample]) -> JaggedText | None:
         rows = text_rows(samples)
