@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_precompute(subparsers: Any) -> None:
+    from mmload.decode import RESOLUTIONS
     from mmload.reader import ReadLimits
 
     p = subparsers.add_parser("precompute", help="embed shards once with a frozen encoder",
@@ -70,6 +71,14 @@ def _add_precompute(subparsers: Any) -> None:
     p.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
                    help="tokenizer for the texts when the text encoder brings none (default: the one beside the "
                         "shards, else the bundled bert-base-uncased)")
+    p.add_argument("--resolution", default="square", choices=RESOLUTIONS,
+                   help="square: shorter side resized to the image encoder's image size, centre crop; native: each "
+                        "image's aspect ratio kept, scaled (down only) to at most --max-patches patches of the "
+                        "encoder's patch size, and embedded at its own size (one encoder call per distinct size "
+                        "in a batch; --tokens gives each image its own length)")
+    p.add_argument("--max-patches", type=_positive, metavar="N",
+                   help="--resolution native: patches per image, the class token not counted (default: the image "
+                        "encoder's square grid, (image size / patch size) ** 2)")
     p.add_argument("--max-samples-per-shard", type=_positive, default=1000, help="output shard size (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     ReadLimits.add_arguments(p)
@@ -114,6 +123,8 @@ def _precompute(args: argparse.Namespace) -> int:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--encoder {spec!r}: {path} does not exist")
         specs.append((kind, path))
+    if args.max_patches is not None and args.resolution != "native":
+        raise ValueError("--max-patches sets the native grid; give it with --resolution native")
     if args.teacher and not os.path.exists(args.teacher):
         raise FileNotFoundError(f"--teacher {args.teacher!r} does not exist")
     info, device = init_distributed(args.device or "auto")
@@ -135,6 +146,7 @@ def _precompute(args: argparse.Namespace) -> int:
                               tokens=args.tokens, batch_size=args.batch_size, num_workers=args.workers,
                               device=device, maxcount=args.max_samples_per_shard, overwrite=args.overwrite,
                               teacher=teacher, tokenizer=args.tokenizer, progress=info.is_main,
+                              resolution=args.resolution, max_patches=args.max_patches,
                               **ReadLimits.from_args(args).kwargs())
     finally:
         if info.owns_group:

@@ -12,11 +12,28 @@ Under ``torchrun`` each rank embeds its share of the shards (``ShardDataset``'s 
 The library takes encoder objects (anything with :class:`FeatureEncoder`'s fields: ``HFFeatures`` for a Hugging
 Face model folder, ``ModuleImageFeatures`` for any torch module, ``models.features.MMLoadFeatures`` for an mmload
 ViT-BERT); turning a path on the command line into one is the command line's work (``mmload.cli``).
+
+NOTE [native precompute]: with ``resolution="native"`` (``--resolution native --max-patches N``) the input images
+are decoded on their own aspect-preserving grids (NOTE [native grid] in :mod:`mmload.decode`), on whole patches of
+the image encoder's ``patch_size``, at most ``max_patches`` of them (default: the encoder's square grid). A batch
+then holds images of several sizes, each in the top-left of the largest (``ImageBatch.sizes``). Each is embedded
+at its own size and never padded: the batch's images are grouped by size and the encoder runs once per group on
+the unpadded images (``_embed_images``), so no padding enters any embedding and an image's embedding does not
+depend on the batch it came in. The cost is one encoder call per distinct size in a batch instead of one per
+batch: native grids repeat (photos come in a few aspect ratios), but a batch of many distinct grids runs as many
+small calls. A Hugging Face ViT gets ``interpolate_pos_encoding=True`` for a size other than its ``image_size``
+(its position grid resized bicubically, as the HF forward does it); an mmload ViT-BERT resizes its learned grid
+itself (NOTE [native positions] in ``models/vit_bert.py``); any other module gets the image as it is. An encoder
+that cannot take another size fails with one line that says to decode at the square size. With ``tokens=True``
+an image's embedding is ``(1 + rows * cols, D)``, its own length, which ``EmbeddingCollator`` packs as it packs
+texts; the pooled vector stays ``(D,)``. A ``teacher`` gets the batch on the device, padded, and takes each image
+without its padding itself (``models.kd.image_rows``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -36,7 +53,7 @@ from mmload.collate import PaddedCollator
 from mmload.coverage import loader_errors
 from mmload.dataset import ShardDataset, _dist_rank_world
 from mmload.decode import TEXT_EMB_EXT
-from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
+from mmload.layouts import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, ImageBatch, normalize_pixels
 from mmload.loader import StatefulLoader
 from mmload.manifest import local_folder
 from mmload.reader import expand_urls
@@ -50,21 +67,26 @@ class FeatureEncoder(Protocol):
 
     name: str
     image_size: int | None  # None: this encoder takes no images
+    patch_size: int  # resolution="native" decodes images on whole patches of it (NOTE [native precompute])
     tokenizer: Any  # None: texts are tokenized with the shards' tokenizer
     takes_text: bool  # False: this encoder takes no texts
     max_text_len: int  # texts are truncated to this many tokens
 
-    def images(self, pixels: torch.Tensor) -> torch.Tensor: ...  # uint8 (N, 3, H, W) -> (N, L, D)
+    def images(self, pixels: torch.Tensor) -> torch.Tensor: ...  # uint8 (N, 3, H, W), any H x W -> (N, L, D)
 
     def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...  # (B, T), (B, T) -> (B, T, D)
 
 
 @dataclass
 class ModuleImageFeatures:
-    """Any torch module mapping normalized float images ``(N, 3, H, W)`` to ``(N, D)`` or ``(N, L, D)``."""
+    """Any torch module mapping normalized float images ``(N, 3, H, W)`` to ``(N, D)`` or ``(N, L, D)``.
+
+    ``image_size`` is the square size it was made for; at native resolution it gets images of other sizes as they
+    are (one size per call), decoded on whole patches of ``patch_size``."""
 
     module: nn.Module
     image_size: int
+    patch_size: int = PATCH_SIZE
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     name: str = "module"
@@ -74,7 +96,12 @@ class ModuleImageFeatures:
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
         x = normalize_pixels(pixels, self.mean, self.std)
-        out = self.module(x)
+        try:
+            out = self.module(x)
+        except (RuntimeError, ValueError) as e:
+            if tuple(pixels.shape[-2:]) == (self.image_size, self.image_size) or isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise ValueError(_fixed_size(self.name, self.image_size, pixels, f"it failed on them: {e}")) from e
         out = getattr(out, "last_hidden_state", out)
         return out if out.dim() == 3 else out.unsqueeze(1)
 
@@ -93,6 +120,9 @@ class HFFeatures:
         self.model = AutoModel.from_pretrained(path)
         self.vision = hasattr(config, "image_size") and hasattr(config, "num_channels")
         self.image_size = int(config.image_size) if self.vision else None
+        self.patch_size = int(getattr(config, "patch_size", PATCH_SIZE))
+        # a ViT-like forward resizes its position grid to other image sizes when asked (NOTE [native precompute])
+        self.interpolates = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self.max_text_len = int(getattr(config, "max_position_embeddings", 512))
         self.tokenizer = None
         self.takes_text = not self.vision
@@ -110,12 +140,40 @@ class HFFeatures:
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.vision:
             raise ValueError(f"{self.name} is a text model; give images a vision encoder (--encoder image=PATH)")
-        return self.model(pixel_values=normalize_pixels(pixels, self.mean, self.std)).last_hidden_state
+        x = normalize_pixels(pixels, self.mean, self.std)  # (N, 3, H, W)
+        if tuple(pixels.shape[-2:]) == (self.image_size, self.image_size):
+            return self.model(pixel_values=x).last_hidden_state
+        if not self.interpolates:
+            raise ValueError(_fixed_size(self.name, self.image_size, pixels,
+                                         "its forward takes no interpolate_pos_encoding"))
+        return self.model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
 
     def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.vision:
             raise ValueError(f"{self.name} is a vision model; give texts a text encoder (--encoder text=PATH)")
         return self.model(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
+
+
+def _fixed_size(name: str, size: int, pixels: torch.Tensor, why: str) -> str:
+    """The one line for an encoder that takes images of its own square size only."""
+    return (f"image encoder {name!r} takes images of {size}x{size} pixels only, got {pixels.shape[-2]}x"
+            f"{pixels.shape[-1]} ({why}): decode at the square size (resolution='square', no --resolution native)")
+
+
+def _embed_images(images: ImageBatch, encoder: FeatureEncoder, device: torch.device) -> list[torch.Tensor]:
+    """Each image's embeddings ``(L, D)`` (float32, on the CPU), by row: one encoder call per distinct size, on
+    the images without their padding (NOTE [native precompute])."""
+    if images.sizes is None:  # one size: one call, as the square path always made
+        return list(encoder.images(images.pixels.to(device)).float().cpu())  # N x (L, D)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, (h, w) in enumerate(images.sizes.tolist()):
+        groups.setdefault((h, w), []).append(row)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for (h, w), rows in groups.items():
+        pixels = images.pixels[torch.tensor(rows), :, :h, :w].to(device)  # (n, 3, h, w), no padding
+        for row, emb in zip(rows, encoder.images(pixels).float().cpu(), strict=True):  # (n, L, D)
+            out[row] = emb
+    return out
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -132,14 +190,11 @@ def _records(batch: PaddedBatch, image_enc: FeatureEncoder | None, text_enc: Fea
         if image_enc is None:
             raise ValueError(f"shards hold images (e.g. key {batch.keys[int(batch.image.index[0])]!r}) but no "
                              "image encoder was given; pass --encoder image=PATH or an mmload checkpoint")
-        if batch.image.sizes is not None:
-            raise ValueError("precompute embeds images of one size: images of several sizes (resolution='native') "
-                             "are not embedded yet; decode at the square size")
-        feats = image_enc.images(batch.image.pixels.to(device)).float().cpu()  # (N, L, D)
+        feats = _embed_images(batch.image, image_enc, device)  # N x (L, D); L: each image's own at native
         # The teacher gives rows by ascending sample index, the order PaddedCollator put the images in.
         logits = None if teacher is None else teacher(batch.to(device)).float().cpu()  # (N, C)
         for row, i in enumerate(batch.image.index.tolist()):
-            emb = feats[row] if tokens else feats[row, 0]
+            emb = feats[row] if tokens else feats[row][0]
             out[i] = {"json": {"modality": "image", "encoder": image_enc.name, "tokens": tokens},
                       "emb.npy": _npy(emb.half().numpy())}
             if logits is not None:
@@ -174,12 +229,14 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
                num_workers: int = 0, device: torch.device | str | None = None, maxcount: int = 1000,
                overwrite: bool = False, progress: bool = True,
                teacher: Callable[[PaddedBatch], torch.Tensor] | None = None, tokenizer: Any = None,
-               **read: Any) -> dict[str, Any]:
+               resolution: str = "square", max_patches: int | None = None, **read: Any) -> dict[str, Any]:
     """Embed every sample of ``urls`` with the frozen encoders and write shards to ``out``; returns the manifest.
 
     ``teacher`` (e.g. ``models.kd.ImageTeacher``) maps a batch to image class logits by ascending sample index;
     they are stored as ``KEY.logits.npy`` for distillation without running the teacher again. ``tokenizer``
     tokenizes the texts when the text encoder brings none (default: the shards' own, else the bundled one).
+    ``resolution``, ``max_patches``: how the images are decoded, as ``ShardDataset`` takes them; ``"native"`` embeds
+    each image at its own size, on whole patches of the image encoder's ``patch_size`` (NOTE [native precompute]).
     ``read``: the :class:`~mmload.reader.ReadLimits` keywords (``read_timeout``, ``max_sample_bytes``,
     ``shuffle_buffer_bytes``). In an initialised ``torch.distributed`` group (``torchrun``) every rank must call
     it: each embeds and writes its share, and every rank returns the one manifest.
@@ -191,6 +248,15 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
         raise ValueError("precompute needs an image_encoder, a text_encoder, or both")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_patches is not None and resolution != "native":
+        raise ValueError(f"max_patches={max_patches} sets the native grid: give it with resolution='native' "
+                         "(--resolution native)")
+    image_kwargs: dict[str, Any] = {"resolution": resolution, "max_patches": max_patches}
+    if resolution == "native" and image_encoder is not None:
+        if getattr(image_encoder, "patch_size", None) is None:
+            raise ValueError(f"resolution='native' decodes images on whole patches of the image encoder's "
+                             f"patch_size, and {image_encoder.name!r} has none: give it a patch_size field")
+        image_kwargs["patch_size"] = image_encoder.patch_size
     if text_encoder is not None and text_encoder.tokenizer is not None:
         if tokenizer is not None and tokenizer is not text_encoder.tokenizer:
             raise ValueError(f"the text encoder {text_encoder.name!r} brings its own tokenizer (its vocabulary): "
@@ -218,7 +284,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
         image_size = image_encoder.image_size if image_encoder is not None else 32
         max_text_len = text_encoder.max_text_len if text_encoder is not None else 512
         ds = ShardDataset(urls, tokenizer=tokenizer, image_size=image_size, max_text_len=max_text_len,
-                          shuffle=False, rank=rank, world_size=world, **read)
+                          shuffle=False, rank=rank, world_size=world, **image_kwargs, **read)
         loader = StatefulLoader(ds, batch_size=batch_size, collate_fn=PaddedCollator(ids_dtype=torch.int64),
                                 num_workers=num_workers)  # stateful: its state carries the workers' error counts
 
@@ -232,7 +298,7 @@ def precompute(urls: str | Sequence[str], out: str | Path, *, image_encoder: Fea
 
         names = {"image": getattr(image_encoder, "name", None), "text": getattr(text_encoder, "name", None),
                  "teacher": getattr(teacher, "name", None if teacher is None else type(teacher).__name__)}
-        info = {"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens}
+        info = {"source": "precompute", "inputs": ds.urls, "encoders": names, "tokens": tokens, **image_kwargs}
         part = write_shards(records(), out, maxcount=maxcount, write_manifest=False, info=info,
                             pattern=SHARD_PATTERN if world == 1 else f"shard-r{rank:03d}-%06d.tar",
                             allow_empty=world > 1)

@@ -29,10 +29,15 @@ class MMLoadFeatures:
         return self.model.config.image_size
 
     @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    @property
     def max_text_len(self) -> int:
         return self.model.config.max_text_len
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # any grid of whole patches: the learned positions are resized to it (NOTE [native positions])
         return self.model.encode_images(pixels)  # (N, 1+P, D)
 
     def texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

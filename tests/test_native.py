@@ -232,13 +232,6 @@ def test_images_not_made_of_the_models_patches_are_an_error_not_floored() -> Non
         model.encode_images(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.tensor([[16, 16], [12, 16]]))
 
 
-def test_precompute_refuses_images_of_several_sizes(mixed: list[Sample]) -> None:
-    from mmload.precompute import _records
-
-    with pytest.raises(ValueError, match="images of several sizes"):
-        list(_records(PaddedCollator()(mixed), object(), None, True, torch.device("cpu")))
-
-
 @pytest.mark.parametrize("strategy", ["padded", "bucketed", "nested"])
 def test_token_budgets_count_each_image_at_its_own_grid(strategy: str, img2dataset_shards: list[str]) -> None:
     """Images at native resolution cost their own grids (padded layouts: the batch's largest rows and columns,
