@@ -76,9 +76,11 @@ def _samples_per_shard(urls: Sequence[str]) -> int:
 
 
 def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, vocab_size: int, tokens: bool,
-                   device: torch.device, progress: bool = True, tokenizer: Any = None, **read: Any) -> list[str]:
+                   device: torch.device, progress: bool = True, tokenizer: Any = None, resolution: str = "square",
+                   max_patches: int | None = None, **read: Any) -> list[str]:
     """``--data`` specs of embedding shards for ``data`` (one cached folder per spec, weights kept), texts
-    tokenized with ``tokenizer`` (the run's)."""
+    tokenized with ``tokenizer`` (the run's), images decoded as ``resolution`` and ``max_patches`` say (native:
+    each embedded at its own grid)."""
     from mmload.precompute import precompute
     from models.build import build_model
     from models.features import MMLoadFeatures
@@ -87,16 +89,18 @@ def embedding_data(data: Sequence[str], root: Path, *, preset: str, seed: int, v
     for spec, weight in parse_data(data):
         urls = expand_urls(spec)
         key = {"format": EMBEDDING_CACHE_FORMAT, "preset": preset, "seed": seed, "vocab_size": vocab_size,
-               "tokens": tokens, "inputs": _inputs(urls), "tokenizer": getattr(tokenizer, "name_or_path", None)}
+               "tokens": tokens, "inputs": _inputs(urls), "tokenizer": getattr(tokenizer, "name_or_path", None),
+               "resolution": resolution, "max_patches": max_patches}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        folder = root / f"emb-{preset}-{seed}-{'tokens' if tokens else 'pooled'}-{digest}"
+        folder = root / f"emb-{preset}-{seed}-{'tokens' if tokens else 'pooled'}-{resolution}-{digest}"
 
         def build(tmp: Path, urls: list[str] = urls) -> None:
             encoder = build_model(preset, vocab_size, seed=seed)
             encoder.to(device).eval().requires_grad_(False)
             features = MMLoadFeatures(encoder, name=f"mmload-{preset}-random-seed{seed}")
             precompute(urls, tmp, image_encoder=features, text_encoder=features, tokens=tokens, device=device,
-                       maxcount=_samples_per_shard(urls), progress=progress, tokenizer=tokenizer, **read)
+                       maxcount=_samples_per_shard(urls), progress=progress, tokenizer=tokenizer,
+                       resolution=resolution, max_patches=max_patches, **read)
 
         _cached(folder, key, build)
         out.append(f"{folder}@{weight:g}")  # a folder spec reads every *.tar in it

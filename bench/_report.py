@@ -238,9 +238,9 @@ def _elastic_cell(e: dict[str, Any] | None) -> str:
     return f"{r} ranks x {w} workers -> {r2} x {w2}: {e['repeats']}, {e['lost']}"
 
 
-CSV_COLUMNS = ("strategy", "status", "steps", "samples_per_s", "vs_padded", "real_tokens_per_s", "ms_per_batch",
-               "ms_per_sample", "data_wait_ms", "transfer_ms", "forward_ms", "backward_ms", "optimizer_ms",
-               "data_wait_share", "real_tokens", "padded_tokens", "padding_fraction", "image_tokens",
+CSV_COLUMNS = ("strategy", "resolution", "status", "steps", "samples_per_s", "vs_padded", "real_tokens_per_s",
+               "ms_per_batch", "ms_per_sample", "data_wait_ms", "transfer_ms", "forward_ms", "backward_ms",
+               "optimizer_ms", "data_wait_share", "real_tokens", "padded_tokens", "padding_fraction", "image_tokens",
                "padded_image_tokens", "image_padding_fraction", "bytes_per_batch",
                "copies_per_batch", "unpacked_bytes_per_batch", "unpacked_copies_per_batch",
                "packed_bytes_per_batch", "packed_copies_per_batch", "copy_variant", "copy_ms_per_batch", "copy_GBps",
@@ -280,6 +280,17 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                  "samples_per_s": syn["samples_per_s"], "vs_padded": result["ratios"]["synthetic_vs_padded"],
                  "real_tokens_per_s": syn["real_tokens_per_s"], "ms_per_batch": syn["ms_per_batch"],
                  **{f"{p}_ms": v for p, v in syn["phases_ms"].items()}})
+    resolution = result["config"].get("resolution", "square")
+    for row in rows:
+        row["resolution"] = resolution
+    native = result.get("native")
+    for s, r in (native or {}).get("strategies", {}).items():  # the square run's native-resolution section
+        x = native["x_padded"].get(s)
+        rows.append({"strategy": s, "resolution": "native", "status": "ok", "steps": r["e2e"]["steps"],
+                     "samples_per_s": r["e2e"]["samples_per_s"], "vs_padded": 1.0 if s == REFERENCE else
+                     x and x["median"], **{f"{p}_ms": v for p, v in r["step_ms"].items()}, **r["padding"],
+                     "bytes_per_batch": r["as_loaded"]["bytes_per_batch"],
+                     "copies_per_batch": r["as_loaded"]["copies_per_batch"]})
     return rows
 
 
@@ -532,10 +543,50 @@ def _ratio(result: dict[str, Any], versus: str, strategy: str) -> str:
     """``1.32 (1.25-1.40)`` from the run's per-round ratios; ``flagged`` when they spread over the limit."""
     if strategy == versus:
         return "1"
-    v = result["ratios"].get("per_round", {}).get(f"end to end, x {versus}", {}).get(strategy)
+    return _rounds_ratio(result["ratios"].get("per_round", {}).get(f"end to end, x {versus}", {}).get(strategy))
+
+
+def _rounds_ratio(v: dict[str, Any] | None) -> str:
     if v is None:
         return "-"
     return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}){' flagged' if v['flagged'] else ''}"
+
+
+def native_table(result: dict[str, Any]) -> list[str]:
+    """The square run's section at native resolution (``--native-rounds``): what each strategy pays for images
+    of several sizes, and a sentence that reads it."""
+    n = result.get("native")
+    if not n:
+        return []
+    lines = ["", "### Images at native resolution (a section of this run)", "",
+             f"The same data with each image on its own grid (aspect ratio kept, at most {n['max_patches']} patches "
+             f"of {n['patch_size']} pixels, the square grid's), every strategy's training steps in {n['rounds']} "
+             f"rounds ({n['steps']} measured steps after {n['warmup']} warm-up; per-sample {n['per_sample_steps']}). "
+             "*Image padding* is padded image positions (patches and class tokens) over all image positions of the "
+             "batches: encoder work spent on nothing.", "",
+             "| strategy | image padding | text padding | image tokens | bytes/batch (as loaded) | copies/batch | "
+             "samples/s | x padded (rounds min-max) |", "|" + " --- |" * 8]
+    for s, r in n["strategies"].items():
+        p, t = r["padding"], r["as_loaded"]
+        lines.append(f"| {s} | {p['image_padding_fraction']:.1%} | {p['padding_fraction']:.1%} | {p['image_tokens']} "
+                     f"| {_kb(t['bytes_per_batch'])} | {t['copies_per_batch']:.1f} | {r['e2e']['samples_per_s']:.1f} "
+                     f"| {'1' if s == REFERENCE else _rounds_ratio(n['x_padded'].get(s))} |")
+    for s, why in n["skipped"].items():
+        lines.append(f"| {s} | skipped: {why} |" + " |" * 6)
+    ok = n["strategies"]
+    if REFERENCE in ok:
+        pad = ok[REFERENCE]["padding"]["image_padding_fraction"]
+        free = [s for s, r in ok.items() if r["padding"]["padded_image_tokens"] == 0]
+        said = f"{REFERENCE.capitalize()} spent {pad:.0%} of its image positions on padding"
+        if free:
+            said += f"; {', '.join(free)} none"
+        if "nested" in ok and "nested" in n["x_padded"]:
+            v = n["x_padded"]["nested"]
+            said += (f"; nested moved {_kb(ok['nested']['as_loaded']['bytes_per_batch'])} a batch against "
+                     f"{REFERENCE}'s {_kb(ok[REFERENCE]['as_loaded']['bytes_per_batch'])} and ran at "
+                     f"{v['median']:.2f}x its samples/s")
+        lines += ["", said + "."]
+    return lines
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -665,7 +716,7 @@ def section(result: dict[str, Any]) -> str:
                          f"({f['epoch_samples'] or '?'} samples) | {f['trainable_params']:,} |")
         lines.append(f"| frozen / full | {fz['ratio']:.2f} | paper: {fz['paper']['frozen_s_per_epoch']} / "
                      f"{fz['paper']['full_s_per_epoch']} s = {fz['paper']['ratio']} | |")
-    lines += spreads_table(result) + ceiling_section(result) + sweep_table(result)
+    lines += native_table(result) + spreads_table(result) + ceiling_section(result) + sweep_table(result)
     if result.get("reliability"):
         lines += reliability_section(result)
     ref = result["reference_bandwidth"]

@@ -66,11 +66,12 @@ PAPER_FREEZE = {"source": "Cross Modality Pre-training and the Intrinsic Values 
 # (steps, warmup) when not given: a default CPU run takes about 5 minutes on a 2-core machine
 DEFAULT_STEPS = {"cpu": (50, 5), "cuda": (100, 10)}
 DEFAULTS = {"maxcount": _data.DEFAULT_MAXCOUNT, "image_text_ratio": 8.0, "batch_size": 32,
-            "reliability_epochs": 2, "rounds": 5, "sweep_sizes": ",".join(map(str, _measure.SWEEP_SIZES))}
+            "reliability_epochs": 2, "rounds": 5, "native_rounds": 2,
+            "sweep_sizes": ",".join(map(str, _measure.SWEEP_SIZES))}
 # --quick: options not given on the command line take these values
 QUICK = {"preset": "tiny", "samples": 96, "maxcount": 24, "image_text_ratio": 2.0, "batch_size": 8, "steps": 3,
          "warmup": 1, "per_sample_steps": 2, "freeze_steps": 2, "workers": 1, "collate_batches": 3, "rounds": 2,
-         "sweep_sizes": "4,8"}
+         "native_rounds": 0, "sweep_sizes": "4,8"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "does, else the bundled bert-base-uncased WordPiece, for img2dataset output)")
     g.add_argument("--resolution", choices=RESOLUTIONS, default="square",
                    help="square: images resized and centre-cropped to the preset's size; native: each image's "
-                        "aspect ratio kept, at most --max-patches patches (batches pad to their largest grid, "
-                        "bucketed pools images by size, nested leaves padding out of its packed call; the "
-                        "embeddings strategy and the webdataset peer are skipped) (default square)")
+                        "aspect ratio kept, at most --max-patches patches (padded batches pad to their largest "
+                        "grid, bucketed groups images by grid, nested carries only real patches, embeddings are "
+                        "precomputed per image; the webdataset peer is skipped) (default square; a square run "
+                        "adds a native-resolution section: --native-rounds)")
     g.add_argument("--max-patches", type=int, metavar="N",
                    help="--resolution native: patches per image (default: the preset's square grid)")
     g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
@@ -131,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-sizes", metavar="N,N,...",
                    help="batch sizes of the transfer-only sweep (bytes, copies and time to move one batch per "
                         "strategy); 'none' skips it (default 8,16,32,64,128,256,512; --quick: 4,8)")
+    g.add_argument("--native-rounds", type=int, metavar="R",
+                   help="a square run adds a section at native resolution (the same data, each image on its own "
+                        "grid of at most the square grid's patches): image and text padding, bytes per batch and "
+                        "samples/s x padded per strategy, from a third of --steps in R rounds; 0 skips it "
+                        "(default 2; --quick: 0)")
     g.add_argument("--reliability-epochs", type=int, default=None,
                    help="epochs of the loader-only reliability pass (coverage, errors, repeats, lost samples, "
                         "memory per epoch, a mid-epoch resume); 0 skips (default 2; --quick: 2)")
@@ -182,6 +189,7 @@ class BenchConfig:
     freeze_steps: int
     reliability_epochs: int
     rounds: int
+    native_rounds: int
     sweep_sizes: tuple[int, ...]
     device: str
     precision: str
@@ -258,9 +266,6 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.resolution == "native" and all(not get_strategy(n).has_raw_inputs for n in args.strategies):
-        parser.error(f"--resolution native: no strategy left to measure ({','.join(args.strategies)}: precomputed "
-                     "embeddings at native resolution are not there yet); name another with --strategies")
     if args.max_patches is not None and (args.max_patches < 1 or args.resolution != "native"):
         parser.error(f"--max-patches takes N >= 1 with --resolution native, got {args.max_patches}"
                      + ("" if args.resolution == "native" else " without it"))
@@ -271,7 +276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         ReadLimits.from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("warmup", "workers", "freeze_steps", "reliability_epochs"):
+    for name in ("warmup", "workers", "freeze_steps", "reliability_epochs", "native_rounds"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     values = vars(args) | {"data": None if args.data is None else tuple(args.data),
@@ -344,15 +349,13 @@ class Bench:
         self.opts = StepOptions.from_config(self.train_config)
         self.skipped: dict[str, str] = {}
         self.emb_data: list[str] | None = None
-        if args.resolution == "native":  # precompute embeds images of one size
-            self.skipped.update({s: "precomputed embeddings at native resolution are not there yet" for s
-                                 in args.strategies if not get_strategy(s).has_raw_inputs})
         if any(not get_strategy(s).has_raw_inputs and s not in self.skipped for s in args.strategies):
             try:
                 self.emb_data = _data.embedding_data(
                     self.data, self.cache, preset=args.preset, seed=args.seed, vocab_size=len(self.tokenizer),
                     tokens=args.emb == "tokens", device=self.device, progress=args.progress,
-                    tokenizer=self.tokenizer, **args.read_limits.kwargs())
+                    tokenizer=self.tokenizer, resolution=args.resolution, max_patches=args.max_patches,
+                    **args.read_limits.kwargs())
             except ValueError as e:  # e.g. shards with nothing precompute can embed
                 self.skipped.update({s: f"precompute failed: {e}" for s in args.strategies
                                      if not get_strategy(s).has_raw_inputs})
@@ -520,8 +523,10 @@ def measure_loaders(bench: Bench, names: Sequence[str]) -> dict[str, dict[str, A
             r.close()
 
 
-def measure_training(bench: Bench, names: Sequence[str], batches: list[Any]) -> dict[str, dict[str, Any]]:
-    """Every strategy's training steps and the synthetic baseline (``SYNTHETIC``), in rounds (NOTE [rounds])."""
+def measure_training(bench: Bench, names: Sequence[str], batches: list[Any] | None,
+                     desc: str = "training steps") -> dict[str, dict[str, Any]]:
+    """Every strategy's training steps and (given its ``batches``) the synthetic baseline (``SYNTHETIC``), in
+    rounds (NOTE [rounds])."""
     a = bench.args
     skip = _measure.idle_batches(a.workers)
     runs: dict[str, Any] = {}
@@ -529,11 +534,13 @@ def measure_training(bench: Bench, names: Sequence[str], batches: list[Any]) -> 
         for n in names:
             runs[n] = _measure.TrainRun(bench.stream(get_strategy(n)), bench.model(get_strategy(n)), bench.device,
                                         skip)
-        runs[SYNTHETIC] = _measure.SyntheticRun(bench.model(get_strategy(REFERENCE)), batches, bench.device, skip)
+        if batches is not None:
+            runs[SYNTHETIC] = _measure.SyntheticRun(bench.model(get_strategy(REFERENCE)), batches, bench.device,
+                                                    skip)
         for r in runs.values():
             r.warm(a.warmup)
         _measure.interleave(runs, a.rounds, {n: turn_steps(bench, n if n in names else None) for n in runs},
-                            "training steps", a.progress)
+                            desc, a.progress)
         return {n: r.result() for n, r in runs.items()}
     finally:
         for r in runs.values():
@@ -628,6 +635,35 @@ def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) 
     return out
 
 
+def native_section(args: BenchConfig, reference: dict[str, Any]) -> dict[str, Any] | None:
+    """A square run's section at native resolution: the same data, each image on its own grid (at most the square
+    grid's patches), every strategy's static figures and training steps in ``--native-rounds`` rounds of a third of
+    ``--steps`` (no loader-alone, sweep, peer or freeze runs); None in a native run or with 0 rounds."""
+    if args.resolution == "native" or not args.native_rounds:
+        return None
+    native = dataclasses.replace(args, resolution="native", rounds=args.native_rounds, sweep_sizes=(),
+                                 steps=max(args.native_rounds, args.steps // 3), warmup=min(args.warmup, 2),
+                                 per_sample_steps=max(1, args.per_sample_steps // 3))
+    bench = Bench(native)
+    names = [n for n in args.strategies if n not in bench.skipped]
+    statics = {n: measure_static(bench, get_strategy(n), reference) for n in names}
+    trained = measure_training(bench, names, None, "training steps, native resolution")
+    strategies: dict[str, Any] = {}
+    for name in names:
+        entry = assemble(bench, get_strategy(name), statics[name], {}, trained[name], reference)
+        strategies[name] = {"padding": entry["padding"], "fill": entry["fill"],
+                            "as_loaded": entry["transfer"]["as_loaded"], "step_ms": entry["step_ms"],
+                            "e2e": {k: entry["e2e"][k] for k in ("samples_per_s", "steps", "rounds_samples_per_s")}}
+    rounds = {n: r["e2e"]["rounds_samples_per_s"] for n, r in strategies.items()}
+    x_padded = ({n: _measure.per_round_ratio(v, rounds[REFERENCE]) for n, v in rounds.items() if n != REFERENCE}
+                if REFERENCE in rounds else {})
+    grid = (bench.shape.image_size // bench.shape.patch_size) ** 2
+    return {"max_patches": grid, "patch_size": bench.shape.patch_size, "rounds": native.rounds,
+            "steps": native.steps, "per_sample_steps": native.per_sample_steps, "warmup": native.warmup,
+            "strategies": strategies, "skipped": dict(bench.skipped), "x_padded": x_padded,
+            "embedding_data": bench.emb_data}
+
+
 def run(args: BenchConfig) -> dict[str, Any]:
     started, load_start = time.perf_counter(), os.getloadavg()
     date = datetime.now(UTC)
@@ -656,6 +692,7 @@ def run(args: BenchConfig) -> dict[str, Any]:
     peer, ceiling = peer_figures(loaders, bench), ceiling_figures(loaders, bench)
     freeze = measure_freeze(bench, batches, _data.dataset_size(bench.data)) if args.freeze_steps else None
     del batches
+    native = native_section(args, reference)
     reliability = None
     if args.reliability_epochs:
         reliability = _reliability.measure(
@@ -683,9 +720,10 @@ def run(args: BenchConfig) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "config": config, "argv": sys.argv[1:] if args.argv is None else
         list(args.argv), "reference_bandwidth": reference, "synthetic": synthetic, "strategies": strategies,
         "freeze": freeze, "reliability": reliability, "profile_dir": profile_dir, "peer": peer, "ceiling": ceiling,
-        "sweep": sweep, "rounds": {"rounds": args.rounds, "how": "every strategy's loader alone, then every "
-                                   "strategy's training steps and the synthetic baseline, in rounds of a few steps "
-                                   "each in a rotating order; a ratio is the median of its per-round ratios"},
+        "sweep": sweep, "native": native,
+        "rounds": {"rounds": args.rounds, "how": "every strategy's loader alone, then every strategy's training steps "
+                   "and the synthetic baseline, in rounds of a few steps each in a rotating order; a ratio is the "
+                   "median of its per-round ratios"},
         "load_average": {"start": load_start, "end": os.getloadavg(), "note": "1, 5, 15-minute load averages of "
                          "the machine; above the core count, other processes competed for the CPU"},
     }
@@ -715,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     paths = _report.write(result, Path(args.out))
-    print(_report.table_text(result))
+    print("\n".join([_report.table_text(result), *_report.native_table(result)]))
     print(f"\nwrote {', '.join(paths.values())} in {result['duration_s']:.0f} s")
     return result
 

@@ -311,11 +311,33 @@ def test_native_resolution_reports_the_image_padding_each_strategy_pays(tmp_path
                    str(tmp_path / "c"), "--no-progress", "--reliability-epochs", "0", "--freeze-steps", "0",
                    "--sweep-sizes", "none"])
     s = result["strategies"]
-    assert s["embeddings"]["status"].startswith("skipped: precomputed embeddings at native resolution")
-    assert result["peer"] is None  # the peer a user writes decodes squares
+    assert s["embeddings"]["status"] == "ok"  # precomputed at native resolution, each image at its own grid
+    assert result["peer"] is None and result["native"] is None  # the peer decodes squares; the run is native
     assert s["padded"]["padding"]["image_padding_fraction"] > 0.1  # the builtin images' aspect ratios vary
-    for name in ("nested", "per-sample"):  # padding left out of the packed call, one image a call
+    for name in ("nested", "per-sample"):  # only real patches carried, one image a call
         assert s[name]["padding"]["padded_image_tokens"] == 0, name
     assert s["nested"]["padding"]["image_tokens"] == s["padded"]["padding"]["image_tokens"]  # the same images
+    assert s["nested"]["transfer"]["as_loaded"]["bytes_per_batch"] < s["padded"]["transfer"]["as_loaded"][
+        "bytes_per_batch"]  # no pixel of padding travels
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "images at native resolution" in readme and "| image padding |" in readme
+
+
+def test_a_square_run_adds_a_native_resolution_section(tmp_path: Path) -> None:
+    """The default run's native section: every strategy at native resolution, padding, bytes and ratios to padded,
+    in the JSON, the CSV, the README and what the run prints."""
+    result = main(["--quick", "--native-rounds", "2", "--strategies", "padded,nested,embeddings", "--out",
+                   str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--no-progress",
+                   "--reliability-epochs", "0", "--freeze-steps", "0", "--sweep-sizes", "none"])
+    native = result["native"]
+    assert native["rounds"] == 2 and set(native["strategies"]) == {"padded", "nested", "embeddings"}
+    padded, nested = native["strategies"]["padded"], native["strategies"]["nested"]
+    assert padded["padding"]["image_padding_fraction"] > 0.1 and nested["padding"]["padded_image_tokens"] == 0
+    assert result["strategies"]["padded"]["padding"]["padded_image_tokens"] == 0  # the square run pads none
+    assert len(nested["e2e"]["rounds_samples_per_s"]) == 2 and set(native["x_padded"]) == {"nested", "embeddings"}
+    assert nested["as_loaded"]["bytes_per_batch"] < padded["as_loaded"]["bytes_per_batch"]
+    csv = (tmp_path / "out" / f"{result['run']}.csv").read_text()
+    assert csv.count(",native,") == 3 and csv.count(",square,") == 4  # 3 strategies and the synthetic row
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "### Images at native resolution (a section of this run)" in readme
+    assert f"Padded spent {padded['padding']['image_padding_fraction']:.0%} of its image positions" in readme
