@@ -558,12 +558,14 @@ def native_table(result: dict[str, Any]) -> list[str]:
     n = result.get("native")
     if not n:
         return []
+    steps = {s: r["e2e"]["steps"] for s, r in n["strategies"].items()}
+    measured = ", ".join(f"{s} {k}" for s, k in steps.items())
     lines = ["", "### Images at native resolution (a section of this run)", "",
              f"The same data with each image on its own grid (aspect ratio kept, at most {n['max_patches']} patches "
              f"of {n['patch_size']} pixels, the square grid's), every strategy's training steps in {n['rounds']} "
-             f"rounds ({n['steps']} measured steps after {n['warmup']} warm-up; per-sample {n['per_sample_steps']}). "
-             "*Image padding* is padded image positions (patches and class tokens) over all image positions of the "
-             "batches: encoder work spent on nothing.", "",
+             f"rounds after {n['warmup']} warm-up (measured steps: {measured}). *Image padding* is padded image "
+             "positions (patches and class tokens) over all image positions of the batches: encoder work spent on "
+             "nothing.", "",
              "| strategy | image padding | text padding | image tokens/batch (real) | bytes/batch (as loaded) | "
              "copies/batch | samples/s | x padded (rounds min-max) |", "|" + " --- |" * 8]
     for s, r in n["strategies"].items():
@@ -577,7 +579,7 @@ def native_table(result: dict[str, Any]) -> list[str]:
     ok = n["strategies"]
     if REFERENCE in ok:
         pad = ok[REFERENCE]["padding"]["image_padding_fraction"]
-        free = [s for s, r in ok.items() if r["padding"]["padded_image_tokens"] == 0]
+        free = [s for s, r in ok.items() if r["padding"]["padded_image_tokens"] == 0 and s != REFERENCE]
         said = f"{REFERENCE.capitalize()} spent {pad:.0%} of its image positions on padding"
         if free:
             said += f"; {', '.join(free)} none"

@@ -18,6 +18,7 @@ row keeps its ``index``: the position of its sample in the list given to the col
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -134,16 +135,22 @@ class ImageBatch(TensorBatch):
         return out
 
 
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+def patchify(image: torch.Tensor, patch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (3, r * p, c * p) -> (r * c, 3 * p * p): the image's patches row-major, each flattened as
-    (channel, row, column), the order of a ``Conv2d(3, D, p, stride=p)`` weight's ``(D, 3, p, p)`` flattened."""
+    (channel, row, column), the order of a ``Conv2d(3, D, p, stride=p)`` weight's ``(D, 3, p, p)`` flattened;
+    written into ``out`` when given (one copy)."""
     C, H, W = image.shape
     p = patch_size
     if H % p or W % p or not H or not W:
-        raise ValueError(f"an image of {H}x{W} pixels is not whole patches of {p}: decode with resolution='native' "
-                         f"and patch_size={p} (the dataset, make_loader or the collator), or resize it")
+        raise ValueError(f"an image of {H}x{W} pixels is not whole patches of {p}: give the collator the model's "
+                         f"patch_size (make_loader(patch_size=...), NestedCollator(patch_size=...)) and decode with "
+                         f"resolution='native' at it, or resize the image")
     r, c = H // p, W // p
-    return image.reshape(C, r, p, c, p).permute(1, 3, 0, 2, 4).reshape(r * c, C * p * p)  # (r*c, 3*p*p)
+    patches = image.reshape(C, r, p, c, p).permute(1, 3, 0, 2, 4)  # (r, c, 3, p, p), a view
+    if out is None:
+        return patches.reshape(r * c, C * p * p)  # (r*c, 3*p*p)
+    out.view(r, c, C, p, p).copy_(patches)
+    return out
 
 
 def unpatchify(patches: torch.Tensor, rows: int, cols: int, patch_size: int) -> torch.Tensor:
@@ -178,13 +185,12 @@ class JaggedImages(TensorBatch):
         """uint8 (3, r * p, c * p) images (each whole patches of ``patch_size``) packed end to end."""
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-        parts = [patchify(im, patch_size) for im in images]  # (r*c, 3*p*p) each
-        lengths = torch.tensor([len(part) for part in parts], dtype=torch.int64)  # (N,)
-        offsets = torch.zeros(len(parts) + 1, dtype=torch.int64)  # (N+1,)
-        torch.cumsum(lengths, 0, out=offsets[1:])
         grid = tuple((im.shape[-2] // patch_size, im.shape[-1] // patch_size) for im in images)
-        return cls(patches=torch.cat(parts), offsets=offsets, labels=labels, index=index, grid=grid,
-                   patch_size=patch_size)
+        offsets = torch.tensor(_bounds(grid), dtype=torch.int64)  # (N+1,)
+        patches = images[0].new_empty(int(offsets[-1]), 3 * patch_size * patch_size)  # (sum P, 3*p*p)
+        for im, lo, hi in zip(images, offsets.tolist(), offsets[1:].tolist()):
+            patchify(im, patch_size, out=patches[lo:hi])
+        return cls(patches=patches, offsets=offsets, labels=labels, index=index, grid=grid, patch_size=patch_size)
 
     def __len__(self) -> int:
         return len(self.grid)
@@ -214,14 +220,13 @@ class JaggedImages(TensorBatch):
 
     def image(self, row: int) -> torch.Tensor:
         """uint8 (3, h, w): image ``row``."""
-        lo, hi = self.offsets[row:row + 2].tolist()
-        return unpatchify(self.patches[lo:hi], *self.grid[row], self.patch_size)
+        return self.images()[row]
 
     def images(self) -> list[torch.Tensor]:
-        """Every image as uint8 (3, h, w) (one host read of ``offsets``)."""
-        bounds = self.offsets.tolist()
+        """Every image as uint8 (3, h, w), views where they can be (the bounds from ``grid``: no device read)."""
+        bounds = _bounds(self.grid)
         return [unpatchify(self.patches[lo:hi], r, c, self.patch_size)
-                for (lo, hi), (r, c) in zip(zip(bounds, bounds[1:]), self.grid)]
+                for lo, hi, (r, c) in zip(bounds, bounds[1:], self.grid)]
 
     def dense(self) -> ImageBatch:
         """The same images as an :class:`ImageBatch`, each in the top-left of the largest, with ``sizes``."""
@@ -236,6 +241,11 @@ class JaggedImages(TensorBatch):
 
 
 ImageLayout = ImageBatch | JaggedImages
+
+
+def _bounds(grid: Sequence[tuple[int, int]]) -> list[int]:
+    """Patch offsets (N+1) of images of these ``(rows, cols)`` grids, end to end."""
+    return [0, *itertools.accumulate(r * c for r, c in grid)]
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values

@@ -21,10 +21,11 @@ from mmload.stages import Split
 from mmload.strategy import STRATEGIES, Strategy, get_strategy
 
 
-def make_collator(strategy: str | Strategy, *, pack: bool | None = None,
-                  ids_dtype: torch.dtype = torch.int32) -> Callable:
-    """The collator of ``strategy``; ``pack=None`` keeps each collator's default (only nested packs)."""
-    return get_strategy(strategy).collator(pack=pack, ids_dtype=ids_dtype)
+def make_collator(strategy: str | Strategy, *, pack: bool | None = None, ids_dtype: torch.dtype = torch.int32,
+                  patch_size: int | None = None) -> Callable:
+    """The collator of ``strategy``; ``pack=None`` keeps each collator's default (only nested packs). Give
+    ``patch_size`` (the model's) for images at native resolution: nested cuts images of several sizes into it."""
+    return get_strategy(strategy).collator(pack=pack, ids_dtype=ids_dtype, patch_size=patch_size)
 
 
 def image_cost(max_tokens: int | None, image_size: int, patch_size: int, resolution: str = "square") -> dict[str, Any]:

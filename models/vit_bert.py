@@ -223,6 +223,15 @@ class Encoder(nn.Module):
         return self.ln_f(x)
 
 
+Grids = list[tuple[int, int]] | tuple[tuple[int, int], ...] | torch.Tensor  # each image's (rows, cols)
+
+
+def host_grids(grids: Grids) -> list[tuple[int, int]]:
+    """Grids as host ``(rows, cols)`` tuples; an (N, 2) tensor is read once (a sync on CUDA)."""
+    rows = grids.tolist() if isinstance(grids, torch.Tensor) else grids
+    return [(int(r), int(c)) for r, c in rows]
+
+
 def resize_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Class + square-grid positions (1, 1 + g*g, D) -> (1, 1 + h*w, D), the grid resized bicubically (as ViT/DINO)."""
     cls_pos, grid_pos = pos[:, :1], pos[:, 1:]  # (1, 1, D), (1, g*g, D)
@@ -268,10 +277,11 @@ class ImageTokenizer(nn.Module):
             return self.pos
         return resize_positions(self.pos, h, w)
 
-    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> (N, 1+P, D). ``grids``: each image's own ``(rows, cols)`` (host) in the top-left
-        of the batch's grid (images of several sizes, zero-padded); its patches get the positions of its own grid,
-        the padding's are zero (the encoder masks them: ``ImageBatch.patch_mask``)."""
+    def forward(self, pixels: torch.Tensor, grids: Grids | None = None) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> (N, 1+P, D). ``grids``: each image's own ``(rows, cols)`` (a list, or an (N, 2)
+        tensor: read once) in the top-left of the batch's grid (images of several sizes, zero-padded); its patches
+        get the positions of its own grid, the padding's are zero (the encoder masks them:
+        ``ImageBatch.patch_mask``)."""
         p = self.patch.kernel_size[0]
         if pixels.shape[-1] % p or pixels.shape[-2] % p:
             raise ValueError(f"images of {pixels.shape[-2]}x{pixels.shape[-1]} pixels are not whole patches of the "
@@ -283,11 +293,12 @@ class ImageTokenizer(nn.Module):
         x = torch.cat([self.cls.expand(N, -1, -1), x], dim=1)  # (N, 1+P, D)
         return self.dropout(x + self.positions(h, w, grids))  # (N, 1+P, D)
 
-    def positions(self, h: int, w: int, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def positions(self, h: int, w: int, grids: Grids | None = None) -> torch.Tensor:
         """(1, 1+h*w, D), or with ``grids`` (N, 1+h*w, D): each image's own grid's positions (NOTE [native
         positions]) placed in the top-left of the batch's ``h x w`` grid, zero on padding."""
         if grids is None:
             return self.position_embeddings(h, w)
+        grids = host_grids(grids)
         out = self.pos.new_zeros(len(grids), h, w, self.pos.shape[-1])  # (N, h, w, D)
         for grid, pos in self._grid_positions(grids).items():  # few distinct grids per batch
             r, c = grid
@@ -623,11 +634,13 @@ class ViTBERT(nn.Module):
             Ni, L, D = xi.shape
             offsets = torch.arange(0, Ni * L + 1, L, device=xi.device)  # (Ni+1,)
             return _Stretch(xi.reshape(Ni * L, D), offsets, L)
-        grids = self._grids(images.sizes)
+        grids = self._grids(images.sizes)  # the one device read
         xi = self.image(images.pixels, grids)  # (Ni, 1+P, D), P the batch's grid
         lengths = images.grids(p).prod(dim=1) + 1  # (Ni,), on the device: no copy from the host
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])  # (Ni+1,)
-        return _Stretch(xi[images.patch_mask(p)], offsets, max(r * c for r, c in grids) + 1)  # (sum L, D)
+        total = sum(r * c + 1 for r, c in grids)
+        keep = torch.nonzero_static(images.patch_mask(p).flatten(), size=total).squeeze(1)  # (sum L,), no sync
+        return _Stretch(xi.flatten(0, 1)[keep], offsets, max(r * c for r, c in grids) + 1)  # (sum L, D)
 
     def _images_packed(self, h: torch.Tensor, st: _Stretch, images: ImageLayout) -> Rows:
         return self._classify(self.image_head, h[st.offsets[:-1]], images.labels, images.index)  # class tokens

@@ -330,6 +330,23 @@ def test_cuda_bf16_nested_matches_padded() -> None:
     assert sums[1] == pytest.approx(sums[0], rel=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_nested_patch_sequences_match_padded() -> None:
+    """Images of several grids on CUDA under bf16: nested's patch sequences (varlen attention where available)
+    against padded's masked dense call."""
+    from test_native import native_samples
+
+    model = ViTBERT(tiny()).cuda()
+    samples = native_samples(make_mixed())
+    sums = []
+    for batch in (PaddedCollator()(samples), NestedCollator(patch_size=8)(samples)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch.to("cuda"))
+        sums.append((out.image_loss_sum().item(), out.mlm_loss_sum().item()))
+    assert sums[1] == pytest.approx(sums[0], rel=2e-2)
+
+
 def test_packed_segments_make_equal_length_runs_dense_and_keep_the_rest_jagged() -> None:
     from models.vit_bert import Packed
 

@@ -99,8 +99,35 @@ def test_patches_of_another_size_than_the_models_are_refused() -> None:
 def test_images_that_are_not_whole_patches_are_refused_when_collated() -> None:
     odd = [Sample("a", Modality.IMAGE, pixels=torch.zeros(3, 20, 16, dtype=torch.uint8), label=0),
            Sample("b", Modality.IMAGE, pixels=torch.zeros(3, 16, 16, dtype=torch.uint8), label=0)]
-    with pytest.raises(ValueError, match=r"an image of 20x16 pixels is not whole patches of 8.*patch_size=8"):
+    with pytest.raises(ValueError, match=r"sample 'a': an image of 20x16 pixels is not whole patches of 8; "):
         NestedCollator(patch_size=P)(odd)
+    with pytest.raises(ValueError, match=r"of 16 \(the default: give NestedCollator\(patch_size=...\) the model's\)"):
+        NestedCollator()(images_of([(1, 2), (2, 1)]))  # whole patches of 8, the default cuts 16
+
+
+def test_make_collator_takes_the_models_patch_size() -> None:
+    from mmload import make_collator
+
+    batch = make_collator("nested", patch_size=P)(images_of([(1, 2), (2, 1)]))
+    assert batch.unpack().image.patch_size == P
+    assert make_collator("padded", patch_size=P).patch_size == P  # raw samples decode to the model's grid
+
+
+def test_the_jagged_path_reads_nothing_from_the_device() -> None:
+    """On the meta device any read of a value (``.tolist()``, ``.item()``, a boolean index) raises: the patch
+    embedding, its positions and the offsets come from the host grid and device ops only (no CUDA sync)."""
+    model = ViTBERT(tiny()).to("meta")
+    jagged = NestedCollator(pack=False, patch_size=P)(images_of([(4, 4), (2, 7), (1, 1), (2, 7)])).image
+    tokens, offsets = model.image.patches(jagged.to("meta"))
+    assert tokens.shape == (16 + 14 + 1 + 14 + 4, 64) and offsets.shape == (5,)
+    assert tokens.device.type == "meta"
+
+
+def test_grids_given_as_a_tensor_place_the_same_positions() -> None:
+    model = ViTBERT(tiny())
+    listed = model.image.positions(4, 4, [(4, 4), (2, 3)])
+    assert torch.equal(model.image.positions(4, 4, torch.tensor([[4, 4], [2, 3]])), listed)
+    assert listed[1, 1:].view(4, 4, -1)[:2, :3].abs().sum() > 0
 
 
 def test_a_layout_of_patch_sequences_makes_the_encoder_call_packed() -> None:
@@ -116,5 +143,7 @@ def test_make_loader_cuts_nested_images_into_the_models_patches(img2dataset_shar
     batches = list(loader)
     layouts = [b.unpack().image for b in batches if b.unpack().image is not None]
     assert layouts and all(isinstance(im, JaggedImages) and im.patch_size == P for im in layouts)
-    model = ViTBERT(tiny())  # the images only: the tiny vocabulary is not the shards' tokenizer's
-    assert all(torch.isfinite(model(ModelInput(image=im)).image_logits).all() for im in layouts)
+    model = ViTBERT(tiny()).eval()  # the images only: the tiny vocabulary is not the shards' tokenizer's
+    for im in layouts:  # the same logits as the images padded to the largest and masked
+        torch.testing.assert_close(model(ModelInput(image=im)).image_logits,
+                                   model(ModelInput(image=im.dense())).image_logits, rtol=1e-4, atol=1e-5)

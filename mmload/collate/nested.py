@@ -55,6 +55,14 @@ class NestedCollator(RawInput):
         if len({tuple(s.pixels.shape) for _, s in rows}) <= 1:
             return image_batch(samples)  # one size (or none): dense, no padding
         patch = PATCH_SIZE if self.patch_size is None else self.patch_size
+        odd = next((s for _, s in rows if s.pixels.shape[-2] % patch or s.pixels.shape[-1] % patch), None)
+        if odd is not None:
+            h, w = odd.pixels.shape[-2:]
+            raise ValueError(f"sample {odd.key!r}: an image of {h}x{w} pixels is not whole patches of {patch}"
+                             + (" (the default: give NestedCollator(patch_size=...) the model's)"
+                                if self.patch_size is None else "")
+                             + "; images of several sizes travel as patches: decode with resolution='native' at "
+                             "the model's patch_size (make_loader(patch_size=...)), or resize them")
         return JaggedImages.from_images([s.pixels for _, s in rows], **labels_and_index(rows), patch_size=patch)
 
     def _text(self, samples: Sequence[Sample]) -> JaggedText | None:
