@@ -582,12 +582,11 @@ def native_table(result: dict[str, Any]) -> list[str]:
         free = [s for s, r in ok.items() if r["padding"]["padded_image_tokens"] == 0 and s != REFERENCE]
         said = f"{REFERENCE.capitalize()} spent {pad:.0%} of its image positions on padding"
         if free:
-            said += f"; {', '.join(free)} none"
-        if "nested" in ok and "nested" in n["x_padded"]:
-            v = n["x_padded"]["nested"]
-            said += (f"; nested moved {_kb(ok['nested']['as_loaded']['bytes_per_batch'])} a batch against "
-                     f"{REFERENCE}'s {_kb(ok[REFERENCE]['as_loaded']['bytes_per_batch'])} and ran at "
-                     f"{v['median']:.2f}x its samples/s")
+            said += (f"; {', '.join(free)} none, moving "
+                     + ", ".join(f"{_kb(ok[s]['as_loaded']['bytes_per_batch'])} ({s})" for s in free)
+                     + f" a batch against {REFERENCE}'s {_kb(ok[REFERENCE]['as_loaded']['bytes_per_batch'])}, at "
+                     + ", ".join(f"{n['x_padded'][s]['median']:.2f}x ({s})" for s in free if s in n["x_padded"])
+                     + " its samples/s")
         lines += ["", said + "."]
     return lines
 
