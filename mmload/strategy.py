@@ -114,7 +114,7 @@ class Strategy:
         batches ``batch_size`` consecutive samples. With ``max_tokens`` instead of ``batch_size``, a batch holds as
         many samples as fit that many tokens (text tokens as ``token_layout`` counts them, plus ``image_tokens`` per
         image: its patches and class token; or, with ``patch_size`` instead, each image's own grid: native
-        resolution)."""
+        resolution). With ``batch_size``, ``patch_size`` is the grid a grouping stage bounds image padding at."""
         if (batch_size is None) == (max_tokens is None):
             raise ValueError(f"give batch_size or max_tokens, not both nor neither (got batch_size={batch_size}, "
                              f"max_tokens={max_tokens})")
@@ -129,7 +129,10 @@ class Strategy:
             return TokenBatcher(**budget, padded=self.token_layout == "padded")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return None if self.batcher_factory is None else self.batcher_factory(batch_size)
+        if self.batcher_factory is None:
+            return None
+        # patch_size: the grids a grouping stage measures image padding at (native resolution)
+        return self.batcher_factory(batch_size, **({} if patch_size is None else {"patch_size": patch_size}))
 
     def group(self, samples: Iterable[Sample], batch_size: int | None = None, *, max_tokens: int | None = None,
               image_tokens: int | None = None, patch_size: int | None = None) -> Iterator[list[Sample]]:
