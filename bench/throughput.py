@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", choices=RESOLUTIONS, default="square",
                    help="square: images resized and centre-cropped to the preset's size; native: each image's "
                         "aspect ratio kept, at most --max-patches patches (padded batches pad to their largest "
-                        "grid, bucketed groups images by grid, nested carries only real patches, embeddings are "
-                        "precomputed per image; the webdataset peer is skipped) (default square; a square run "
-                        "adds a native-resolution section: --native-rounds)")
+                        "grid, bucketed groups images by grid within its padding bound, nested carries only real "
+                        "patches, embeddings are precomputed per image; the webdataset peer is skipped) (default "
+                        "square; a square run adds a native-resolution section: --native-rounds)")
     g.add_argument("--max-patches", type=int, metavar="N",
                    help="--resolution native: patches per image (default: the preset's square grid)")
     g.add_argument("--emb", choices=("tokens", "pooled"), default="tokens",
