@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured steps of per-sample, slow by design (default max(3, steps // 3)); its rates are "
                         "per sample and per batch, so it compares")
     g.add_argument("--freeze-steps", type=int,
-                   help="measured steps of each of frozen and full training (padded); 0 skips (default: --steps)")
+                   help="measured steps of each of frozen and full training (padded); 0 skips (default: half of "
+                        "--steps)")
     g.add_argument("--rounds", type=int,
                    help="strategies are measured in this many rounds of a few steps each, in a rotating order, so "
                         "that the machine's drift falls on all of them; a ratio is the median over rounds, and one "
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--native-rounds", type=int, metavar="R",
                    help="a square run adds a section at native resolution (the same data, each image on its own "
                         "grid of at most the square grid's patches): image and text padding, bytes per batch and "
-                        "samples/s x padded per strategy, from a third of --steps in R rounds; 0 skips it "
+                        "samples/s x padded per strategy, from a quarter of --steps in R rounds; 0 skips it "
                         "(default 2; --quick: 0)")
     g.add_argument("--reliability-epochs", type=int, default=None,
                    help="epochs of the loader-only reliability pass (coverage, errors, repeats, lost samples, "
@@ -260,7 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         batches = args.warmup + args.rounds * (2 * turn + 2 * args.workers)  # NOTE [rounds]: turns + skipped
         args.samples = max(2000, -(-batches * args.batch_size // 1000) * 1000)
     args.per_sample_steps = args.per_sample_steps or max(3, args.steps // 3)
-    args.freeze_steps = args.steps if args.freeze_steps is None else args.freeze_steps
+    args.freeze_steps = max(1, args.steps // 2) if args.freeze_steps is None else args.freeze_steps
     args.collate_batches = args.collate_batches or min(args.steps, 16)
     if args.threads is None and kind == "cpu":
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
@@ -637,13 +638,13 @@ def measure_freeze(bench: Bench, batches: list[Any], epoch_samples: int | None) 
 
 def native_section(args: BenchConfig, reference: dict[str, Any]) -> dict[str, Any] | None:
     """A square run's section at native resolution: the same data, each image on its own grid (at most the square
-    grid's patches), every strategy's static figures and training steps in ``--native-rounds`` rounds of a third of
+    grid's patches), every strategy's static figures and training steps in ``--native-rounds`` rounds of a quarter of
     ``--steps`` (no loader-alone, sweep, peer or freeze runs); None in a native run or with 0 rounds."""
     if args.resolution == "native" or not args.native_rounds:
         return None
     native = dataclasses.replace(args, resolution="native", rounds=args.native_rounds, sweep_sizes=(),
-                                 steps=max(args.native_rounds, args.steps // 3), warmup=min(args.warmup, 2),
-                                 per_sample_steps=max(1, args.per_sample_steps // 3))
+                                 steps=max(args.native_rounds, args.steps // 4), warmup=min(args.warmup, 2),
+                                 per_sample_steps=max(1, args.per_sample_steps // 4))
     bench = Bench(native)
     names = [n for n in args.strategies if n not in bench.skipped]
     statics = {n: measure_static(bench, get_strategy(n), reference) for n in names}
