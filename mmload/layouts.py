@@ -58,17 +58,27 @@ def image_grids(pixels: torch.Tensor, sizes: torch.Tensor | None, patch_size: in
     return sizes // patch_size
 
 
+def _top_left(extents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """bool (N, h, w): True inside each row's ``(height, width)`` of ``extents`` (N, 2), from the top-left."""
+    rows = torch.arange(h, device=extents.device)[None, :, None] < extents[:, None, None, 0]  # (N, h, 1)
+    cols = torch.arange(w, device=extents.device)[None, None, :] < extents[:, None, None, 1]  # (N, 1, w)
+    return rows & cols
+
+
 def patch_mask(pixels: torch.Tensor, sizes: torch.Tensor | None, patch_size: int) -> torch.Tensor | None:
     """bool (N, 1 + P): True on each image's class token and own patches, row-major over the batch's
     ``(H / p) x (W / p)`` grid; None without ``sizes`` (no image padded)."""
     if sizes is None:
         return None
     h, w = (d // patch_size for d in pixels.shape[-2:])
-    grids = image_grids(pixels, sizes, patch_size)
-    rows = torch.arange(h, device=grids.device)[None, :, None] < grids[:, None, None, 0]  # (N, h, 1)
-    cols = torch.arange(w, device=grids.device)[None, None, :] < grids[:, None, None, 1]  # (N, 1, w)
-    cls = torch.ones(len(pixels), 1, dtype=torch.bool, device=grids.device)  # (N, 1)
-    return torch.cat([cls, (rows & cols).flatten(1)], dim=1)  # (N, 1 + h*w)
+    inside = _top_left(image_grids(pixels, sizes, patch_size), h, w)  # (N, h, w)
+    cls = torch.ones(len(pixels), 1, dtype=torch.bool, device=inside.device)  # (N, 1)
+    return torch.cat([cls, inside.flatten(1)], dim=1)  # (N, 1 + h*w)
+
+
+def grid_tokens(grids: torch.Tensor) -> int:
+    """Encoder positions of images of these ``(rows, cols)`` grids (N, 2): their patches and a class token each."""
+    return int((grids[:, 0] * grids[:, 1]).sum()) + len(grids)
 
 
 @dataclass(repr=False)  # TensorBatch.__repr__: shapes, not values
@@ -92,8 +102,7 @@ class ImageBatch(TensorBatch):
 
     def tokens(self, patch_size: int = PATCH_SIZE) -> int:
         """Encoder positions that carry data: each image's ``rows x cols`` patches and its class token."""
-        grids = self.grids(patch_size)
-        return int((grids[:, 0] * grids[:, 1]).sum()) + len(self)
+        return grid_tokens(self.grids(patch_size))
 
     def padded_tokens(self, patch_size: int = PATCH_SIZE) -> int:
         """Encoder positions of padding: the batch's grid, ``(H / p) x (W / p)`` per image, less each image's own."""
@@ -128,10 +137,7 @@ class ImageBatch(TensorBatch):
         use it; a ViT would attend to the padding, so give it one image at a time (``image(row)``) or resized."""
         out = {"pixel_values": normalize_pixels(self.pixels, mean, std, dtype)}
         if self.sizes is not None:
-            h, w = self.pixels.shape[-2:]
-            rows = torch.arange(h, device=self.sizes.device)[None, :, None] < self.sizes[:, 0, None, None]
-            cols = torch.arange(w, device=self.sizes.device)[None, None, :] < self.sizes[:, 1, None, None]
-            out["pixel_mask"] = (rows & cols).long()  # (N, H, W)
+            out["pixel_mask"] = _top_left(self.sizes, *self.pixels.shape[-2:]).long()  # (N, H, W)
         return out
 
 
@@ -186,11 +192,12 @@ class JaggedImages(TensorBatch):
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         grid = tuple((im.shape[-2] // patch_size, im.shape[-1] // patch_size) for im in images)
-        offsets = torch.tensor(_bounds(grid), dtype=torch.int64)  # (N+1,)
-        patches = images[0].new_empty(int(offsets[-1]), 3 * patch_size * patch_size)  # (sum P, 3*p*p)
-        for im, lo, hi in zip(images, offsets.tolist(), offsets[1:].tolist()):
+        bounds = _bounds(grid)
+        patches = images[0].new_empty(bounds[-1], 3 * patch_size * patch_size)  # (sum P, 3*p*p)
+        for im, lo, hi in zip(images, bounds, bounds[1:]):
             patchify(im, patch_size, out=patches[lo:hi])
-        return cls(patches=patches, offsets=offsets, labels=labels, index=index, grid=grid, patch_size=patch_size)
+        return cls(patches=patches, offsets=torch.tensor(bounds, dtype=torch.int64), labels=labels, index=index,
+                   grid=grid, patch_size=patch_size)
 
     def __len__(self) -> int:
         return len(self.grid)
@@ -211,8 +218,7 @@ class JaggedImages(TensorBatch):
 
     def tokens(self, patch_size: int | None = None) -> int:
         """Encoder positions that carry data: each image's ``rows x cols`` patches and its class token."""
-        grids = self.grids(patch_size)
-        return int((grids[:, 0] * grids[:, 1]).sum()) + len(self)
+        return grid_tokens(self.grids(patch_size))
 
     def padded_tokens(self, patch_size: int | None = None) -> int:
         """None: only real patches are carried."""

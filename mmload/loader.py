@@ -32,11 +32,9 @@ def image_cost(max_tokens: int | None, image_size: int, patch_size: int, resolut
     """How a token budget counts images (``Strategy.batcher``'s ``image_tokens`` and ``patch_size``): a square
     image at the square grid, a native one at its own grid (and, padded, its batch's largest); without
     ``max_tokens``, only the patch size native grids are at (bucketing bounds image padding at it)."""
-    if max_tokens is None:
-        return {"image_tokens": None, "patch_size": patch_size if resolution == "native" else None}
     if resolution == "native":
         return {"image_tokens": None, "patch_size": patch_size}
-    return {"image_tokens": (image_size // patch_size) ** 2 + 1, "patch_size": None}
+    return {"image_tokens": (image_size // patch_size) ** 2 + 1 if max_tokens else None, "patch_size": None}
 
 
 # DataLoader keywords make_loader hands on as they are (the rest go to the dataset); the loader sets the others

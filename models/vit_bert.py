@@ -319,10 +319,8 @@ class ImageTokenizer(nn.Module):
         if images.patch_size != p:
             raise ValueError(f"the images were cut into patches of {images.patch_size} but the model's patch_size is "
                              f"{p}: collate with patch_size={p} (make_loader(patch_size=...) or NestedCollator)")
-        w = self.patch.weight  # (D, 3, p, p)
-        x = images.patches.to(w.dtype).view(-1, 3, p * p) / 255.0  # (sum P, 3, p*p)
-        x = ((x - self.mean.view(1, 3, 1)) / self.std.view(1, 3, 1)).flatten(1)  # (sum P, 3*p*p)
-        x = F.linear(x, w.flatten(1), self.patch.bias)  # (sum P, D)
+        x = self.normalize(images.patches.view(-1, 3, p, p)).flatten(1)  # (sum P, 3*p*p), each patch an image
+        x = F.linear(x, self.patch.weight.flatten(1), self.patch.bias)  # (sum P, D)
         pos = self._grid_positions(list(images.grid))
         x = x + torch.cat([pos[grid] for grid in images.grid])  # (sum P, D)
         N, P, D = len(images), x.shape[0], x.shape[1]
